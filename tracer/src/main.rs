@@ -1,0 +1,115 @@
+//! spawntrace: run a command under eBPF tracing and explain where its time went.
+mod model;
+mod record;
+mod report;
+mod trace;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for spawntrace's own failures while running a command (as timeout(1) and env(1)).
+const EXIT_TOOL_FAILURE: u8 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "spawntrace",
+    version,
+    about = "Trace every fork, exec, exit and open of a command's process tree with eBPF",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    record: RecordArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run COMMAND under the tracer (the default when no subcommand is given).
+    Record(RecordArgs),
+    /// Re-render the summary of a saved trace.
+    Report {
+        /// A trace written by `spawntrace -o`.
+        trace: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        format: report::Format,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct RecordArgs {
+    /// Write the trace (JSON Lines) to FILE.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Run the command as root even when spawntrace was started through sudo.
+    #[arg(long)]
+    as_root: bool,
+    /// Do not print the summary at exit.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Ring-buffer size in MiB (a power of two).
+    #[arg(long, default_value_t = 32, value_name = "MIB")]
+    ring_buffer_mib: u32,
+    /// The command to trace, after `--`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::Record(args)) => run_record(args),
+        None => run_record(cli.record),
+        Some(Cmd::Report { trace, format }) => match report_trace(&trace, format) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, 1),
+        },
+    }
+}
+
+fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
+    eprintln!("spawntrace: {e:#}");
+    ExitCode::from(code)
+}
+
+fn run_record(args: RecordArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&e.into(), EXIT_TOOL_FAILURE),
+    };
+    let opts = record::Options {
+        command: args.command,
+        output: args.output,
+        as_root: args.as_root,
+        ring_mib: args.ring_buffer_mib,
+    };
+    match runtime.block_on(record::record(opts)) {
+        Ok(rec) => {
+            if !args.quiet {
+                let s = report::summary::Summary::new(&rec.header, Some(&rec.footer), &rec.model);
+                eprint!("{}", s.text());
+                if let Some(p) = &rec.trace_path {
+                    eprintln!("  trace written to {}", p.display());
+                }
+            }
+            ExitCode::from(rec.footer.status.shell_code().clamp(0, 255) as u8)
+        }
+        Err(e) => match e.downcast_ref::<record::LaunchFailed>() {
+            Some(l) => fail(&e, l.0.exit_code() as u8),
+            None => fail(&e, EXIT_TOOL_FAILURE),
+        },
+    }
+}
+
+fn report_trace(path: &std::path::Path, format: report::Format) -> Result<()> {
+    let t = trace::Trace::read(path)?;
+    let model = model::Model::from_events(&t.events);
+    let s = report::summary::Summary::new(&t.header, t.footer.as_ref(), &model);
+    print!("{}", report::render(&s, format)?);
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The process model: the traced tree rebuilt from events, one [`Process`] per process lifetime.
+//!
+//! A process is identified by [`ProcKey`] (tgid + fork time), so a recycled pid is a new process.
+use std::collections::HashMap;
+
+use crate::trace::{Event, Status};
+
+/// Pid-reuse-safe identity: the tgid plus the time it was forked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcKey {
+    pub tgid: u32,
+    pub start_ns: u64,
+}
+
+/// One exec in a process's life.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exec {
+    pub ts: u64,
+    pub filename: String,
+    pub argv: Vec<String>,
+    pub argv_truncated: bool,
+}
+
+/// A failed exec attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailedExec {
+    pub ts: u64,
+    pub filename: String,
+    pub errno: i32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Process {
+    pub key: Option<ProcKey>,
+    /// Index of the parent in [`Model::processes`]; None for a root (or an unseen parent).
+    pub parent: Option<usize>,
+    pub children: Vec<usize>,
+    pub ppid: u32,
+    pub start_ns: u64,
+    pub end_ns: Option<u64>,
+    /// Forked by the tracer: a traced command.
+    pub root: bool,
+    /// First seen through a later event, its fork was not recorded.
+    pub fork_unseen: bool,
+    pub execs: Vec<Exec>,
+    pub failed_execs: Vec<FailedExec>,
+    pub status: Option<Status>,
+    /// Sum of the CPU time of every thread that exited.
+    pub cpu_ns: u64,
+    /// Some thread's CPU time was unreadable.
+    pub cpu_incomplete: bool,
+    /// Threads created by this process (the main thread not counted).
+    pub threads: u32,
+    pub opens: u32,
+    pub open_failures: u32,
+}
+
+impl Process {
+    pub fn tgid(&self) -> u32 {
+        self.key.map(|k| k.tgid).unwrap_or(0)
+    }
+
+    /// Path of the last exec'd image, if the process exec'd at all.
+    pub fn exe(&self) -> Option<&str> {
+        self.execs.last().map(|e| e.filename.as_str())
+    }
+
+    /// A short label: the last exec's argv[0] basename, else the parent's (fork without exec).
+    pub fn label(&self) -> String {
+        match self.execs.last() {
+            Some(e) => basename(e.argv.first().map(String::as_str).unwrap_or(&e.filename)).to_owned(),
+            None => "(fork)".to_owned(),
+        }
+    }
+
+    pub fn wall_ns(&self) -> Option<u64> {
+        self.end_ns.map(|e| e.saturating_sub(self.start_ns))
+    }
+}
+
+pub fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Counts over the whole trace, kept by [`Model::apply`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub forks: u64,
+    pub threads: u64,
+    pub execs: u64,
+    pub failed_execs: u64,
+    pub exits: u64,
+    pub opens: u64,
+    pub open_failures: u64,
+    pub first_ns: Option<u64>,
+    pub last_ns: u64,
+}
+
+/// The traced processes, built incrementally from events in time order.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub processes: Vec<Process>,
+    pub totals: Totals,
+    /// Live processes by tgid.
+    live: HashMap<u32, usize>,
+}
+
+impl Model {
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a Event>) -> Self {
+        let mut m = Self::default();
+        for e in events {
+            m.apply(e);
+        }
+        m
+    }
+
+    /// The live process with this tgid, created (and flagged) if its fork was not seen.
+    fn live_or_placeholder(&mut self, tgid: u32, ts: u64) -> usize {
+        if let Some(&i) = self.live.get(&tgid) {
+            return i;
+        }
+        let i = self.processes.len();
+        self.processes.push(Process {
+            key: Some(ProcKey { tgid, start_ns: ts }),
+            start_ns: ts,
+            fork_unseen: true,
+            ..Default::default()
+        });
+        self.live.insert(tgid, i);
+        i
+    }
+
+    pub fn apply(&mut self, e: &Event) {
+        let ts = e.ts();
+        self.totals.first_ns.get_or_insert(ts);
+        self.totals.last_ns = self.totals.last_ns.max(ts);
+        match e {
+            Event::Fork { ptgid, thread: true, .. } => {
+                self.totals.threads += 1;
+                let p = self.live_or_placeholder(*ptgid, ts);
+                self.processes[p].threads += 1;
+            }
+            Event::Fork { tgid, ptgid, root, ppid, .. } => {
+                self.totals.forks += 1;
+                let parent = if *root { None } else { Some(self.live_or_placeholder(*ptgid, ts)) };
+                let i = self.processes.len();
+                self.processes.push(Process {
+                    key: Some(ProcKey { tgid: *tgid, start_ns: ts }),
+                    parent,
+                    ppid: if *root { *ppid } else { *ptgid },
+                    start_ns: ts,
+                    root: *root,
+                    ..Default::default()
+                });
+                if let Some(p) = parent {
+                    self.processes[p].children.push(i);
+                }
+                // A tgid still live here means we missed its exit: the new fork wins.
+                self.live.insert(*tgid, i);
+            }
+            Event::Exec { tgid, filename, argv, argv_truncated, .. } => {
+                self.totals.execs += 1;
+                let p = self.live_or_placeholder(*tgid, ts);
+                self.processes[p].execs.push(Exec {
+                    ts,
+                    filename: filename.clone(),
+                    argv: argv.clone(),
+                    argv_truncated: *argv_truncated,
+                });
+            }
+            Event::ExecFailed { tgid, filename, errno, .. } => {
+                self.totals.failed_execs += 1;
+                let p = self.live_or_placeholder(*tgid, ts);
+                self.processes[p].failed_execs.push(FailedExec {
+                    ts,
+                    filename: filename.clone(),
+                    errno: *errno,
+                });
+            }
+            Event::Exit { tgid, group_dead, status, cpu_ns, .. } => {
+                let p = self.live_or_placeholder(*tgid, ts);
+                let proc = &mut self.processes[p];
+                match cpu_ns {
+                    Some(c) => proc.cpu_ns += c,
+                    None => proc.cpu_incomplete = true,
+                }
+                if *group_dead {
+                    self.totals.exits += 1;
+                    proc.end_ns = Some(ts);
+                    proc.status = Some(*status);
+                    self.live.remove(tgid);
+                }
+            }
+            Event::Open { tgid, ret, .. } => {
+                self.totals.opens += 1;
+                let p = self.live_or_placeholder(*tgid, ts);
+                self.processes[p].opens += 1;
+                if *ret < 0 {
+                    self.totals.open_failures += 1;
+                    self.processes[p].open_failures += 1;
+                }
+            }
+        }
+    }
+
+    /// Indices of the root processes (the traced commands).
+    pub fn roots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.processes.len()).filter(|&i| self.processes[i].root)
+    }
+
+    /// Processes still running when the trace ended (e.g. daemons such as an ssh ControlMaster).
+    pub fn still_running(&self) -> impl Iterator<Item = &Process> {
+        self.processes.iter().filter(|p| p.end_ns.is_none())
+    }
+
+    /// Chain of ancestors from the root down to (and including) `i`.
+    pub fn ancestry(&self, i: usize) -> Vec<usize> {
+        let mut chain = vec![i];
+        let mut cur = i;
+        while let Some(p) = self.processes[cur].parent {
+            chain.push(p);
+            cur = p;
+        }
+        chain.reverse();
+        chain
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fork(ts: u64, tgid: u32, ptgid: u32, thread: bool, root: bool) -> Event {
+        Event::Fork {
+            ts,
+            pid: tgid,
+            tgid: if thread { ptgid } else { tgid },
+            ppid: ptgid,
+            ptgid,
+            thread,
+            root,
+            clone_flags: 0,
+            flags_unknown: false,
+        }
+    }
+
+    fn exec(ts: u64, tgid: u32, file: &str) -> Event {
+        Event::Exec {
+            ts,
+            pid: tgid,
+            tgid,
+            old_pid: tgid,
+            filename: file.into(),
+            argv: vec![file.into()],
+            argv_bytes: file.len() as u32 + 1,
+            argv_truncated: false,
+            argv_unreadable: false,
+            filename_truncated: false,
+        }
+    }
+
+    fn exit(ts: u64, tgid: u32, pid: u32, group_dead: bool, status: Status) -> Event {
+        Event::Exit { ts, pid, tgid, group_dead, status, cpu_ns: Some(10) }
+    }
+
+    #[test]
+    fn tree_with_threads_and_pid_reuse() {
+        let events = vec![
+            fork(1, 100, 1, false, true),
+            exec(2, 100, "/bin/sh"),
+            fork(3, 101, 100, false, false),
+            fork(4, 102, 101, true, false), // thread of 101
+            exec(5, 101, "/bin/true"),
+            exit(6, 101, 102, false, Status::Exited(0)),
+            exit(7, 101, 101, true, Status::Exited(0)),
+            fork(8, 101, 100, false, false), // pid 101 reused
+            exit(9, 101, 101, true, Status::Signaled(9)),
+            exit(10, 100, 100, true, Status::Exited(3)),
+        ];
+        let m = Model::from_events(&events);
+        assert_eq!(m.processes.len(), 3);
+        assert_eq!(m.totals.forks, 3);
+        assert_eq!(m.totals.threads, 1);
+        assert_eq!(m.totals.execs, 2);
+        let first = &m.processes[1];
+        assert_eq!(first.exe(), Some("/bin/true"));
+        assert_eq!(first.threads, 1);
+        assert_eq!(first.cpu_ns, 20, "thread CPU time is summed");
+        let reused = &m.processes[2];
+        assert_ne!(first.key, reused.key, "pid reuse makes a new identity");
+        assert_eq!(reused.status, Some(Status::Signaled(9)));
+        assert_eq!(reused.label(), "(fork)");
+        assert_eq!(m.processes[0].children, vec![1, 2]);
+        assert_eq!(m.ancestry(2), vec![0, 2]);
+        assert_eq!(m.roots().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(m.still_running().count(), 0);
+    }
+
+    #[test]
+    fn events_without_fork_make_flagged_placeholders() {
+        let m = Model::from_events(&[exec(5, 7, "/bin/x")]);
+        assert!(m.processes[0].fork_unseen);
+        assert_eq!(m.still_running().count(), 1);
+    }
+}

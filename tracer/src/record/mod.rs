@@ -1,0 +1,244 @@
+//! `spawntrace record`: load the probes, start the command, stream events into the process model
+//! (and the trace file), and summarise when the command exits.
+pub mod btf;
+pub mod launch;
+pub mod preflight;
+pub mod probes;
+pub mod reader;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    model::Model,
+    trace::{self, Counters, Event, Footer, Header, Status, TraceWriter},
+};
+use launch::{RunAs, SignalForwarder};
+use probes::Probes;
+
+/// What to record and where.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub command: Vec<String>,
+    pub output: Option<PathBuf>,
+    /// Keep root instead of dropping to the sudo caller.
+    pub as_root: bool,
+    /// Ring buffer size in MiB (power of two).
+    pub ring_mib: u32,
+}
+
+/// Everything a finished recording produced, for reports.
+pub struct Recording {
+    pub header: Header,
+    pub footer: Footer,
+    pub model: Model,
+    pub trace_path: Option<PathBuf>,
+}
+
+/// A recording that could not start the command at all.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct LaunchFailed(#[from] pub launch::SpawnError);
+
+/// Runs the whole recording. Errors before the command starts leave nothing behind.
+pub async fn record(opts: Options) -> Result<Recording> {
+    launch::check_argv(&opts.command)?;
+    let run_as = RunAs::from_sudo(opts.as_root)?;
+    let mut writer = match &opts.output {
+        Some(path) => Some(TraceWriter::create(path)?),
+        None => None,
+    };
+    let result = record_into(&opts, run_as.as_ref(), writer.as_mut()).await;
+    match (result, writer) {
+        (Ok((header, footer, model)), Some(w)) => {
+            let path = w.finish(&footer)?;
+            if let Some(r) = &run_as {
+                r.chown(&path)?;
+            }
+            Ok(Recording { header, footer, model, trace_path: Some(path) })
+        }
+        (Ok((header, footer, model)), None) => {
+            Ok(Recording { header, footer, model, trace_path: None })
+        }
+        (Err(e), w) => {
+            if let Some(w) = w {
+                w.discard();
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn record_into(
+    opts: &Options,
+    run_as: Option<&RunAs>,
+    mut writer: Option<&mut TraceWriter>,
+) -> Result<(Header, Footer, Model)> {
+    preflight::privileges()?;
+    preflight::btf()?;
+    let events_dir = preflight::tracefs()?;
+    preflight::tracepoint_layouts(&events_dir)?;
+    let offsets = btf::kernel_offsets()?;
+    let ring_bytes = opts
+        .ring_mib
+        .checked_mul(1 << 20)
+        .filter(|b| b.is_power_of_two())
+        .context("--ring-buffer-mib must be a power of two below 4096")?;
+
+    let mut probes = Probes::load(std::process::id(), offsets, ring_bytes)?;
+    if let Some(logger) = probes.logger() {
+        spawn_logger(logger)?;
+    }
+    let mut ring = readable(probes.events()?).context("polling the ring buffer")?;
+
+    let signals = SignalForwarder::install()?;
+    let start_ns = monotonic_ns();
+    let mut child = launch::spawn(&opts.command, run_as).map_err(LaunchFailed)?;
+    let root_pid = child.id().unwrap_or(0);
+    signals.set_child(root_pid);
+
+    let header = make_header(opts, run_as, root_pid, start_ns);
+    if let Some(w) = writer.as_deref_mut() {
+        w.header(&header)?;
+    }
+    let mut sink = Sink { model: Model::default(), writer, events: 0, decode_failures: 0 };
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.context("waiting for the command")?;
+                // The command's exit was committed to the ring before wait() returned: one more
+                // drain collects everything up to it.
+                sink.drain(ring.get_mut())?;
+                break status;
+            }
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer")?;
+                sink.drain(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
+        }
+    };
+    let end_ns = monotonic_ns();
+    let mut counters = probes.counters().unwrap_or_else(|e| {
+        log::warn!("reading probe counters: {e:#}");
+        Counters::default()
+    });
+    counters.decode_failures = sink.decode_failures;
+    let footer = Footer {
+        end_ns,
+        status: exit_status(status),
+        events: sink.events,
+        counters,
+        tracer_cpu_ns: own_cpu_ns(),
+        probe_cpu_ns: probes.cpu_ns(),
+        interrupted: signals.interrupted(),
+    };
+    Ok((header, footer, sink.model))
+}
+
+/// Where decoded events go: the model, and the trace file if any.
+struct Sink<'w> {
+    model: Model,
+    writer: Option<&'w mut TraceWriter>,
+    events: u64,
+    decode_failures: u64,
+}
+
+impl Sink<'_> {
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
+        while let Some(item) = ring.next() {
+            match reader::decode(&item) {
+                Ok(ev) => self.push(ev)?,
+                Err(e) => {
+                    self.decode_failures += 1;
+                    log::warn!("undecodable ring-buffer record: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, ev: Event) -> Result<()> {
+        self.events += 1;
+        self.model.apply(&ev);
+        if let Some(w) = self.writer.as_deref_mut() {
+            w.event(&ev)?;
+        }
+        Ok(())
+    }
+}
+
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+    let mut fd = readable(logger)?;
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Registers an fd-owning object with tokio for readability.
+fn readable<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd (aya map / logger) for as long as the AsyncFd holds it.
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering with tokio: {e}"))
+}
+
+fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: u64) -> Header {
+    let uname = nix::sys::utsname::uname().ok();
+    let field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
+        uname.as_ref().map(|u| f(u).to_string_lossy().into_owned()).unwrap_or_default()
+    };
+    let realtime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
+        .map(|t| t.tv_sec() as i64 * 1_000_000_000 + t.tv_nsec() as i64)
+        .unwrap_or(0);
+    Header {
+        format: trace::FORMAT.into(),
+        version: trace::VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        kernel: field(|u| u.release()),
+        hostname: field(|u| u.nodename()),
+        clock: "CLOCK_MONOTONIC".into(),
+        realtime_offset_ns: realtime - monotonic_ns() as i64,
+        boot_time_s: procfs::boot_time_secs().unwrap_or(0),
+        command: opts.command.clone(),
+        root_pid,
+        uid: run_as.map(|r| r.uid.as_raw()).unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+        gid: run_as.map(|r| r.gid.as_raw()).unwrap_or_else(|| nix::unistd::getgid().as_raw()),
+        start_ns,
+        argv_cap: tracer_common::ARGV_CAP,
+        path_cap: tracer_common::PATH_CAP,
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, ns: the probes' clock.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn exit_status(status: std::process::ExitStatus) -> Status {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => Status::Exited(c),
+        (None, Some(s)) => Status::Signaled(s),
+        _ => Status::Unknown,
+    }
+}
+
+/// User + system CPU time of this process so far, ns.
+fn own_cpu_ns() -> u64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as u64 * 1_000_000_000 + tv.tv_usec() as u64 * 1000;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0)
+}

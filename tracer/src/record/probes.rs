@@ -1,0 +1,115 @@
+//! Loading and attaching the eBPF probes, and reading their health counters.
+use std::os::fd::OwnedFd;
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tracer_common::{KernelOffsets, counter};
+
+use crate::trace::Counters;
+
+/// The probe programs (function names in tracer-ebpf) and their tracepoints.
+const PROGRAMS: &[(&str, &str)] = &[
+    ("sys_enter_clone", "syscalls"),
+    ("sys_enter_clone3", "syscalls"),
+    ("sys_enter_fork", "syscalls"),
+    ("sys_enter_vfork", "syscalls"),
+    ("sched_process_fork", "sched"),
+    ("sched_process_exec", "sched"),
+    ("sys_enter_execve", "syscalls"),
+    ("sys_enter_execveat", "syscalls"),
+    ("sys_exit_execve", "syscalls"),
+    ("sys_exit_execveat", "syscalls"),
+    ("sched_process_exit", "sched"),
+    ("sys_enter_open", "syscalls"),
+    ("sys_enter_openat", "syscalls"),
+    ("sys_enter_openat2", "syscalls"),
+    ("sys_enter_creat", "syscalls"),
+    ("sys_exit_open", "syscalls"),
+    ("sys_exit_openat", "syscalls"),
+    ("sys_exit_openat2", "syscalls"),
+    ("sys_exit_creat", "syscalls"),
+];
+
+/// Loaded, attached probes. Dropping this detaches them.
+pub struct Probes {
+    ebpf: Ebpf,
+    /// Keeps kernel BPF run-time statistics on while we run.
+    _stats: Option<OwnedFd>,
+}
+
+impl Probes {
+    /// Loads the embedded object with the tracer's tgid and the kernel offsets, attaches every
+    /// tracepoint. `ring_bytes` must be a power-of-two multiple of the page size.
+    pub fn load(tracer_tgid: u32, offsets: KernelOffsets, ring_bytes: u32) -> Result<Self> {
+        // Older kernels charge BPF memory to RLIMIT_MEMLOCK; 6.x uses memcg. Best effort only.
+        let _ = nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_MEMLOCK,
+            nix::sys::resource::RLIM_INFINITY,
+            nix::sys::resource::RLIM_INFINITY,
+        );
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TRACER_TGID", &tracer_tgid, true)
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", ring_bytes)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf")))
+            .context("loading the eBPF probes")?;
+        for &(name, category) in PROGRAMS {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("probe {name} missing from the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("probe {name} is not a tracepoint"))?;
+            prog.load().with_context(|| format!("verifier rejected probe {name}"))?;
+            prog.attach(category, name)
+                .with_context(|| format!("attaching probe {name} to {category}:{name}"))?;
+        }
+        Ok(Self { ebpf, _stats: stats })
+    }
+
+    /// Starts forwarding kernel-side aya-log messages to the `log` crate.
+    pub fn logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("no eBPF logger: {e}");
+                None
+            }
+        }
+    }
+
+    /// The event ring buffer (can be taken once).
+    pub fn events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing or already taken")?;
+        RingBuf::try_from(map).context("EVENTS is not a ring buffer")
+    }
+
+    /// Kernel-side counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let map = self.ebpf.map("COUNTERS").context("COUNTERS map missing")?;
+        let arr = PerCpuArray::<_, u64>::try_from(map)?;
+        let sum = |i: u32| -> Result<u64> { Ok(arr.get(&i, 0)?.iter().sum()) };
+        Ok(Counters {
+            ringbuf_drops: sum(counter::RINGBUF_DROPS)?,
+            read_failures: sum(counter::READ_FAILURES)?,
+            track_failures: sum(counter::TRACK_FAILURES)?,
+            stash_failures: sum(counter::STASH_FAILURES)?,
+            decode_failures: 0,
+        })
+    }
+
+    /// CPU time spent inside the probes (all processes, since load), when stats are enabled.
+    pub fn cpu_ns(&self) -> Option<u64> {
+        self._stats.as_ref()?;
+        let mut total = 0u64;
+        for (_, prog) in self.ebpf.programs() {
+            let Ok(tp) = <&TracePoint>::try_from(prog) else { continue };
+            total += tp.info().ok()?.run_time().as_nanos() as u64;
+        }
+        Some(total)
+    }
+}

@@ -1,0 +1,260 @@
+//! The run summary: what the command spawned, how it ended, and how healthy the trace is.
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::Serialize;
+
+use crate::{
+    model::Model,
+    trace::{Counters, Footer, Header, Status},
+};
+
+/// How many executables the top list shows.
+const TOP: usize = 10;
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TopExe {
+    pub path: String,
+    pub execs: u64,
+}
+
+/// Machine-readable summary (`report --format json`); field names are a stable interface.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub command: Vec<String>,
+    /// The traced command's own exit.
+    pub status: Option<Status>,
+    pub duration_ms: f64,
+    pub processes: u64,
+    pub forks: u64,
+    pub threads: u64,
+    pub execs: u64,
+    pub failed_execs: u64,
+    pub opens: u64,
+    pub failed_opens: u64,
+    /// Process exits by how they ended ("exit 0", "signal 9 (SIGKILL)", …).
+    pub exits: BTreeMap<String, u64>,
+    /// Processes still running when the command ended (daemons such as an ssh ControlMaster).
+    pub still_running: u64,
+    /// Full executable path -> successful execs.
+    pub execs_by_path: BTreeMap<String, u64>,
+    /// Failed exec attempts by error name.
+    pub failed_execs_by_error: BTreeMap<String, u64>,
+    pub top_executables: Vec<TopExe>,
+    pub dropped_events: u64,
+    pub counters: Counters,
+    pub tracer_cpu_ms: Option<f64>,
+    pub probe_cpu_ms: Option<f64>,
+    /// False when the trace has no footer (the tracer was killed mid-run).
+    pub complete: bool,
+    pub interrupted: bool,
+}
+
+fn ms(ns: u64) -> f64 {
+    (ns as f64 / 1e4).round() / 100.0
+}
+
+impl Summary {
+    pub fn new(header: &Header, footer: Option<&Footer>, model: &Model) -> Self {
+        let t = &model.totals;
+        let mut execs_by_path = BTreeMap::new();
+        let mut failed_execs_by_error = BTreeMap::new();
+        let mut exits = BTreeMap::new();
+        for p in &model.processes {
+            for e in &p.execs {
+                *execs_by_path.entry(e.filename.clone()).or_insert(0) += 1;
+            }
+            for f in &p.failed_execs {
+                *failed_execs_by_error.entry(crate::trace::errno_name(f.errno)).or_insert(0) += 1;
+            }
+            if let Some(s) = p.status {
+                *exits.entry(s.to_string()).or_insert(0) += 1;
+            }
+        }
+        let mut top: Vec<TopExe> = execs_by_path
+            .iter()
+            .map(|(path, &execs)| TopExe { path: path.clone(), execs })
+            .collect();
+        top.sort_by(|a, b| b.execs.cmp(&a.execs).then_with(|| a.path.cmp(&b.path)));
+        top.truncate(TOP);
+        let end = footer.map(|f| f.end_ns).unwrap_or(t.last_ns);
+        let counters = footer.map(|f| f.counters).unwrap_or_default();
+        Self {
+            command: header.command.clone(),
+            status: footer.map(|f| f.status),
+            duration_ms: ms(end.saturating_sub(header.start_ns)),
+            processes: model.processes.len() as u64,
+            forks: t.forks,
+            threads: t.threads,
+            execs: t.execs,
+            failed_execs: t.failed_execs,
+            opens: t.opens,
+            failed_opens: t.open_failures,
+            exits,
+            still_running: model.still_running().count() as u64,
+            execs_by_path,
+            failed_execs_by_error,
+            top_executables: top,
+            dropped_events: counters.dropped_events(),
+            counters,
+            tracer_cpu_ms: footer.map(|f| ms(f.tracer_cpu_ns)),
+            probe_cpu_ms: footer.and_then(|f| f.probe_cpu_ns).map(ms),
+            complete: footer.is_some(),
+            interrupted: footer.is_some_and(|f| f.interrupted),
+        }
+    }
+
+    fn status_text(&self) -> String {
+        match self.status {
+            Some(s) => s.to_string(),
+            None => "unknown (trace incomplete)".into(),
+        }
+    }
+
+    fn exits_text(&self) -> String {
+        let mut parts: Vec<String> = self.exits.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+        if self.still_running > 0 {
+            parts.push(format!("still running ×{}", self.still_running));
+        }
+        if parts.is_empty() { "none".into() } else { parts.join(", ") }
+    }
+
+    fn health_text(&self) -> String {
+        let c = &self.counters;
+        let mut s = format!("dropped events {}", self.dropped_events);
+        for (name, n) in [
+            ("unreadable strings", c.read_failures),
+            ("untracked processes", c.track_failures),
+            ("lost syscall args", c.stash_failures),
+        ] {
+            if n > 0 {
+                let _ = write!(s, ", {name} {n}");
+            }
+        }
+        if let Some(cpu) = self.tracer_cpu_ms {
+            let _ = write!(s, "; tracer CPU {cpu:.1} ms");
+            if let Some(p) = self.probe_cpu_ms {
+                let _ = write!(s, " + probes {p:.1} ms");
+            }
+        }
+        if !self.complete {
+            s.push_str("; TRACE INCOMPLETE (no footer)");
+        }
+        if self.interrupted {
+            s.push_str("; interrupted by a signal");
+        }
+        s
+    }
+
+    pub fn text(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "spawntrace: `{}` ended with {} after {:.3} s",
+            self.command.join(" "),
+            self.status_text(),
+            self.duration_ms / 1000.0
+        );
+        let _ = writeln!(
+            o,
+            "  processes {} (forks {}, threads {}), execs {} (failed {}), opens {} (failed {})",
+            self.processes,
+            self.forks,
+            self.threads,
+            self.execs,
+            self.failed_execs,
+            self.opens,
+            self.failed_opens
+        );
+        let _ = writeln!(o, "  exits: {}", self.exits_text());
+        if !self.top_executables.is_empty() {
+            let _ = writeln!(o, "  top executables by execs:");
+            for t in &self.top_executables {
+                let _ = writeln!(o, "    {:>7}  {}", t.execs, t.path);
+            }
+        }
+        let _ = writeln!(o, "  {}", self.health_text());
+        o
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "## spawntrace: `{}`\n", self.command.join(" "));
+        let _ = writeln!(o, "| metric | value |\n|---|---|");
+        let rows: [(&str, String); 10] = [
+            ("exit", self.status_text()),
+            ("duration", format!("{:.3} s", self.duration_ms / 1000.0)),
+            ("processes", self.processes.to_string()),
+            ("forks", self.forks.to_string()),
+            ("threads", self.threads.to_string()),
+            ("execs", self.execs.to_string()),
+            ("failed execs", self.failed_execs.to_string()),
+            ("opens", format!("{} (failed {})", self.opens, self.failed_opens)),
+            ("exits", self.exits_text()),
+            ("trace health", self.health_text()),
+        ];
+        for (k, v) in rows {
+            let _ = writeln!(o, "| {k} | {} |", v.replace('|', "\\|"));
+        }
+        if !self.top_executables.is_empty() {
+            let _ = writeln!(o, "\n| executable | execs |\n|---|---:|");
+            for t in &self.top_executables {
+                let _ = writeln!(o, "| `{}` | {} |", t.path, t.execs);
+            }
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::Event;
+
+    #[test]
+    fn counts_and_top_list() {
+        let mut events = vec![Event::Fork {
+            ts: 1,
+            pid: 10,
+            tgid: 10,
+            ppid: 1,
+            ptgid: 1,
+            thread: false,
+            root: true,
+            clone_flags: 0,
+            flags_unknown: false,
+        }];
+        for i in 0..3u32 {
+            events.push(Event::Exec {
+                ts: 2 + i as u64,
+                pid: 10,
+                tgid: 10,
+                old_pid: 10,
+                filename: if i == 0 { "/bin/sh".into() } else { "/bin/true".into() },
+                argv: vec![],
+                argv_bytes: 0,
+                argv_truncated: false,
+                argv_unreadable: false,
+                filename_truncated: false,
+            });
+        }
+        let model = Model::from_events(&events);
+        let header: Header = serde_json::from_value(serde_json::json!({
+            "format": "spawntrace-trace", "version": 1, "tool_version": "0", "kernel": "",
+            "hostname": "", "clock": "CLOCK_MONOTONIC", "realtime_offset_ns": 0, "boot_time_s": 0,
+            "command": ["sh"], "root_pid": 10, "uid": 0, "gid": 0, "start_ns": 0,
+            "argv_cap": 4096, "path_cap": 256
+        }))
+        .unwrap();
+        let s = Summary::new(&header, None, &model);
+        assert_eq!(s.execs, 3);
+        assert_eq!(s.execs_by_path["/bin/true"], 2);
+        assert_eq!(s.top_executables[0], TopExe { path: "/bin/true".into(), execs: 2 });
+        assert!(!s.complete);
+        assert_eq!(s.still_running, 1);
+        assert!(s.text().contains("TRACE INCOMPLETE"));
+        let json = serde_json::to_value(&s).unwrap();
+        for key in ["processes", "execs", "failed_execs", "forks", "threads", "opens", "dropped_events", "execs_by_path", "duration_ms"] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
+    }
+}

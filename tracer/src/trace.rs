@@ -1,0 +1,437 @@
+//! The trace file: JSON Lines, one header, one record per event, one footer.
+//!
+//! Times are `CLOCK_MONOTONIC` nanoseconds (the clock of `bpf_ktime_get_ns` and Python's
+//! `time.monotonic_ns`); `Header::realtime_offset_ns` converts them to wall-clock time.
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, BufWriter, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// Format name in the header; anything else is not a spawntrace trace.
+pub const FORMAT: &str = "spawntrace-trace";
+/// Bumped on incompatible changes; readers refuse newer versions.
+pub const VERSION: u32 = 1;
+
+/// First line of a trace.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Header {
+    pub format: String,
+    pub version: u32,
+    pub tool_version: String,
+    pub kernel: String,
+    pub hostname: String,
+    /// Always "CLOCK_MONOTONIC"; all `ts` fields are ns on that clock.
+    pub clock: String,
+    /// `CLOCK_REALTIME - CLOCK_MONOTONIC` at start: add to a `ts` for Unix-epoch ns.
+    pub realtime_offset_ns: i64,
+    /// Boot time (Unix seconds) from /proc/stat.
+    pub boot_time_s: u64,
+    pub command: Vec<String>,
+    /// Pid of the traced command (the root of the traced tree).
+    pub root_pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub start_ns: u64,
+    /// Capture limits: argv bytes per exec and bytes per path.
+    pub argv_cap: usize,
+    pub path_cap: usize,
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Exited(i32),
+    Signaled(i32),
+    /// The kernel's exit code could not be read.
+    Unknown,
+}
+
+impl Status {
+    /// From a wait(2)-style status word.
+    pub fn from_wait(raw: u32) -> Self {
+        let sig = (raw & 0x7f) as i32;
+        if sig == 0 {
+            Status::Exited(((raw >> 8) & 0xff) as i32)
+        } else {
+            Status::Signaled(sig)
+        }
+    }
+
+    /// Shell-style exit code: the code, or 128 + signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            Status::Exited(c) => c,
+            Status::Signaled(s) => 128 + s,
+            Status::Unknown => 255,
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Exited(c) => write!(f, "exit {c}"),
+            Status::Signaled(s) => write!(f, "signal {s} ({})", signal_name(*s)),
+            Status::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
+/// `SIGKILL`-style name of a signal number.
+pub fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("SIG{sig}"))
+}
+
+/// `ENOENT`-style name of an errno.
+pub fn errno_name(errno: i32) -> String {
+    let e = nix::errno::Errno::from_raw(errno);
+    if e == nix::errno::Errno::UnknownErrno {
+        format!("E{errno}")
+    } else {
+        format!("{e:?}")
+    }
+}
+
+/// One traced event. `pid` is the thread id, `tgid` the process id.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Fork {
+        ts: u64,
+        pid: u32,
+        tgid: u32,
+        ppid: u32,
+        ptgid: u32,
+        /// A new thread of `ptgid` rather than a new process.
+        thread: bool,
+        /// Forked by the tracer: the root of a traced tree.
+        #[serde(default, skip_serializing_if = "is_false")]
+        root: bool,
+        clone_flags: u64,
+        /// Clone flags were not seen; counted as a process.
+        #[serde(default, skip_serializing_if = "is_false")]
+        flags_unknown: bool,
+    },
+    Exec {
+        ts: u64,
+        pid: u32,
+        tgid: u32,
+        old_pid: u32,
+        filename: String,
+        argv: Vec<String>,
+        /// Size of the whole argv of the new image; more than was captured when truncated.
+        argv_bytes: u32,
+        #[serde(default, skip_serializing_if = "is_false")]
+        argv_truncated: bool,
+        #[serde(default, skip_serializing_if = "is_false")]
+        argv_unreadable: bool,
+        #[serde(default, skip_serializing_if = "is_false")]
+        filename_truncated: bool,
+    },
+    ExecFailed {
+        ts: u64,
+        pid: u32,
+        tgid: u32,
+        syscall: String,
+        errno: i32,
+        error: String,
+        filename: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        filename_truncated: bool,
+    },
+    Exit {
+        ts: u64,
+        pid: u32,
+        tgid: u32,
+        /// The last thread: the process is gone.
+        group_dead: bool,
+        status: Status,
+        /// CPU time of this thread, ns; None when unreadable.
+        cpu_ns: Option<u64>,
+    },
+    Open {
+        ts: u64,
+        pid: u32,
+        tgid: u32,
+        syscall: String,
+        path: String,
+        flags: u64,
+        /// fd, or -errno.
+        ret: i64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        path_truncated: bool,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Event {
+    pub fn ts(&self) -> u64 {
+        match self {
+            Event::Fork { ts, .. }
+            | Event::Exec { ts, .. }
+            | Event::ExecFailed { ts, .. }
+            | Event::Exit { ts, .. }
+            | Event::Open { ts, .. } => *ts,
+        }
+    }
+}
+
+/// Health counters summed over CPUs at the end of a recording.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    /// Events lost because the ring buffer was full.
+    pub ringbuf_drops: u64,
+    pub read_failures: u64,
+    /// Processes that could not be tracked (their subtree is missing).
+    pub track_failures: u64,
+    pub stash_failures: u64,
+    /// Records userspace could not decode.
+    pub decode_failures: u64,
+}
+
+impl Counters {
+    /// Events that never reached the trace.
+    pub fn dropped_events(&self) -> u64 {
+        self.ringbuf_drops + self.decode_failures
+    }
+}
+
+/// Last line of a complete trace.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Footer {
+    pub end_ns: u64,
+    /// The traced command's exit.
+    pub status: Status,
+    pub events: u64,
+    pub counters: Counters,
+    /// CPU time of the tracer process (user + system), ns.
+    pub tracer_cpu_ns: u64,
+    /// CPU time spent in the probes themselves (kernel BPF stats), ns, when available.
+    pub probe_cpu_ns: Option<u64>,
+    /// Set when the recording was interrupted (a signal reached the tracer).
+    #[serde(default)]
+    pub interrupted: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Line {
+    Header(Header),
+    Footer(Footer),
+}
+
+/// Writes a trace to `FILE.partial` and renames it to `FILE` on [`TraceWriter::finish`], so a
+/// trace at the final path is always complete.
+pub struct TraceWriter {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl TraceWriter {
+    /// Creates the file now, so an unwritable path fails before anything is run.
+    pub fn create(path: &Path) -> Result<Self> {
+        let mut name = path.file_name().context("output path has no file name")?.to_owned();
+        name.push(".partial");
+        let tmp = path.with_file_name(name);
+        let file = File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self { out: BufWriter::with_capacity(1 << 20, file), tmp, path: path.to_owned() })
+    }
+
+    /// The path being written (the temporary name until `finish`).
+    pub fn partial_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn header(&mut self, h: &Header) -> Result<()> {
+        self.line(&Line::Header(h.clone()))
+    }
+
+    pub fn event(&mut self, e: &Event) -> Result<()> {
+        self.line(e)
+    }
+
+    /// Any other serialisable record (e.g. Ansible attribution records).
+    pub fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
+        serde_json::to_writer(&mut self.out, v)?;
+        self.out.write_all(b"\n").with_context(|| format!("writing {}", self.tmp.display()))
+    }
+
+    pub fn finish(mut self, f: &Footer) -> Result<PathBuf> {
+        self.line(&Line::Footer(f.clone()))?;
+        self.out.flush().with_context(|| format!("writing {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))?;
+        Ok(self.path)
+    }
+
+    /// Removes the partial file (recording failed before anything useful was written).
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// A trace read back from disk.
+#[derive(Debug)]
+pub struct Trace {
+    pub header: Header,
+    pub events: Vec<Event>,
+    /// Lines of other record types (e.g. Ansible attribution), kept raw for later stages.
+    pub extra: Vec<serde_json::Value>,
+    /// None when the trace has no footer (the tracer was killed).
+    pub footer: Option<Footer>,
+}
+
+impl Trace {
+    /// Reads a trace file; errors name the file and line.
+    pub fn read(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        Self::from_reader(BufReader::new(file))
+            .with_context(|| format!("{} is not a readable spawntrace trace", path.display()))
+    }
+
+    pub fn from_reader(r: impl BufRead) -> Result<Self> {
+        let mut lines = r.lines().enumerate();
+        let header = match lines.next() {
+            None => bail!("file is empty"),
+            Some((_, line)) => {
+                let line = line.context("line 1")?;
+                let value: serde_json::Value =
+                    serde_json::from_str(&line).context("line 1 is not JSON")?;
+                if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+                    bail!("line 1 is not a spawntrace header");
+                }
+                let v = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+                if v > VERSION as u64 {
+                    bail!("trace format version {v} is newer than this spawntrace reads ({VERSION})");
+                }
+                match serde_json::from_value::<Line>(value).context("line 1: bad header")? {
+                    Line::Header(h) => h,
+                    Line::Footer(_) => bail!("line 1 is a footer"),
+                }
+            }
+        };
+        let mut events = Vec::new();
+        let mut extra = Vec::new();
+        let mut footer = None;
+        for (i, line) in lines {
+            let n = i + 1;
+            let line = line.with_context(|| format!("line {n}"))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            if footer.is_some() {
+                bail!("line {n}: data after the footer");
+            }
+            let value: serde_json::Value =
+                serde_json::from_str(&line).with_context(|| format!("line {n} is not JSON"))?;
+            match value.get("type").and_then(|t| t.as_str()) {
+                Some("footer") => match serde_json::from_value::<Line>(value) {
+                    Ok(Line::Footer(f)) => footer = Some(f),
+                    Ok(Line::Header(_)) => unreachable!("tagged footer"),
+                    Err(e) => bail!("line {n}: bad footer: {e}"),
+                },
+                Some("header") => bail!("line {n}: a second header"),
+                Some("fork" | "exec" | "exec_failed" | "exit" | "open") => events.push(
+                    serde_json::from_value(value).with_context(|| format!("line {n}: bad event"))?,
+                ),
+                Some(_) => extra.push(value),
+                None => bail!("line {n}: record without a type"),
+            }
+        }
+        Ok(Self { header, events, extra, footer })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            tool_version: "0".into(),
+            kernel: "k".into(),
+            hostname: "h".into(),
+            clock: "CLOCK_MONOTONIC".into(),
+            realtime_offset_ns: 1,
+            boot_time_s: 2,
+            command: vec!["true".into()],
+            root_pid: 10,
+            uid: 0,
+            gid: 0,
+            start_ns: 5,
+            argv_cap: 4096,
+            path_cap: 256,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let mut w = TraceWriter::create(&path).unwrap();
+        assert!(!path.exists(), "final path appears only when complete");
+        w.header(&header()).unwrap();
+        let ev = Event::Exit {
+            ts: 7,
+            pid: 10,
+            tgid: 10,
+            group_dead: true,
+            status: Status::Signaled(9),
+            cpu_ns: Some(3),
+        };
+        w.event(&ev).unwrap();
+        let footer = Footer {
+            end_ns: 9,
+            status: Status::Exited(0),
+            events: 1,
+            counters: Counters::default(),
+            tracer_cpu_ns: 1,
+            probe_cpu_ns: None,
+            interrupted: false,
+        };
+        w.finish(&footer).unwrap();
+        let t = Trace::read(&path).unwrap();
+        assert_eq!(t.header, header());
+        assert_eq!(t.events, vec![ev]);
+        assert_eq!(t.footer, Some(footer));
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        for (text, want) in [
+            ("", "empty"),
+            ("hello\n", "not JSON"),
+            ("{\"type\":\"header\"}\n", "not a spawntrace header"),
+        ] {
+            let err = Trace::from_reader(text.as_bytes()).unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{text:?}: {err:#}");
+        }
+        let mut good = serde_json::to_string(&Line::Header(header())).unwrap();
+        good.push_str("\n{\"type\":\"exec\",\"ts\":\"x\"}\n");
+        let err = Trace::from_reader(good.as_bytes()).unwrap_err();
+        assert!(format!("{err:#}").contains("line 2: bad event"), "{err:#}");
+    }
+
+    #[test]
+    fn wait_status_decoding() {
+        assert_eq!(Status::from_wait(3 << 8), Status::Exited(3));
+        assert_eq!(Status::from_wait(9), Status::Signaled(9));
+        assert_eq!(Status::from_wait(0x80 | 11), Status::Signaled(11));
+        assert_eq!(Status::Signaled(9).shell_code(), 137);
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(errno_name(2), "ENOENT");
+    }
+}

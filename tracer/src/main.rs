@@ -1,13 +1,9 @@
 //! spawntrace: run a command under eBPF tracing and explain where its time went.
-mod model;
-mod record;
-mod report;
-mod trace;
-
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use spawntrace::{model, record, report, trace};
 
 /// Exit code for spawntrace's own failures while running a command (as timeout(1) and env(1)).
 const EXIT_TOOL_FAILURE: u8 = 125;

@@ -46,12 +46,14 @@ pub struct LaunchFailed(#[from] pub launch::SpawnError);
 /// Runs the whole recording. Errors before the command starts leave nothing behind.
 pub async fn record(opts: Options) -> Result<Recording> {
     launch::check_argv(&opts.command)?;
+    // Installed first: a signal during set-up must not kill us with a half-written file.
+    let signals = SignalForwarder::install()?;
     let run_as = RunAs::from_sudo(opts.as_root)?;
     let mut writer = match &opts.output {
         Some(path) => Some(TraceWriter::create(path)?),
         None => None,
     };
-    let result = record_into(&opts, run_as.as_ref(), writer.as_mut()).await;
+    let result = record_into(&opts, &signals, run_as.as_ref(), writer.as_mut()).await;
     match (result, writer) {
         (Ok((header, footer, model)), Some(w)) => {
             let path = w.finish(&footer)?;
@@ -74,6 +76,7 @@ pub async fn record(opts: Options) -> Result<Recording> {
 
 async fn record_into(
     opts: &Options,
+    signals: &SignalForwarder,
     run_as: Option<&RunAs>,
     mut writer: Option<&mut TraceWriter>,
 ) -> Result<(Header, Footer, Model)> {
@@ -94,7 +97,9 @@ async fn record_into(
     }
     let mut ring = readable(probes.events()?).context("polling the ring buffer")?;
 
-    let signals = SignalForwarder::install()?;
+    if signals.interrupted() {
+        anyhow::bail!("interrupted before the command was started");
+    }
     let start_ns = monotonic_ns();
     let mut child = launch::spawn(&opts.command, run_as).map_err(LaunchFailed)?;
     let root_pid = child.id().unwrap_or(0);

@@ -62,11 +62,21 @@ impl Run {
 
     /// Successful execs of exactly this path.
     pub fn execs_of(&self, path: &str) -> usize {
-        self.model.processes.iter().flat_map(|p| &p.execs).filter(|e| e.filename == path).count()
+        self.model
+            .processes
+            .iter()
+            .flat_map(|p| &p.execs)
+            .filter(|e| e.filename == path)
+            .count()
     }
 
     pub fn dropped(&self) -> u64 {
-        self.trace.footer.as_ref().expect("complete trace").counters.dropped_events()
+        self.trace
+            .footer
+            .as_ref()
+            .expect("complete trace")
+            .counters
+            .dropped_events()
     }
 }
 
@@ -81,10 +91,18 @@ pub fn record_with(extra: &[&str], env: &[(&str, &str)], argv: &[&str]) -> Run {
     }
     let output = cmd.output().expect("running spawntrace");
     let trace = Trace::read(&out).unwrap_or_else(|e| {
-        panic!("{e:#}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr))
+        panic!(
+            "{e:#}\nstderr:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
     });
     let model = Model::from_events(&trace.events);
-    Run { output, trace, model, dir }
+    Run {
+        output,
+        trace,
+        model,
+        dir,
+    }
 }
 
 pub fn record(argv: &[&str]) -> Run {

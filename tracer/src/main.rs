@@ -51,7 +51,12 @@ struct RecordArgs {
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     ring_buffer_mib: u32,
     /// The command to trace, after `--`.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "COMMAND"
+    )]
     command: Vec<String>,
 }
 
@@ -74,7 +79,11 @@ fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
 }
 
 fn run_record(args: RecordArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return fail(&e.into(), EXIT_TOOL_FAILURE),
     };

@@ -241,11 +241,19 @@ pub struct TraceWriter {
 impl TraceWriter {
     /// Creates the file now, so an unwritable path fails before anything is run.
     pub fn create(path: &Path) -> Result<Self> {
-        let mut name = path.file_name().context("output path has no file name")?.to_owned();
+        let mut name = path
+            .file_name()
+            .context("output path has no file name")?
+            .to_owned();
         name.push(".partial");
         let tmp = path.with_file_name(name);
-        let file = File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(Self { out: BufWriter::with_capacity(1 << 20, file), tmp, path: path.to_owned() })
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self {
+            out: BufWriter::with_capacity(1 << 20, file),
+            tmp,
+            path: path.to_owned(),
+        })
     }
 
     /// The path being written (the temporary name until `finish`).
@@ -264,14 +272,19 @@ impl TraceWriter {
     /// Any other serialisable record (e.g. Ansible attribution records).
     pub fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
         serde_json::to_writer(&mut self.out, v)?;
-        self.out.write_all(b"\n").with_context(|| format!("writing {}", self.tmp.display()))
+        self.out
+            .write_all(b"\n")
+            .with_context(|| format!("writing {}", self.tmp.display()))
     }
 
     pub fn finish(mut self, f: &Footer) -> Result<PathBuf> {
         self.line(&Line::Footer(f.clone()))?;
-        self.out.flush().with_context(|| format!("writing {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))?;
+        self.out
+            .flush()
+            .with_context(|| format!("writing {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.path).with_context(|| {
+            format!("renaming {} to {}", self.tmp.display(), self.path.display())
+        })?;
         Ok(self.path)
     }
 
@@ -313,7 +326,9 @@ impl Trace {
                 }
                 let v = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
                 if v > VERSION as u64 {
-                    bail!("trace format version {v} is newer than this spawntrace reads ({VERSION})");
+                    bail!(
+                        "trace format version {v} is newer than this spawntrace reads ({VERSION})"
+                    );
                 }
                 match serde_json::from_value::<Line>(value).context("line 1: bad header")? {
                     Line::Header(h) => h,
@@ -343,13 +358,19 @@ impl Trace {
                 },
                 Some("header") => bail!("line {n}: a second header"),
                 Some("fork" | "exec" | "exec_failed" | "exit" | "open") => events.push(
-                    serde_json::from_value(value).with_context(|| format!("line {n}: bad event"))?,
+                    serde_json::from_value(value)
+                        .with_context(|| format!("line {n}: bad event"))?,
                 ),
                 Some(_) => extra.push(value),
                 None => bail!("line {n}: record without a type"),
             }
         }
-        Ok(Self { header, events, extra, footer })
+        Ok(Self {
+            header,
+            events,
+            extra,
+            footer,
+        })
     }
 }
 

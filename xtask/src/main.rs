@@ -1,1 +1,110 @@
-fn main(){}
+//! spawntrace's tasks: `cargo xtask setup | test | demo | bench tracer`.
+mod bench;
+mod setup;
+mod util;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use util::{root, run};
+
+#[derive(Parser)]
+#[command(about = "spawntrace's set-up, tests, benchmarks and demo")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything a fresh machine needs (idempotent).
+    Setup,
+    /// Set up, then run every test: Rust (including eBPF and ansible-playbook ones) and pytest.
+    Test,
+    /// Set up, build, and trace the benchmark playbook (the main job).
+    Demo,
+    /// Benchmarks that print side-by-side ratios.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+    /// (internal) The exec storm workload used by `bench tracer`.
+    #[command(hide = true)]
+    Storm {
+        #[arg(long, default_value_t = 20000)]
+        count: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Exec/exit storm traced vs untraced: events/s, drops, wall ratio.
+    Tracer {
+        #[arg(long, default_value_t = 20000)]
+        count: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Test => test(),
+        Cmd::Demo => demo(),
+        Cmd::Bench {
+            which: Bench::Tracer { count, rounds },
+        } => bench::tracer(count, rounds),
+        Cmd::Storm { count, threads } => bench::storm(count, threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The README's test command.
+fn test() -> Result<()> {
+    setup::setup()?;
+    run(Command::new("cargo")
+        .args(["test", "--workspace"])
+        .current_dir(root()))?;
+    for env in setup::envs()? {
+        run(Command::new(env.join(".venv/bin/python"))
+            .args(["-m", "pytest", "-q", "tracer/python/tests"])
+            .current_dir(root()))
+        .with_context(|| format!("pytest with {}", env.display()))?;
+    }
+    Ok(())
+}
+
+/// The README's main job.
+fn demo() -> Result<()> {
+    setup::setup()?;
+    run(Command::new("cargo")
+        .args(["build", "--release", "-p", "tracer"])
+        .current_dir(root()))?;
+    let env = setup::default_env()?;
+    let results = root().join("results");
+    std::fs::create_dir_all(&results)?;
+    let trace = results.join("bench-classic.jsonl");
+    run(Command::new(root().join("target/release/spawntrace"))
+        .arg("-o")
+        .arg(&trace)
+        .arg("--")
+        .arg(env.join(".venv/bin/ansible-playbook"))
+        .arg("playbooks/bench.yml")
+        .current_dir(root()))?;
+    println!(
+        "demo: trace of the benchmark playbook in {}",
+        trace.display()
+    );
+    Ok(())
+}

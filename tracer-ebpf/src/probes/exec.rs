@@ -1,6 +1,6 @@
 //! Execs: successful ones at `sched_process_exec` (filename from the tracepoint, argv from the
 //! new image's `mm->arg_start..arg_end`), failed attempts at `sys_exit_execve(at)`.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext, EbpfContext as _};
+use aya_ebpf::{EbpfContext as _, macros::tracepoint, programs::TracePointContext};
 use tracer_common::{
     ARGV_CAP, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, ExecEvent, ExecFailedEvent, PATH_CAP,
     PATH_TRUNCATED, PATH_UNREADABLE, counter, exec_syscall, kind,

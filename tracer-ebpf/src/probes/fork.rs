@@ -1,8 +1,6 @@
 //! Forks: `sched_process_fork` decides process vs thread from the clone flags stashed at the
 //! clone/clone3/fork/vfork entry of the same thread, and extends the tracked set.
-use aya_ebpf::{
-    helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext,
-};
+use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::warn;
 use tracer_common::{FORK_FLAGS_UNKNOWN, FORK_ROOT, FORK_THREAD, ForkEvent, counter, kind};
 
@@ -98,7 +96,10 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let child_tgid = if thread { tgid } else { child_pid };
     if !thread && TRACKED.insert(&child_pid, &1, 0).is_err() {
         bump(counter::TRACK_FAILURES);
-        warn!(&ctx, "tracked set full: pid {} and its descendants are lost", child_pid);
+        warn!(
+            &ctx,
+            "tracked set full: pid {} and its descendants are lost", child_pid
+        );
     }
     if let Some(rec) = Record::<ForkEvent>::reserve(kind::FORK, child_pid, child_tgid, flags) {
         // SAFETY: writing plain fields of the reserved record.

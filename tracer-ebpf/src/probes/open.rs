@@ -1,7 +1,9 @@
 //! Opens: open/openat/openat2/creat. Arguments are stashed at sys_enter; the path is read at
 //! sys_exit, when the kernel has already faulted it in (a tracepoint cannot take page faults).
 use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
-use tracer_common::{OpenEvent, PATH_CAP, PATH_TRUNCATED, PATH_UNREADABLE, counter, kind, open_syscall};
+use tracer_common::{
+    OpenEvent, PATH_CAP, PATH_TRUNCATED, PATH_UNREADABLE, counter, kind, open_syscall,
+};
 
 use super::{Record, user_str};
 use crate::maps::{OPEN_STASH, OpenArgs, bump, current_ids, is_tracked};
@@ -21,7 +23,12 @@ fn enter(ctx: &TracePointContext, syscall: u32, path_off: usize, flags_off: Opti
         Some(off) => unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0),
         None => CREAT_FLAGS,
     };
-    let args = OpenArgs { path, flags_or_how, syscall, _pad: 0 };
+    let args = OpenArgs {
+        path,
+        flags_or_how,
+        syscall,
+        _pad: 0,
+    };
     if OPEN_STASH.insert(&id, &args, 0).is_err() {
         bump(counter::STASH_FAILURES);
     }

@@ -9,10 +9,12 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 /// Offsets of every field the probes read. A field that cannot be found is an error: running
 /// with a wrong offset would record garbage.
 pub fn kernel_offsets() -> Result<KernelOffsets> {
+    let start = std::time::Instant::now();
     let btf = Btf::from_file(VMLINUX).with_context(|| format!("reading kernel BTF {VMLINUX}"))?;
     let task = find_struct(&btf, "task_struct")?;
     let mm = find_struct(&btf, "mm_struct")?;
     let sched_entity = find_struct(&btf, "sched_entity")?;
+    log::debug!("kernel BTF read in {:?}", start.elapsed());
     Ok(KernelOffsets {
         task_mm: member_offset(&btf, &task, "mm")?,
         task_exit_code: member_offset(&btf, &task, "exit_code")?,
@@ -25,11 +27,14 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
 }
 
 fn find_struct(btf: &Btf, name: &str) -> Result<btf_rs::Struct> {
-    for ty in btf.resolve_types_by_name(name).with_context(|| format!("BTF has no {name}"))? {
-        if let Type::Struct(s) = ty {
-            if !s.members.is_empty() {
-                return Ok(s);
-            }
+    for ty in btf
+        .resolve_types_by_name(name)
+        .with_context(|| format!("BTF has no {name}"))?
+    {
+        if let Type::Struct(s) = ty
+            && !s.members.is_empty()
+        {
+            return Ok(s);
         }
     }
     bail!("BTF has no struct {name}")
@@ -56,12 +61,11 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, field: &str, depth: u32) -> Result
             }
             return Ok(Some(m.bit_offset() / 8));
         }
-        if name.is_empty() {
-            if let Type::Struct(inner) | Type::Union(inner) = btf.resolve_chained_type(m)? {
-                if let Some(off) = find_member(btf, &inner, field, depth + 1)? {
-                    return Ok(Some(m.bit_offset() / 8 + off));
-                }
-            }
+        if name.is_empty()
+            && let Type::Struct(inner) | Type::Union(inner) = btf.resolve_chained_type(m)?
+            && let Some(off) = find_member(btf, &inner, field, depth + 1)?
+        {
+            return Ok(Some(m.bit_offset() / 8 + off));
         }
     }
     Ok(None)
@@ -80,6 +84,10 @@ mod tests {
         }
         let off = kernel_offsets().unwrap();
         assert!(off.task_mm > 0 && off.task_exit_code > 0 && off.task_sum_exec_runtime > 0);
-        assert_eq!(off.mm_arg_end, off.mm_arg_start + 8, "arg_end follows arg_start");
+        assert_eq!(
+            off.mm_arg_end,
+            off.mm_arg_start + 8,
+            "arg_end follows arg_start"
+        );
     }
 }

@@ -28,7 +28,9 @@ impl RunAs {
         if as_root || !Uid::effective().is_root() {
             return Ok(None);
         }
-        let Some(uid) = std::env::var_os("SUDO_UID") else { return Ok(None) };
+        let Some(uid) = std::env::var_os("SUDO_UID") else {
+            return Ok(None);
+        };
         let uid: u32 = uid
             .to_str()
             .and_then(|s| s.parse().ok())
@@ -86,7 +88,9 @@ pub fn spawn(argv: &[String], run_as: Option<&RunAs>) -> Result<tokio::process::
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     if let Some(r) = run_as {
-        cmd.env("HOME", &r.home).env("USER", &r.name).env("LOGNAME", &r.name);
+        cmd.env("HOME", &r.home)
+            .env("USER", &r.name)
+            .env("LOGNAME", &r.name);
         let (uid, gid, groups) = (r.uid, r.gid, r.groups.clone());
         // SAFETY: only async-signal-safe syscalls between fork and exec.
         unsafe {
@@ -98,11 +102,13 @@ pub fn spawn(argv: &[String], run_as: Option<&RunAs>) -> Result<tokio::process::
             });
         }
     }
-    tokio::process::Command::from(cmd).spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => SpawnError::NotFound(argv[0].clone()),
-        std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(argv[0].clone()),
-        _ => SpawnError::Other(argv[0].clone(), e),
-    })
+    tokio::process::Command::from(cmd)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SpawnError::NotFound(argv[0].clone()),
+            std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(argv[0].clone()),
+            _ => SpawnError::Other(argv[0].clone(), e),
+        })
 }
 
 /// Passes SIGINT/SIGTERM/SIGHUP/SIGQUIT on to the child.
@@ -136,15 +142,20 @@ impl SignalForwarder {
                     i.store(true, Ordering::SeqCst);
                     let pid = c.load(Ordering::SeqCst);
                     let from_tty = matches!(origin.cause, Cause::Kernel);
-                    if pid > 0 && !from_tty {
-                        if let Ok(sig) = nix::sys::signal::Signal::try_from(origin.signal) {
-                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-                        }
+                    if pid > 0
+                        && !from_tty
+                        && let Ok(sig) = nix::sys::signal::Signal::try_from(origin.signal)
+                    {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
                     }
                 }
             })
             .context("starting the signal thread")?;
-        Ok(Self { child, interrupted, handle })
+        Ok(Self {
+            child,
+            interrupted,
+            handle,
+        })
     }
 
     pub fn set_child(&self, pid: u32) {

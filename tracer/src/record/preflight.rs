@@ -90,7 +90,10 @@ pub fn tracepoint_layouts(events: &Path) -> Result<()> {
     for &(cat, ev, field, want) in TRACEPOINT_FIELDS {
         let path = events.join(cat).join(ev).join("format");
         let Ok(text) = std::fs::read_to_string(&path) else {
-            bail!("this kernel has no tracepoint {cat}:{ev} ({} unreadable)", path.display());
+            bail!(
+                "this kernel has no tracepoint {cat}:{ev} ({} unreadable)",
+                path.display()
+            );
         };
         match field_offset(&text, field) {
             Some(got) if got == want => {}
@@ -113,7 +116,12 @@ fn field_offset(format: &str, field: &str) -> Option<usize> {
         if name != field {
             return None;
         }
-        rest.trim().strip_prefix("offset:")?.split(';').next()?.parse().ok()
+        rest.trim()
+            .strip_prefix("offset:")?
+            .split(';')
+            .next()?
+            .parse()
+            .ok()
     })
 }
 

@@ -40,6 +40,8 @@ pub struct Summary {
     /// Failed exec attempts by error name.
     pub failed_execs_by_error: BTreeMap<String, u64>,
     pub top_executables: Vec<TopExe>,
+    /// Events recorded in the trace.
+    pub events: Option<u64>,
     pub dropped_events: u64,
     pub counters: Counters,
     pub tracer_cpu_ms: Option<f64>,
@@ -64,7 +66,9 @@ impl Summary {
                 *execs_by_path.entry(e.filename.clone()).or_insert(0) += 1;
             }
             for f in &p.failed_execs {
-                *failed_execs_by_error.entry(crate::trace::errno_name(f.errno)).or_insert(0) += 1;
+                *failed_execs_by_error
+                    .entry(crate::trace::errno_name(f.errno))
+                    .or_insert(0) += 1;
             }
             if let Some(s) = p.status {
                 *exits.entry(s.to_string()).or_insert(0) += 1;
@@ -72,7 +76,10 @@ impl Summary {
         }
         let mut top: Vec<TopExe> = execs_by_path
             .iter()
-            .map(|(path, &execs)| TopExe { path: path.clone(), execs })
+            .map(|(path, &execs)| TopExe {
+                path: path.clone(),
+                execs,
+            })
             .collect();
         top.sort_by(|a, b| b.execs.cmp(&a.execs).then_with(|| a.path.cmp(&b.path)));
         top.truncate(TOP);
@@ -94,6 +101,7 @@ impl Summary {
             execs_by_path,
             failed_execs_by_error,
             top_executables: top,
+            events: footer.map(|f| f.events),
             dropped_events: counters.dropped_events(),
             counters,
             tracer_cpu_ms: footer.map(|f| ms(f.tracer_cpu_ns)),
@@ -111,11 +119,19 @@ impl Summary {
     }
 
     fn exits_text(&self) -> String {
-        let mut parts: Vec<String> = self.exits.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+        let mut parts: Vec<String> = self
+            .exits
+            .iter()
+            .map(|(k, v)| format!("{k} ×{v}"))
+            .collect();
         if self.still_running > 0 {
             parts.push(format!("still running ×{}", self.still_running));
         }
-        if parts.is_empty() { "none".into() } else { parts.join(", ") }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
     }
 
     fn health_text(&self) -> String {
@@ -188,7 +204,10 @@ impl Summary {
             ("threads", self.threads.to_string()),
             ("execs", self.execs.to_string()),
             ("failed execs", self.failed_execs.to_string()),
-            ("opens", format!("{} (failed {})", self.opens, self.failed_opens)),
+            (
+                "opens",
+                format!("{} (failed {})", self.opens, self.failed_opens),
+            ),
             ("exits", self.exits_text()),
             ("trace health", self.health_text()),
         ];
@@ -229,7 +248,11 @@ mod tests {
                 pid: 10,
                 tgid: 10,
                 old_pid: 10,
-                filename: if i == 0 { "/bin/sh".into() } else { "/bin/true".into() },
+                filename: if i == 0 {
+                    "/bin/sh".into()
+                } else {
+                    "/bin/true".into()
+                },
                 argv: vec![],
                 argv_bytes: 0,
                 argv_truncated: false,
@@ -248,12 +271,28 @@ mod tests {
         let s = Summary::new(&header, None, &model);
         assert_eq!(s.execs, 3);
         assert_eq!(s.execs_by_path["/bin/true"], 2);
-        assert_eq!(s.top_executables[0], TopExe { path: "/bin/true".into(), execs: 2 });
+        assert_eq!(
+            s.top_executables[0],
+            TopExe {
+                path: "/bin/true".into(),
+                execs: 2
+            }
+        );
         assert!(!s.complete);
         assert_eq!(s.still_running, 1);
         assert!(s.text().contains("TRACE INCOMPLETE"));
         let json = serde_json::to_value(&s).unwrap();
-        for key in ["processes", "execs", "failed_execs", "forks", "threads", "opens", "dropped_events", "execs_by_path", "duration_ms"] {
+        for key in [
+            "processes",
+            "execs",
+            "failed_execs",
+            "forks",
+            "threads",
+            "opens",
+            "dropped_events",
+            "execs_by_path",
+            "duration_ms",
+        ] {
             assert!(json.get(key).is_some(), "{key}");
         }
     }

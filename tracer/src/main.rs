@@ -33,6 +33,12 @@ enum Cmd {
         trace: PathBuf,
         #[arg(long, value_enum, default_value_t)]
         format: report::Format,
+        /// Rows of the Ansible task table: per task, per task and host, or per loop item.
+        #[arg(long, value_enum, default_value_t)]
+        by: report::tasks::By,
+        /// How many tasks the top-N lists show (text format).
+        #[arg(long, default_value_t = 5)]
+        top: usize,
     },
 }
 
@@ -47,6 +53,10 @@ struct RecordArgs {
     /// Do not print the summary at exit.
     #[arg(short, long)]
     quiet: bool,
+    /// Inject the Ansible callback plugin: when COMMAND runs ansible-playbook/ansible (auto),
+    /// always, or never.
+    #[arg(long, value_enum, default_value_t)]
+    ansible: spawntrace::ansible::Mode,
     /// Ring-buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     ring_buffer_mib: u32,
@@ -66,7 +76,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Some(Cmd::Record(args)) => run_record(args),
         None => run_record(cli.record),
-        Some(Cmd::Report { trace, format }) => match report_trace(&trace, format) {
+        Some(Cmd::Report { trace, format, by, top }) => match report_trace(&trace, format, by, top) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
         },
@@ -92,12 +102,23 @@ fn run_record(args: RecordArgs) -> ExitCode {
         output: args.output,
         as_root: args.as_root,
         ring_mib: args.ring_buffer_mib,
+        ansible: args.ansible,
     };
     match runtime.block_on(record::record(opts)) {
         Ok(rec) => {
             if !args.quiet {
-                let s = report::summary::Summary::new(&rec.header, Some(&rec.footer), &rec.model);
-                eprint!("{}", s.text());
+                let r = report::Report::new(
+                    &rec.header,
+                    Some(&rec.footer),
+                    &rec.model,
+                    &rec.ansible,
+                    rec.ansible_enabled,
+                    report::tasks::By::Task,
+                );
+                match r.render(report::Format::Text, 5) {
+                    Ok(text) => eprint!("{text}"),
+                    Err(e) => eprintln!("spawntrace: rendering the summary: {e:#}"),
+                }
                 if let Some(p) = &rec.trace_path {
                     eprintln!("  trace written to {}", p.display());
                 }
@@ -111,10 +132,10 @@ fn run_record(args: RecordArgs) -> ExitCode {
     }
 }
 
-fn report_trace(path: &std::path::Path, format: report::Format) -> Result<()> {
+fn report_trace(path: &std::path::Path, format: report::Format, by: report::tasks::By, top: usize) -> Result<()> {
     let t = trace::Trace::read(path)?;
     let model = model::Model::from_events(&t.events);
-    let s = report::summary::Summary::new(&t.header, t.footer.as_ref(), &model);
-    print!("{}", report::render(&s, format)?);
+    let r = report::Report::new(&t.header, t.footer.as_ref(), &model, &t.ansible, t.header.ansible, by);
+    print!("{}", r.render(format, top)?);
     Ok(())
 }

@@ -39,6 +39,9 @@ pub struct Header {
     /// Capture limits: argv bytes per exec and bytes per path.
     pub argv_cap: usize,
     pub path_cap: usize,
+    /// The Ansible plugins were injected into the run.
+    #[serde(default)]
+    pub ansible: bool,
 }
 
 /// How a process ended.
@@ -186,6 +189,47 @@ impl Event {
     }
 }
 
+/// A message from the bundled Ansible plugins (see tracer/python/PROTOCOL.md), stored as
+/// `{"type":"ansible","sender_pid":…, …message}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AnsibleRecord {
+    /// The sender's pid as vouched for by the kernel (SCM_CREDENTIALS); 0 if none came.
+    pub sender_pid: u32,
+    /// The message as sent: `ev`, `ts`, `pid`, …
+    #[serde(flatten)]
+    pub body: serde_json::Map<String, serde_json::Value>,
+}
+
+impl AnsibleRecord {
+    pub fn ev(&self) -> &str {
+        self.body.get("ev").and_then(|v| v.as_str()).unwrap_or("")
+    }
+
+    pub fn ts(&self) -> u64 {
+        self.body.get("ts").and_then(|v| v.as_u64()).unwrap_or(0)
+    }
+
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.body.get(key).and_then(|v| v.as_str())
+    }
+
+    pub fn u64(&self, key: &str) -> Option<u64> {
+        self.body.get(key).and_then(|v| v.as_u64())
+    }
+
+    pub fn bool(&self, key: &str) -> bool {
+        self.body.get(key).and_then(|v| v.as_bool()).unwrap_or(false)
+    }
+}
+
+#[derive(Serialize)]
+struct TaggedAnsible<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    #[serde(flatten)]
+    rec: &'a AnsibleRecord,
+}
+
 /// Health counters summed over CPUs at the end of a recording.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counters {
@@ -269,8 +313,11 @@ impl TraceWriter {
         self.line(e)
     }
 
-    /// Any other serialisable record (e.g. Ansible attribution records).
-    pub fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
+    pub fn ansible(&mut self, r: &AnsibleRecord) -> Result<()> {
+        self.line(&TaggedAnsible { ty: "ansible", rec: r })
+    }
+
+    fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
         serde_json::to_writer(&mut self.out, v)?;
         self.out
             .write_all(b"\n")
@@ -299,7 +346,9 @@ impl TraceWriter {
 pub struct Trace {
     pub header: Header,
     pub events: Vec<Event>,
-    /// Lines of other record types (e.g. Ansible attribution), kept raw for later stages.
+    /// Messages from the Ansible plugins, in arrival order.
+    pub ansible: Vec<AnsibleRecord>,
+    /// Lines of record types this version does not know, kept raw.
     pub extra: Vec<serde_json::Value>,
     /// None when the trace has no footer (the tracer was killed).
     pub footer: Option<Footer>,
@@ -337,6 +386,7 @@ impl Trace {
             }
         };
         let mut events = Vec::new();
+        let mut ansible = Vec::new();
         let mut extra = Vec::new();
         let mut footer = None;
         for (i, line) in lines {
@@ -361,16 +411,21 @@ impl Trace {
                     serde_json::from_value(value)
                         .with_context(|| format!("line {n}: bad event"))?,
                 ),
+                Some("ansible") => {
+                    let mut value = value;
+                    if let Some(o) = value.as_object_mut() {
+                        o.remove("type");
+                    }
+                    ansible.push(
+                        serde_json::from_value(value)
+                            .with_context(|| format!("line {n}: bad ansible record"))?,
+                    )
+                }
                 Some(_) => extra.push(value),
                 None => bail!("line {n}: record without a type"),
             }
         }
-        Ok(Self {
-            header,
-            events,
-            extra,
-            footer,
-        })
+        Ok(Self { header, events, ansible, extra, footer })
     }
 }
 
@@ -395,6 +450,7 @@ mod tests {
             start_ns: 5,
             argv_cap: 4096,
             path_cap: 256,
+            ansible: false,
         }
     }
 
@@ -414,6 +470,10 @@ mod tests {
             cpu_ns: Some(3),
         };
         w.event(&ev).unwrap();
+        let mut body = serde_json::Map::new();
+        body.insert("ev".into(), "task_start".into());
+        let rec = AnsibleRecord { sender_pid: 4, body };
+        w.ansible(&rec).unwrap();
         let footer = Footer {
             end_ns: 9,
             status: Status::Exited(0),
@@ -427,6 +487,7 @@ mod tests {
         let t = Trace::read(&path).unwrap();
         assert_eq!(t.header, header());
         assert_eq!(t.events, vec![ev]);
+        assert_eq!(t.ansible, vec![rec]);
         assert_eq!(t.footer, Some(footer));
     }
 

@@ -84,9 +84,13 @@ impl SpawnError {
 }
 
 /// Starts `argv` (inheriting stdio and process group) as `run_as`, if given.
-pub fn spawn(argv: &[String], run_as: Option<&RunAs>) -> Result<tokio::process::Child, SpawnError> {
+pub fn spawn(
+    argv: &[String],
+    run_as: Option<&RunAs>,
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> Result<tokio::process::Child, SpawnError> {
     let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
+    cmd.args(&argv[1..]).envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(r) = run_as {
         cmd.env("HOME", &r.home)
             .env("USER", &r.name)

@@ -13,8 +13,9 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
+    ansible,
     model::Model,
-    trace::{self, Counters, Event, Footer, Header, Status, TraceWriter},
+    trace::{self, AnsibleRecord, Counters, Event, Footer, Header, Status, TraceWriter},
 };
 use launch::{RunAs, SignalForwarder};
 use probes::Probes;
@@ -28,6 +29,8 @@ pub struct Options {
     pub as_root: bool,
     /// Ring buffer size in MiB (power of two).
     pub ring_mib: u32,
+    /// Whether to inject the Ansible plugins.
+    pub ansible: ansible::Mode,
 }
 
 /// Everything a finished recording produced, for reports.
@@ -35,6 +38,10 @@ pub struct Recording {
     pub header: Header,
     pub footer: Footer,
     pub model: Model,
+    /// Messages from the Ansible plugins (empty when not an Ansible run).
+    pub ansible: Vec<AnsibleRecord>,
+    /// The plugins were injected.
+    pub ansible_enabled: bool,
     pub trace_path: Option<PathBuf>,
 }
 
@@ -55,24 +62,15 @@ pub async fn record(opts: Options) -> Result<Recording> {
     };
     let result = record_into(&opts, &signals, run_as.as_ref(), writer.as_mut()).await;
     match (result, writer) {
-        (Ok((header, footer, model)), Some(w)) => {
-            let path = w.finish(&footer)?;
+        (Ok(mut rec), Some(w)) => {
+            let path = w.finish(&rec.footer)?;
             if let Some(r) = &run_as {
                 r.chown(&path)?;
             }
-            Ok(Recording {
-                header,
-                footer,
-                model,
-                trace_path: Some(path),
-            })
+            rec.trace_path = Some(path);
+            Ok(rec)
         }
-        (Ok((header, footer, model)), None) => Ok(Recording {
-            header,
-            footer,
-            model,
-            trace_path: None,
-        }),
+        (Ok(rec), None) => Ok(rec),
         (Err(e), w) => {
             if let Some(w) = w {
                 w.discard();
@@ -87,7 +85,7 @@ async fn record_into(
     signals: &SignalForwarder,
     run_as: Option<&RunAs>,
     mut writer: Option<&mut TraceWriter>,
-) -> Result<(Header, Footer, Model)> {
+) -> Result<Recording> {
     preflight::privileges()?;
     preflight::btf()?;
     let events_dir = preflight::tracefs()?;
@@ -105,36 +103,51 @@ async fn record_into(
     }
     let mut ring = readable(probes.events()?).context("polling the ring buffer")?;
 
+    let ansible_enabled = opts.ansible.enabled(&opts.command);
+    // Kept alive (its directory holds the plugins and the socket) until the command has ended.
+    let (_session, mut channel, env) = match ansible_enabled {
+        true => {
+            let (session, channel) = ansible::Session::start(run_as)?;
+            let env = session.env.clone();
+            let channel = readable(channel).context("polling the attribution socket")?;
+            (Some(session), Some(channel), env)
+        }
+        false => (None, None, Vec::new()),
+    };
+
     if signals.interrupted() {
         anyhow::bail!("interrupted before the command was started");
     }
     let start_ns = monotonic_ns();
-    let mut child = launch::spawn(&opts.command, run_as).map_err(LaunchFailed)?;
+    let mut child = launch::spawn(&opts.command, run_as, &env).map_err(LaunchFailed)?;
     let root_pid = child.id().unwrap_or(0);
     signals.set_child(root_pid);
 
-    let header = make_header(opts, run_as, root_pid, start_ns);
+    let header = Header { ansible: ansible_enabled, ..make_header(opts, run_as, root_pid, start_ns) };
     if let Some(w) = writer.as_deref_mut() {
         w.header(&header)?;
     }
-    let mut sink = Sink {
-        model: Model::default(),
-        writer,
-        events: 0,
-        decode_failures: 0,
-    };
+    let mut sink = Sink { model: Model::default(), ansible: Vec::new(), writer, events: 0, decode_failures: 0 };
     let status = loop {
         tokio::select! {
             status = child.wait() => {
                 let status = status.context("waiting for the command")?;
-                // The command's exit was committed to the ring before wait() returned: one more
-                // drain collects everything up to it.
+                // The command's exit was committed to the ring (and its messages queued on the
+                // socket) before wait() returned: one more drain collects everything up to it.
                 sink.drain(ring.get_mut())?;
+                if let Some(ch) = channel.as_mut() {
+                    sink.drain_channel(ch.get_mut())?;
+                }
                 break status;
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
                 sink.drain(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
+            guard = async { channel.as_mut().expect("guarded").readable_mut().await }, if channel.is_some() => {
+                let mut guard = guard.context("polling the attribution socket")?;
+                sink.drain_channel(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
         }
@@ -154,12 +167,13 @@ async fn record_into(
         probe_cpu_ns: probes.cpu_ns(),
         interrupted: signals.interrupted(),
     };
-    Ok((header, footer, sink.model))
+    Ok(Recording { header, footer, model: sink.model, ansible: sink.ansible, ansible_enabled, trace_path: None })
 }
 
 /// Where decoded events go: the model, and the trace file if any.
 struct Sink<'w> {
     model: Model,
+    ansible: Vec<AnsibleRecord>,
     writer: Option<&'w mut TraceWriter>,
     events: u64,
     decode_failures: u64,
@@ -174,6 +188,17 @@ impl Sink<'_> {
                     self.decode_failures += 1;
                     log::warn!("undecodable ring-buffer record: {e}");
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn drain_channel(&mut self, channel: &mut ansible::channel::Channel) -> Result<()> {
+        let from = self.ansible.len();
+        channel.drain(&mut self.ansible)?;
+        if let Some(w) = self.writer.as_deref_mut() {
+            for r in &self.ansible[from..] {
+                w.ansible(r)?;
             }
         }
         Ok(())
@@ -238,6 +263,7 @@ fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: 
         start_ns,
         argv_cap: tracer_common::ARGV_CAP,
         path_cap: tracer_common::PATH_CAP,
+        ansible: false,
     }
 }
 

@@ -1,7 +1,11 @@
 //! Outputs built from a recording or a saved trace.
 pub mod summary;
+pub mod tasks;
 
 use clap::ValueEnum;
+use serde::Serialize;
+
+use crate::{ansible::attribution::Attribution, model::Model, trace::{AnsibleRecord, Footer, Header}};
 
 /// Output format of `report`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -12,11 +16,43 @@ pub enum Format {
     Markdown,
 }
 
-/// Renders a summary in the chosen format.
-pub fn render(s: &summary::Summary, format: Format) -> anyhow::Result<String> {
-    Ok(match format {
-        Format::Text => s.text(),
-        Format::Markdown => s.markdown(),
-        Format::Json => serde_json::to_string_pretty(s)? + "\n",
-    })
+/// Everything `report` shows: the run summary, and the per-task tables for Ansible runs.
+#[derive(Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub summary: summary::Summary,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub ansible: Option<tasks::TaskReport>,
+}
+
+impl Report {
+    /// `ansible`: whether the run was an Ansible run (plugins injected); its tables are shown
+    /// even when empty, so a broken channel is reported rather than hidden.
+    pub fn new(header: &Header, footer: Option<&Footer>, model: &Model, records: &[AnsibleRecord], ansible: bool, by: tasks::By) -> Self {
+        let ansible = (ansible || !records.is_empty())
+            .then(|| tasks::TaskReport::new(model, &Attribution::new(model, records), by));
+        Self { summary: summary::Summary::new(header, footer, model), ansible }
+    }
+
+    pub fn render(&self, format: Format, top_n: usize) -> anyhow::Result<String> {
+        Ok(match format {
+            Format::Text => {
+                let mut s = self.summary.text();
+                if let Some(t) = &self.ansible {
+                    s.push('\n');
+                    s.push_str(&t.text(top_n));
+                }
+                s
+            }
+            Format::Markdown => {
+                let mut s = self.summary.markdown();
+                if let Some(t) = &self.ansible {
+                    s.push_str("\n### Tasks\n\n");
+                    s.push_str(&t.markdown());
+                }
+                s
+            }
+            Format::Json => serde_json::to_string_pretty(self)? + "\n",
+        })
+    }
 }

@@ -1,0 +1,113 @@
+//! The attribution channel: a Unix datagram socket the bundled Python plugins write JSON
+//! messages to. SO_PASSCRED makes the kernel attach each sender's real pid, so a message's
+//! claim "I am the worker for host X, task Y" is tied to a process the probes saw.
+use std::{
+    io::IoSliceMut,
+    os::fd::{AsFd as _, AsRawFd, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+use nix::sys::socket::{
+    AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, bind, recvmsg,
+    setsockopt, socket, sockopt,
+};
+
+use crate::trace::AnsibleRecord;
+
+/// Largest datagram the plugins send (they truncate to stay below it).
+const MAX_DATAGRAM: usize = 64 * 1024;
+/// Socket receive buffer: bursts of worker/item messages must not be dropped while we are busy.
+const RCVBUF: usize = 16 * 1024 * 1024;
+
+/// A bound, non-blocking receiving socket.
+pub struct Channel {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    /// Datagrams that were not JSON objects.
+    pub malformed: u64,
+}
+
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Channel {
+    /// Binds `path` (mode 0600; the caller chowns it to the traced user).
+    pub fn bind(path: &Path) -> Result<Self> {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .context("creating the attribution socket")?;
+        setsockopt(&fd, sockopt::PassCred, &true).context("SO_PASSCRED")?;
+        if setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF).is_err() {
+            let _ = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
+        }
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)
+            .with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(Self { fd, buf: vec![0; MAX_DATAGRAM], malformed: 0 })
+    }
+
+    /// Receives every datagram waiting now.
+    pub fn drain(&mut self, out: &mut Vec<AnsibleRecord>) -> Result<()> {
+        loop {
+            let mut cmsg = nix::cmsg_space!(libc::ucred);
+            let mut iov = [IoSliceMut::new(&mut self.buf)];
+            let (len, pid) = match recvmsg::<()>(
+                self.fd.as_fd().as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(msg) => {
+                    let pid = msg.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid() as u32),
+                            _ => None,
+                        })
+                    });
+                    (msg.bytes, pid)
+                }
+                Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("receiving from the attribution socket"),
+            };
+            match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&self.buf[..len]) {
+                Ok(mut body) => {
+                    body.remove("type");
+                    body.remove("sender_pid");
+                    out.push(AnsibleRecord { sender_pid: pid.unwrap_or(0), body });
+                }
+                Err(_) => self.malformed += 1,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receives_json_with_the_kernel_vouched_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut ch = Channel::bind(&path).unwrap();
+        let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        tx.send_to(br#"{"v":1,"ev":"task_start","ts":5,"type":"spoof"}"#, &path).unwrap();
+        tx.send_to(b"not json", &path).unwrap();
+        let mut out = Vec::new();
+        ch.drain(&mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].sender_pid, std::process::id());
+        assert_eq!(out[0].body["ev"], "task_start");
+        assert!(!out[0].body.contains_key("type"));
+        assert_eq!(ch.malformed, 1);
+    }
+}

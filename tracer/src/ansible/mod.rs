@@ -1,0 +1,139 @@
+//! Ansible attribution: the bundled plugins, the channel they report on, and the join of their
+//! reports with the kernel's process tree.
+pub mod attribution;
+pub mod channel;
+pub mod config;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use include_dir::{Dir, include_dir};
+
+use crate::record::launch::RunAs;
+use channel::Channel;
+
+/// The bundled collection (callback and connection plugins, agent), embedded so that spawntrace
+/// works without installing anything.
+static COLLECTIONS: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/python/ansible_collections");
+
+/// Name under which the callback plugin is enabled.
+pub const CALLBACK_NAME: &str = "spawntrace";
+
+/// Whether to inject the plugins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// When the command runs ansible-playbook or ansible (possibly behind wrappers such as
+    /// `uv run` or `env`).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl Mode {
+    pub fn enabled(self, argv: &[String]) -> bool {
+        match self {
+            Mode::Always => true,
+            Mode::Never => false,
+            Mode::Auto => argv.iter().take(8).any(|a| {
+                let b = crate::model::basename(a);
+                b == "ansible" || b.starts_with("ansible-playbook")
+            }),
+        }
+    }
+}
+
+/// A private directory holding the plugins and the channel's socket, for one traced run.
+pub struct Session {
+    dir: tempfile::TempDir,
+    /// Variables to add to the command's environment.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+impl Session {
+    /// Writes the plugins, binds the channel and works out the environment, all owned by the
+    /// user the command will run as.
+    pub fn start(run_as: Option<&RunAs>) -> Result<(Self, Channel)> {
+        let dir = tempfile::Builder::new()
+            .prefix("spawntrace-")
+            .tempdir()
+            .context("creating a private directory for the Ansible plugins")?;
+        let root = dir.path().join("ansible_collections");
+        write_tree(&COLLECTIONS, &root)?;
+        let socket = dir.path().join("events.sock");
+        let channel = Channel::bind(&socket)?;
+        if let Some(user) = run_as {
+            chown_tree(dir.path(), user)?;
+        }
+        let home = run_as.map(|r| PathBuf::from(&r.home)).or_else(|| std::env::var_os("HOME").map(PathBuf::from));
+        let cwd = std::env::current_dir().context("current directory")?;
+        let settings = config::callback_settings(&cwd, |k| std::env::var(k).ok(), home.as_deref())?;
+        let callbacks = root.join("spawntrace/tracer/plugins/callback");
+        let env = vec![
+            ("ANSIBLE_CALLBACK_PLUGINS".into(), settings.plugin_path_with(&callbacks, home.as_deref()).into()),
+            ("ANSIBLE_CALLBACKS_ENABLED".into(), settings.enabled_with(CALLBACK_NAME).into()),
+            ("SPAWNTRACE_SOCKET".into(), socket.into_os_string()),
+        ];
+        Ok((Self { dir, env }, channel))
+    }
+
+    /// Where the bundled `ansible_collections` tree was written.
+    pub fn collections(&self) -> PathBuf {
+        self.dir.path().join("ansible_collections")
+    }
+}
+
+/// Writes the embedded tree, leaving out tests and bytecode.
+fn write_tree(dir: &Dir<'_>, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for f in dir.files() {
+        let name = f.path().file_name().unwrap_or_default();
+        if name.to_string_lossy().ends_with(".pyc") {
+            continue;
+        }
+        std::fs::write(to.join(name), f.contents()).with_context(|| format!("writing {}", to.join(name).display()))?;
+    }
+    for d in dir.dirs() {
+        let name = d.path().file_name().unwrap_or_default();
+        if name == "__pycache__" || name == "tests" {
+            continue;
+        }
+        write_tree(d, &to.join(name))?;
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &Path, user: &RunAs) -> Result<()> {
+    user.chown(path)?;
+    if path.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            chown_tree(&e?.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_mode_spots_ansible_behind_wrappers() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(Mode::Auto.enabled(&v(&["ansible-playbook", "site.yml"])));
+        assert!(Mode::Auto.enabled(&v(&["/venv/bin/ansible-playbook", "site.yml"])));
+        assert!(Mode::Auto.enabled(&v(&["uv", "run", "ansible-playbook", "x.yml"])));
+        assert!(Mode::Auto.enabled(&v(&["ansible", "all", "-m", "ping"])));
+        assert!(!Mode::Auto.enabled(&v(&["sh", "-c", "true"])));
+        assert!(!Mode::Never.enabled(&v(&["ansible-playbook"])));
+        assert!(Mode::Always.enabled(&v(&["make"])));
+    }
+
+    #[test]
+    fn bundled_callback_is_embedded() {
+        assert!(COLLECTIONS.get_file("spawntrace/tracer/plugins/callback/spawntrace.py").is_some());
+    }
+}

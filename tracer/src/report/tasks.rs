@@ -1,0 +1,320 @@
+//! Per-task spawn tables: what each Ansible task (and each host, each loop item) cost in
+//! processes, execs, opens, CPU and wall time.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
+
+use serde::Serialize;
+
+use crate::{
+    ansible::attribution::{Attribution, Owner},
+    model::{Model, basename},
+};
+
+/// Rows per task, per (task, host) or per (task, host, item).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    #[default]
+    Task,
+    Host,
+    Item,
+}
+
+/// One row of the table; field names are a stable JSON interface.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct TaskRow {
+    pub play: String,
+    pub name: String,
+    pub action: String,
+    pub uuid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item_label: Option<String>,
+    pub hosts: Vec<String>,
+    /// Loop items run (over all hosts).
+    pub items: u64,
+    /// From the first worker's start to the last worker's end.
+    pub wall_ms: f64,
+    pub processes: u64,
+    pub execs: u64,
+    /// Executable basename -> execs.
+    pub execs_by_exe: BTreeMap<String, u64>,
+    pub failed_execs: u64,
+    pub opens: u64,
+    pub cpu_ms: f64,
+}
+
+/// Processes outside any task, by category.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct OtherRows {
+    pub controller: u64,
+    pub connection: u64,
+    pub agent: u64,
+    pub unattributed: u64,
+}
+
+/// The attribution report.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskReport {
+    /// False when no plugin message arrived (the tables are then empty).
+    pub attribution_available: bool,
+    pub playbook: Option<String>,
+    pub by: String,
+    pub tasks: Vec<TaskRow>,
+    #[serde(rename = "task_totals")]
+    pub totals: TaskRow,
+    #[serde(rename = "outside_tasks")]
+    pub other: OtherRows,
+    /// Plugin messages lost on the way (the plugins count what they could not send).
+    pub dropped_messages: u64,
+    pub pid_mismatches: u64,
+}
+
+#[derive(Default)]
+struct Acc {
+    row: TaskRow,
+    hosts: BTreeSet<String>,
+    items: BTreeSet<(usize, u32)>,
+    first: Option<u64>,
+    last: u64,
+}
+
+impl Acc {
+    fn add(&mut self, model: &Model, i: usize) {
+        let p = &model.processes[i];
+        self.row.processes += 1;
+        for e in &p.execs {
+            self.row.execs += 1;
+            *self.row.execs_by_exe.entry(basename(&e.filename).to_owned()).or_insert(0) += 1;
+        }
+        self.row.failed_execs += p.failed_execs.len() as u64;
+        self.row.opens += p.opens as u64;
+        self.row.cpu_ms += p.cpu_ns as f64 / 1e6;
+    }
+
+    fn span(&mut self, start: u64, end: Option<u64>) {
+        self.first = Some(self.first.map_or(start, |f| f.min(start)));
+        self.last = self.last.max(end.unwrap_or(start));
+    }
+
+    fn finish(mut self) -> TaskRow {
+        self.row.hosts = self.hosts.into_iter().collect();
+        self.row.items = self.items.len() as u64;
+        self.row.wall_ms = self.first.map_or(0.0, |f| (self.last.saturating_sub(f)) as f64 / 1e6);
+        self.row.cpu_ms = (self.row.cpu_ms * 100.0).round() / 100.0;
+        self.row.wall_ms = (self.row.wall_ms * 100.0).round() / 100.0;
+        self.row
+    }
+}
+
+impl TaskReport {
+    pub fn new(model: &Model, a: &Attribution, by: By) -> Self {
+        // Row key: (task, host?, item?) in task order.
+        let mut rows: BTreeMap<(usize, Option<String>, Option<u32>), Acc> = BTreeMap::new();
+        let mut totals = Acc::default();
+        let mut other = OtherRows::default();
+        for (i, owner) in a.owners.iter().enumerate() {
+            match *owner {
+                Owner::Task { worker, item } => {
+                    let w = &a.workers[worker];
+                    let key = match by {
+                        By::Task => (w.task, None, None),
+                        By::Host => (w.task, Some(w.host.clone()), None),
+                        By::Item => (w.task, Some(w.host.clone()), item),
+                    };
+                    let acc = rows.entry(key).or_default();
+                    acc.add(model, i);
+                    totals.add(model, i);
+                    acc.hosts.insert(w.host.clone());
+                    if let Some(it) = item {
+                        acc.items.insert((worker, it));
+                        totals.items.insert((worker, it));
+                    }
+                    if i == w.proc {
+                        let wp = &model.processes[i];
+                        acc.span(wp.start_ns, wp.end_ns);
+                        totals.span(wp.start_ns, wp.end_ns);
+                    }
+                }
+                Owner::Controller => other.controller += 1,
+                Owner::Connection => other.connection += 1,
+                Owner::Agent => other.agent += 1,
+                Owner::Unattributed => other.unattributed += 1,
+            }
+        }
+        let tasks = rows
+            .into_iter()
+            .map(|((t, host, item), acc)| {
+                let task = &a.tasks[t];
+                let label = item.and_then(|it| {
+                    a.workers
+                        .iter()
+                        .filter(|w| w.task == t && Some(&w.host) == host.as_ref())
+                        .flat_map(|w| &w.items)
+                        .find(|win| win.index == it)
+                        .map(|win| win.label.clone())
+                });
+                let mut row = acc.finish();
+                row.play = task.play.clone();
+                row.name = task.name.clone();
+                row.action = task.action.clone();
+                row.uuid = task.uuid.clone();
+                row.host = host;
+                row.item = item;
+                row.item_label = label;
+                row
+            })
+            .collect();
+        let mut totals = totals.finish();
+        totals.name = "TOTAL".into();
+        Self {
+            attribution_available: a.available,
+            playbook: a.playbook.clone(),
+            by: format!("{by:?}").to_lowercase(),
+            tasks,
+            totals,
+            other,
+            dropped_messages: a.dropped_messages,
+            pid_mismatches: a.pid_mismatches,
+        }
+    }
+
+    /// Rows sorted by a key, largest first, at most `n`.
+    pub fn top(&self, n: usize, key: impl Fn(&TaskRow) -> f64) -> Vec<&TaskRow> {
+        let mut v: Vec<&TaskRow> = self.tasks.iter().collect();
+        v.sort_by(|a, b| key(b).total_cmp(&key(a)));
+        v.truncate(n);
+        v
+    }
+
+    fn label(r: &TaskRow) -> String {
+        let mut s = r.name.clone();
+        if let Some(h) = &r.host {
+            let _ = write!(s, " @{h}");
+        }
+        if let Some(i) = r.item {
+            let _ = write!(s, " [{i}");
+            if let Some(l) = &r.item_label {
+                let _ = write!(s, ": {}", truncate(l, 24));
+            }
+            s.push(']');
+        }
+        s
+    }
+
+    fn top_execs(r: &TaskRow, n: usize) -> String {
+        let mut v: Vec<(&String, &u64)> = r.execs_by_exe.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let mut s: Vec<String> = v.iter().take(n).map(|(k, c)| format!("{k} {c}")).collect();
+        if v.len() > n {
+            s.push("…".into());
+        }
+        s.join(", ")
+    }
+
+    fn unavailable_note(&self) -> Option<&'static str> {
+        (!self.attribution_available)
+            .then_some("Ansible attribution unavailable: no message arrived from the spawntrace callback plugin")
+    }
+
+    fn other_line(&self) -> String {
+        let o = &self.other;
+        format!(
+            "outside tasks: controller {}, connection infrastructure {}, agents {}, unattributed {}",
+            o.controller, o.connection, o.agent, o.unattributed
+        )
+    }
+
+    pub fn text(&self, top_n: usize) -> String {
+        let mut o = String::new();
+        if let Some(n) = self.unavailable_note() {
+            let _ = writeln!(o, "{n}");
+            return o;
+        }
+        let w = self.tasks.iter().map(|r| Self::label(r).chars().count()).max().unwrap_or(4).clamp(4, 48);
+        let _ = writeln!(
+            o,
+            "{:<w$}  {:<16} {:>5} {:>5} {:>9} {:>6} {:>6} {:>7} {:>9}  execs by executable",
+            "task", "action", "hosts", "items", "wall s", "procs", "execs", "opens", "cpu s"
+        );
+        for r in self.tasks.iter().chain(std::iter::once(&self.totals)) {
+            let _ = writeln!(
+                o,
+                "{:<w$}  {:<16} {:>5} {:>5} {:>9.3} {:>6} {:>6} {:>7} {:>9.3}  {}",
+                truncate(&Self::label(r), w),
+                truncate(&r.action, 16),
+                r.hosts.len(),
+                r.items,
+                r.wall_ms / 1000.0,
+                r.processes,
+                r.execs,
+                r.opens,
+                r.cpu_ms / 1000.0,
+                Self::top_execs(r, 5)
+            );
+        }
+        let _ = writeln!(o, "{}", self.other_line());
+        if self.dropped_messages > 0 || self.pid_mismatches > 0 {
+            let _ = writeln!(
+                o,
+                "plugin messages lost: {}, pid mismatches: {}",
+                self.dropped_messages, self.pid_mismatches
+            );
+        }
+        if top_n > 0 && self.tasks.len() > top_n {
+            for (what, rows) in [
+                ("spawns", self.top(top_n, |r| r.processes as f64)),
+                ("wall time", self.top(top_n, |r| r.wall_ms)),
+            ] {
+                let names: Vec<String> = rows.iter().map(|r| truncate(&Self::label(r), 40)).collect();
+                let _ = writeln!(o, "top {top_n} by {what}: {}", names.join("; "));
+            }
+        }
+        o
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        if let Some(n) = self.unavailable_note() {
+            let _ = writeln!(o, "_{n}_");
+            return o;
+        }
+        let _ = writeln!(
+            o,
+            "| task | action | hosts | items | wall s | processes | execs | opens | cpu s | execs by executable |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
+        for r in self.tasks.iter().chain(std::iter::once(&self.totals)) {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {:.3} | {} | {} | {} | {:.3} | {} |",
+                Self::label(r).replace('|', "\\|"),
+                r.action,
+                r.hosts.len(),
+                r.items,
+                r.wall_ms / 1000.0,
+                r.processes,
+                r.execs,
+                r.opens,
+                r.cpu_ms / 1000.0,
+                Self::top_execs(r, 8)
+            );
+        }
+        let _ = writeln!(o, "\n{}", self.other_line());
+        o
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}

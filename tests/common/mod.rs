@@ -6,6 +6,9 @@
 //! skipped with a message, except under CI (`CI` set), where a skip would hide a failure.
 #![allow(dead_code)]
 
+pub mod ansible;
+pub mod lab;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},

@@ -49,8 +49,6 @@ pub const EXIT_CODE_UNAVAILABLE: u32 = 1 << 1;
 
 /// `ForkEvent::flags` bit: the new task is a thread (CLONE_THREAD) of the parent's process.
 pub const FORK_THREAD: u32 = 1 << 0;
-/// `ForkEvent::flags` bit: no clone flags were stashed for this fork; it was taken for a process.
-pub const FORK_FLAGS_UNKNOWN: u32 = 1 << 1;
 /// `ForkEvent::flags` bit: the parent is the tracer itself, i.e. this is a traced command's root.
 pub const FORK_ROOT: u32 = 1 << 2;
 
@@ -88,7 +86,6 @@ pub struct ForkEvent {
     pub header: EventHeader,
     pub parent_pid: u32,
     pub parent_tgid: u32,
-    pub clone_flags: u64,
 }
 
 /// `sched_process_exec`: a successful exec, argv as NUL-separated bytes of the new image.
@@ -148,17 +145,35 @@ pub struct OpenEvent {
 }
 
 /// Kernel struct member offsets, found in the running kernel's BTF by userspace and handed to the
-/// probes as a global. A zero offset means "unknown": the dependent field is flagged unavailable.
+/// probes as a global (Rust eBPF has no CO-RE relocations). A zero offset means "unknown": the
+/// dependent field is flagged unavailable.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
     pub task_mm: u32,
     pub task_exit_code: u32,
     /// Offset of `se.sum_exec_runtime` inside `task_struct`.
     pub task_sum_exec_runtime: u32,
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
+    pub bprm_filename: u32,
+    /// `struct pt_regs` members holding syscall arguments 1–4 and the syscall number (x86_64:
+    /// di, si, dx, r10, orig_ax).
+    pub regs_arg: [u32; 4],
+    pub regs_nr: u32,
     pub _pad: u32,
+}
+
+/// x86_64 syscall numbers the probes care about.
+pub mod nr {
+    pub const OPEN: u64 = 2;
+    pub const EXECVE: u64 = 59;
+    pub const CREAT: u64 = 85;
+    pub const OPENAT: u64 = 257;
+    pub const EXECVEAT: u64 = 322;
+    pub const OPENAT2: u64 = 437;
 }
 
 #[cfg(feature = "user")]

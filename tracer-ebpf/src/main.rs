@@ -1,9 +1,14 @@
-//! spawntrace's kernel side. Tracepoints only: this kernel has no kprobes and refuses fentry.
+//! spawntrace's kernel side, on raw tracepoints only: this kernel has no kprobes and refuses
+//! fentry, and raw tracepoints detach without the synchronous RCU wait that perf-based
+//! tracepoint events pay per event (~40 ms each here).
 //!
 //! Only the traced command's process tree is recorded: the first process the tracer forks is its
 //! root, and every process forked by a tracked process is tracked too (see `maps::TRACKED`).
 #![no_std]
 #![no_main]
+
+#[cfg(not(bpf_target_arch = "x86_64"))]
+compile_error!("the syscall numbers and pt_regs use of these probes are x86_64's");
 
 mod maps;
 mod probes;

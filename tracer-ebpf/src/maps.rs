@@ -15,10 +15,6 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
 #[map]
 pub static TRACKED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
 
-/// Clone flags of an in-flight clone/clone3/fork/vfork, keyed by the caller's pid_tgid.
-#[map]
-pub static CLONE_STASH: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
-
 /// Arguments of an in-flight open*, read back (path included) at sys_exit.
 #[map]
 pub static OPEN_STASH: LruHashMap<u64, OpenArgs> = LruHashMap::with_max_entries(16384, 0);
@@ -38,11 +34,16 @@ pub static TRACER_TGID: Global<u32> = Global::new(0);
 /// Kernel struct offsets from the running kernel's BTF (zero = unknown).
 #[unsafe(no_mangle)]
 pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    task_pid: 0,
+    task_tgid: 0,
     task_mm: 0,
     task_exit_code: 0,
     task_sum_exec_runtime: 0,
     mm_arg_start: 0,
     mm_arg_end: 0,
+    bprm_filename: 0,
+    regs_arg: [0; 4],
+    regs_nr: 0,
     _pad: 0,
 });
 

@@ -1,11 +1,11 @@
-//! Reads from the current `task_struct` through offsets userspace found in BTF (Rust eBPF has no
-//! CO-RE relocations). Each read reports failure instead of guessing.
+//! Reads from kernel structs (`task_struct`, `mm_struct`, `linux_binprm`, `pt_regs`) through
+//! offsets userspace found in BTF. Each read reports failure instead of guessing.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
 use crate::maps::OFFSETS;
 
 #[inline(always)]
-fn read_at<T>(base: u64, offset: u32) -> Option<T> {
+pub fn read_at<T>(base: u64, offset: u32) -> Option<T> {
     if base == 0 || offset == 0 {
         return None;
     }
@@ -14,8 +14,17 @@ fn read_at<T>(base: u64, offset: u32) -> Option<T> {
 }
 
 fn current() -> u64 {
-    // SAFETY: always valid in a tracepoint program.
+    // SAFETY: always valid in a tracing program.
     unsafe { bpf_get_current_task() }
+}
+
+/// (pid, tgid) of a task.
+#[inline(always)]
+pub fn ids(task: u64) -> Option<(u32, u32)> {
+    let off = OFFSETS.load();
+    let pid: i32 = read_at(task, off.task_pid)?;
+    let tgid: i32 = read_at(task, off.task_tgid)?;
+    Some((pid as u32, tgid as u32))
 }
 
 /// `[arg_start, arg_end)` of the current process's argv in user memory.
@@ -28,7 +37,13 @@ pub fn argv_range() -> Option<(u64, u64)> {
     (end >= start).then_some((start, end))
 }
 
-/// `task->exit_code` (wait status form).
+/// `bprm->filename`, a kernel string.
+#[inline(always)]
+pub fn bprm_filename(bprm: u64) -> Option<u64> {
+    read_at(bprm, OFFSETS.load().bprm_filename)
+}
+
+/// `task->exit_code` (wait status form) of the current task.
 #[inline(always)]
 pub fn exit_code() -> Option<u32> {
     read_at::<i32>(current(), OFFSETS.load().task_exit_code).map(|c| c as u32)
@@ -38,4 +53,17 @@ pub fn exit_code() -> Option<u32> {
 #[inline(always)]
 pub fn cpu_ns() -> Option<u64> {
     read_at(current(), OFFSETS.load().task_sum_exec_runtime)
+}
+
+/// Syscall argument `n` (0-based, < 4) from the saved user registers.
+#[inline(always)]
+pub fn syscall_arg(regs: u64, n: usize) -> Option<u64> {
+    let off = OFFSETS.load();
+    read_at(regs, *off.regs_arg.get(n)?)
+}
+
+/// The syscall number from the saved user registers (valid at sys_exit too).
+#[inline(always)]
+pub fn syscall_nr(regs: u64) -> Option<u64> {
+    read_at(regs, OFFSETS.load().regs_nr)
 }

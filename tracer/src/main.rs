@@ -76,7 +76,12 @@ fn main() -> ExitCode {
     match cli.cmd {
         Some(Cmd::Record(args)) => run_record(args),
         None => run_record(cli.record),
-        Some(Cmd::Report { trace, format, by, top }) => match report_trace(&trace, format, by, top) {
+        Some(Cmd::Report {
+            trace,
+            format,
+            by,
+            top,
+        }) => match report_trace(&trace, format, by, top) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
         },
@@ -132,10 +137,22 @@ fn run_record(args: RecordArgs) -> ExitCode {
     }
 }
 
-fn report_trace(path: &std::path::Path, format: report::Format, by: report::tasks::By, top: usize) -> Result<()> {
+fn report_trace(
+    path: &std::path::Path,
+    format: report::Format,
+    by: report::tasks::By,
+    top: usize,
+) -> Result<()> {
     let t = trace::Trace::read(path)?;
     let model = model::Model::from_events(&t.events);
-    let r = report::Report::new(&t.header, t.footer.as_ref(), &model, &t.ansible, t.header.ansible, by);
+    let r = report::Report::new(
+        &t.header,
+        t.footer.as_ref(),
+        &model,
+        &t.ansible,
+        t.header.ansible,
+        by,
+    );
     print!("{}", r.render(format, top)?);
     Ok(())
 }

@@ -275,8 +275,6 @@ mod tests {
             ptgid,
             thread,
             root,
-            clone_flags: 0,
-            flags_unknown: false,
         }
     }
 

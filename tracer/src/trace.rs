@@ -117,10 +117,6 @@ pub enum Event {
         /// Forked by the tracer: the root of a traced tree.
         #[serde(default, skip_serializing_if = "is_false")]
         root: bool,
-        clone_flags: u64,
-        /// Clone flags were not seen; counted as a process.
-        #[serde(default, skip_serializing_if = "is_false")]
-        flags_unknown: bool,
     },
     Exec {
         ts: u64,
@@ -218,7 +214,10 @@ impl AnsibleRecord {
     }
 
     pub fn bool(&self, key: &str) -> bool {
-        self.body.get(key).and_then(|v| v.as_bool()).unwrap_or(false)
+        self.body
+            .get(key)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
     }
 }
 
@@ -314,7 +313,10 @@ impl TraceWriter {
     }
 
     pub fn ansible(&mut self, r: &AnsibleRecord) -> Result<()> {
-        self.line(&TaggedAnsible { ty: "ansible", rec: r })
+        self.line(&TaggedAnsible {
+            ty: "ansible",
+            rec: r,
+        })
     }
 
     fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
@@ -425,7 +427,13 @@ impl Trace {
                 None => bail!("line {n}: record without a type"),
             }
         }
-        Ok(Self { header, events, ansible, extra, footer })
+        Ok(Self {
+            header,
+            events,
+            ansible,
+            extra,
+            footer,
+        })
     }
 }
 
@@ -472,7 +480,10 @@ mod tests {
         w.event(&ev).unwrap();
         let mut body = serde_json::Map::new();
         body.insert("ev".into(), "task_start".into());
-        let rec = AnsibleRecord { sender_pid: 4, body };
+        let rec = AnsibleRecord {
+            sender_pid: 4,
+            body,
+        };
         w.ansible(&rec).unwrap();
         let footer = Footer {
             end_ns: 9,

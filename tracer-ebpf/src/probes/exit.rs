@@ -1,7 +1,7 @@
-//! Exits: `sched_process_exit` fires for every thread; `group_dead` marks the process's end, when
-//! it leaves the tracked set. Exit code and CPU time come from the task itself, so signalled
-//! processes (which never call exit_group) are covered too.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+//! Exits: `sched_process_exit(task, group_dead)` fires for every thread; `group_dead` marks the
+//! process's end, when it leaves the tracked set. Exit code and CPU time come from the task
+//! itself, so signalled processes (which never call exit_group) are covered too.
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tracer_common::{EXIT_CODE_UNAVAILABLE, EXIT_CPU_UNAVAILABLE, ExitEvent, kind};
 
 use super::Record;
@@ -10,14 +10,13 @@ use crate::{
     task,
 };
 
-#[tracepoint(category = "sched", name = "sched_process_exit")]
-pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
     let (_, tid, tgid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
-    // SAFETY: `group_dead` at offset 32 (checked by userspace at load).
-    let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) != 0;
+    let group_dead = ctx.arg::<u64>(1) & 0xff != 0;
     let code = task::exit_code();
     let cpu = task::cpu_ns();
     let mut flags = 0;

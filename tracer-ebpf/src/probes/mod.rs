@@ -4,6 +4,7 @@ pub mod exec;
 pub mod exit;
 pub mod fork;
 pub mod open;
+pub mod syscalls;
 
 use aya_ebpf::{
     helpers::{

@@ -105,11 +105,19 @@ impl Attribution {
         let mut controller = None;
         for r in records {
             a.dropped_messages = a.dropped_messages.max(r.u64("dropped").unwrap_or(0));
-            let pid = if r.sender_pid != 0 { r.sender_pid } else { r.u64("pid").unwrap_or(0) as u32 };
+            let pid = if r.sender_pid != 0 {
+                r.sender_pid
+            } else {
+                r.u64("pid").unwrap_or(0) as u32
+            };
             if r.u64("pid").is_some_and(|p| p as u32 != pid) {
                 a.pid_mismatches += 1;
             }
-            let task_of = |a: &Attribution, key: &str| r.str(key).and_then(|u| task_index.get(u).copied()).filter(|&t| t < a.tasks.len());
+            let task_of = |a: &Attribution, key: &str| {
+                r.str(key)
+                    .and_then(|u| task_index.get(u).copied())
+                    .filter(|&t| t < a.tasks.len())
+            };
             match r.ev() {
                 "playbook_start" => {
                     a.playbook = r.str("playbook").map(str::to_owned);
@@ -131,14 +139,20 @@ impl Attribution {
                         name: r.str("name").unwrap_or("").to_owned(),
                         action: r.str("action").unwrap_or("").to_owned(),
                         role: r.str("role").map(str::to_owned),
-                        play: r.str("play_uuid").and_then(|u| plays.get(u)).cloned().unwrap_or_default(),
+                        play: r
+                            .str("play_uuid")
+                            .and_then(|u| plays.get(u))
+                            .cloned()
+                            .unwrap_or_default(),
                         handler: r.bool("handler"),
                         is_loop: r.bool("loop"),
                         start_ns: r.ts(),
                     });
                 }
                 "worker_start" => {
-                    let (Some(task), Some(host)) = (task_of(&a, "task_uuid"), r.str("host")) else { continue };
+                    let (Some(task), Some(host)) = (task_of(&a, "task_uuid"), r.str("host")) else {
+                        continue;
+                    };
                     let Some(proc) = find_process(model, pid, r.ts()) else {
                         a.unmatched_workers += 1;
                         continue;
@@ -156,7 +170,9 @@ impl Attribution {
                     worker_by_host_task.insert((host.to_owned(), task), w);
                 }
                 ev @ ("item_start" | "item_end") => {
-                    let Some(&w) = worker_of_pid.get(&pid) else { continue };
+                    let Some(&w) = worker_of_pid.get(&pid) else {
+                        continue;
+                    };
                     let index = r.u64("index").unwrap_or(0) as u32;
                     let items = &mut a.workers[w].items;
                     if ev == "item_start" {
@@ -166,7 +182,11 @@ impl Attribution {
                             start_ns: r.ts(),
                             end_ns: None,
                         });
-                    } else if let Some(win) = items.iter_mut().rev().find(|i| i.index == index && i.end_ns.is_none()) {
+                    } else if let Some(win) = items
+                        .iter_mut()
+                        .rev()
+                        .find(|i| i.index == index && i.end_ns.is_none())
+                    {
                         win.end_ns = Some(r.ts());
                     }
                 }
@@ -180,23 +200,42 @@ impl Attribution {
                 _ => {}
             }
         }
-        let worker_at: HashMap<usize, usize> = a.workers.iter().enumerate().map(|(w, wk)| (wk.proc, w)).collect();
+        let worker_at: HashMap<usize, usize> = a
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(w, wk)| (wk.proc, w))
+            .collect();
         for i in 0..model.processes.len() {
             a.owners[i] = a.classify(model, i, &worker_at, controller);
         }
         a
     }
 
-    fn classify(&self, model: &Model, i: usize, worker_at: &HashMap<usize, usize>, controller: Option<usize>) -> Owner {
+    fn classify(
+        &self,
+        model: &Model,
+        i: usize,
+        worker_at: &HashMap<usize, usize>,
+        controller: Option<usize>,
+    ) -> Owner {
         let chain = model.ancestry(i);
         // Nearest worker ancestor (the process itself included).
-        if let Some((depth, w)) = chain.iter().enumerate().rev().find_map(|(d, p)| worker_at.get(p).map(|&w| (d, w))) {
+        if let Some((depth, w)) = chain
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(d, p)| worker_at.get(p).map(|&w| (d, w)))
+        {
             let worker = &self.workers[w];
             if is_connection_mux(model, &chain[depth..], &model.processes[worker.proc]) {
                 return Owner::Connection;
             }
             if i == worker.proc {
-                return Owner::Task { worker: w, item: None };
+                return Owner::Task {
+                    worker: w,
+                    item: None,
+                };
             }
             let start = model.processes[i].start_ns;
             let item = worker
@@ -211,7 +250,10 @@ impl Attribution {
         if let Some(c) = controller {
             if let Some(pos) = chain.iter().position(|&p| p == c) {
                 let below = &chain[pos + 1..];
-                if below.first().is_some_and(|&p| model.processes[p].execs.is_empty()) {
+                if below
+                    .first()
+                    .is_some_and(|&p| model.processes[p].execs.is_empty())
+                {
                     return Owner::Unattributed;
                 }
             }
@@ -229,7 +271,10 @@ impl Attribution {
     }
 
     pub fn unattributed(&self) -> u64 {
-        self.owners.iter().filter(|o| **o == Owner::Unattributed).count() as u64
+        self.owners
+            .iter()
+            .filter(|o| **o == Owner::Unattributed)
+            .count() as u64
     }
 }
 
@@ -247,12 +292,17 @@ fn find_process(model: &Model, tgid: u32, ts: u64) -> Option<usize> {
 /// An ssh ControlMaster mux: a fork (no exec of its own) of an `ssh` client, below the worker,
 /// that outlives the worker — it goes on serving later tasks and hosts.
 fn is_connection_mux(model: &Model, below_worker: &[usize], worker: &Process) -> bool {
-    let Some(&me) = below_worker.last() else { return false };
+    let Some(&me) = below_worker.last() else {
+        return false;
+    };
     let p = &model.processes[me];
     if !p.execs.is_empty() {
         return false;
     }
-    let image = below_worker.iter().rev().find_map(|&a| model.processes[a].execs.last());
+    let image = below_worker
+        .iter()
+        .rev()
+        .find_map(|&a| model.processes[a].execs.last());
     let is_ssh = image.is_some_and(|e| basename(&e.filename) == "ssh");
     let outlives = match (p.end_ns, worker.end_ns) {
         (None, _) => true,
@@ -268,11 +318,22 @@ mod tests {
     use crate::trace::{Event, Status};
 
     fn rec(pid: u32, body: serde_json::Value) -> AnsibleRecord {
-        AnsibleRecord { sender_pid: pid, body: body.as_object().unwrap().clone() }
+        AnsibleRecord {
+            sender_pid: pid,
+            body: body.as_object().unwrap().clone(),
+        }
     }
 
     fn fork(ts: u64, tgid: u32, ptgid: u32, root: bool) -> Event {
-        Event::Fork { ts, pid: tgid, tgid, ppid: ptgid, ptgid, thread: false, root, clone_flags: 0, flags_unknown: false }
+        Event::Fork {
+            ts,
+            pid: tgid,
+            tgid,
+            ppid: ptgid,
+            ptgid,
+            thread: false,
+            root,
+        }
     }
 
     fn exec(ts: u64, tgid: u32, file: &str) -> Event {
@@ -291,7 +352,14 @@ mod tests {
     }
 
     fn exit(ts: u64, tgid: u32) -> Event {
-        Event::Exit { ts, pid: tgid, tgid, group_dead: true, status: Status::Exited(0), cpu_ns: Some(1) }
+        Event::Exit {
+            ts,
+            pid: tgid,
+            tgid,
+            group_dead: true,
+            status: Status::Exited(0),
+            cpu_ns: Some(1),
+        }
     }
 
     #[test]
@@ -318,23 +386,81 @@ mod tests {
         ];
         let model = Model::from_events(&events);
         let records = vec![
-            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 3, "pid": 10, "playbook": "/p.yml"})),
-            rec(10, serde_json::json!({"ev": "play_start", "ts": 4, "uuid": "p1", "name": "Play"})),
-            rec(10, serde_json::json!({"ev": "task_start", "ts": 5, "uuid": "t1", "name": "echo", "action": "command", "play_uuid": "p1", "loop": true})),
-            rec(20, serde_json::json!({"ev": "worker_start", "ts": 11, "pid": 20, "host": "h1", "task_uuid": "t1"})),
-            rec(20, serde_json::json!({"ev": "item_start", "ts": 11, "index": 0, "label": "a"})),
-            rec(20, serde_json::json!({"ev": "item_end", "ts": 15, "index": 0})),
-            rec(20, serde_json::json!({"ev": "item_start", "ts": 15, "index": 1, "label": "b"})),
-            rec(20, serde_json::json!({"ev": "item_end", "ts": 29, "index": 1})),
-            rec(10, serde_json::json!({"ev": "runner_end", "ts": 31, "host": "h1", "task_uuid": "t1", "status": "changed"})),
+            rec(
+                10,
+                serde_json::json!({"ev": "playbook_start", "ts": 3, "pid": 10, "playbook": "/p.yml"}),
+            ),
+            rec(
+                10,
+                serde_json::json!({"ev": "play_start", "ts": 4, "uuid": "p1", "name": "Play"}),
+            ),
+            rec(
+                10,
+                serde_json::json!({"ev": "task_start", "ts": 5, "uuid": "t1", "name": "echo", "action": "command", "play_uuid": "p1", "loop": true}),
+            ),
+            rec(
+                20,
+                serde_json::json!({"ev": "worker_start", "ts": 11, "pid": 20, "host": "h1", "task_uuid": "t1"}),
+            ),
+            rec(
+                20,
+                serde_json::json!({"ev": "item_start", "ts": 11, "index": 0, "label": "a"}),
+            ),
+            rec(
+                20,
+                serde_json::json!({"ev": "item_end", "ts": 15, "index": 0}),
+            ),
+            rec(
+                20,
+                serde_json::json!({"ev": "item_start", "ts": 15, "index": 1, "label": "b"}),
+            ),
+            rec(
+                20,
+                serde_json::json!({"ev": "item_end", "ts": 29, "index": 1}),
+            ),
+            rec(
+                10,
+                serde_json::json!({"ev": "runner_end", "ts": 31, "host": "h1", "task_uuid": "t1", "status": "changed"}),
+            ),
         ];
         let a = Attribution::new(&model, &records);
-        let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
+        let owner = |tgid: u32| {
+            a.owners[model
+                .processes
+                .iter()
+                .position(|p| p.tgid() == tgid)
+                .unwrap()]
+        };
         assert_eq!(a.tasks[0].play, "Play");
-        assert_eq!(owner(20), Owner::Task { worker: 0, item: None });
-        assert_eq!(owner(21), Owner::Task { worker: 0, item: Some(0) });
-        assert_eq!(owner(22), Owner::Task { worker: 0, item: Some(1) });
-        assert_eq!(owner(23), Owner::Task { worker: 0, item: Some(1) }, "short-lived intermediate fork");
+        assert_eq!(
+            owner(20),
+            Owner::Task {
+                worker: 0,
+                item: None
+            }
+        );
+        assert_eq!(
+            owner(21),
+            Owner::Task {
+                worker: 0,
+                item: Some(0)
+            }
+        );
+        assert_eq!(
+            owner(22),
+            Owner::Task {
+                worker: 0,
+                item: Some(1)
+            }
+        );
+        assert_eq!(
+            owner(23),
+            Owner::Task {
+                worker: 0,
+                item: Some(1)
+            },
+            "short-lived intermediate fork"
+        );
         assert_eq!(owner(24), Owner::Connection, "the mux outlives the worker");
         assert_eq!(owner(25), Owner::Unattributed);
         assert_eq!(owner(26), Owner::Controller);

@@ -14,14 +14,23 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
     let task = find_struct(&btf, "task_struct")?;
     let mm = find_struct(&btf, "mm_struct")?;
     let sched_entity = find_struct(&btf, "sched_entity")?;
+    let bprm = find_struct(&btf, "linux_binprm")?;
+    let regs = find_struct(&btf, "pt_regs")?;
+    let reg = |name: &str| member_offset(&btf, &regs, name);
     log::debug!("kernel BTF read in {:?}", start.elapsed());
     Ok(KernelOffsets {
+        task_pid: member_offset(&btf, &task, "pid")?,
+        task_tgid: member_offset(&btf, &task, "tgid")?,
         task_mm: member_offset(&btf, &task, "mm")?,
         task_exit_code: member_offset(&btf, &task, "exit_code")?,
         task_sum_exec_runtime: member_offset(&btf, &task, "se")?
             + member_offset(&btf, &sched_entity, "sum_exec_runtime")?,
         mm_arg_start: member_offset(&btf, &mm, "arg_start")?,
         mm_arg_end: member_offset(&btf, &mm, "arg_end")?,
+        bprm_filename: member_offset(&btf, &bprm, "filename")?,
+        // x86_64 syscall argument registers, in order, and the saved syscall number.
+        regs_arg: [reg("di")?, reg("si")?, reg("dx")?, reg("r10")?],
+        regs_nr: reg("orig_ax")?,
         _pad: 0,
     })
 }

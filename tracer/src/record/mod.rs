@@ -88,8 +88,6 @@ async fn record_into(
 ) -> Result<Recording> {
     preflight::privileges()?;
     preflight::btf()?;
-    let events_dir = preflight::tracefs()?;
-    preflight::tracepoint_layouts(&events_dir)?;
     let offsets = btf::kernel_offsets()?;
     let ring_bytes = opts
         .ring_mib
@@ -123,11 +121,20 @@ async fn record_into(
     let root_pid = child.id().unwrap_or(0);
     signals.set_child(root_pid);
 
-    let header = Header { ansible: ansible_enabled, ..make_header(opts, run_as, root_pid, start_ns) };
+    let header = Header {
+        ansible: ansible_enabled,
+        ..make_header(opts, run_as, root_pid, start_ns)
+    };
     if let Some(w) = writer.as_deref_mut() {
         w.header(&header)?;
     }
-    let mut sink = Sink { model: Model::default(), ansible: Vec::new(), writer, events: 0, decode_failures: 0 };
+    let mut sink = Sink {
+        model: Model::default(),
+        ansible: Vec::new(),
+        writer,
+        events: 0,
+        decode_failures: 0,
+    };
     let status = loop {
         tokio::select! {
             status = child.wait() => {
@@ -167,7 +174,14 @@ async fn record_into(
         probe_cpu_ns: probes.cpu_ns(),
         interrupted: signals.interrupted(),
     };
-    Ok(Recording { header, footer, model: sink.model, ansible: sink.ansible, ansible_enabled, trace_path: None })
+    Ok(Recording {
+        header,
+        footer,
+        model: sink.model,
+        ansible: sink.ansible,
+        ansible_enabled,
+        trace_path: None,
+    })
 }
 
 /// Where decoded events go: the model, and the trace file if any.

@@ -5,39 +5,25 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLink},
+    programs::{RawTracePoint, raw_trace_point::RawTracePointLink},
 };
 use tracer_common::{KernelOffsets, counter};
 
 use crate::trace::Counters;
 
-/// The probe programs (function names in tracer-ebpf) and their tracepoints.
-const PROGRAMS: &[(&str, &str)] = &[
-    ("sys_enter_clone", "syscalls"),
-    ("sys_enter_clone3", "syscalls"),
-    ("sys_enter_fork", "syscalls"),
-    ("sys_enter_vfork", "syscalls"),
-    ("sched_process_fork", "sched"),
-    ("sched_process_exec", "sched"),
-    ("sys_enter_execve", "syscalls"),
-    ("sys_enter_execveat", "syscalls"),
-    ("sys_exit_execve", "syscalls"),
-    ("sys_exit_execveat", "syscalls"),
-    ("sched_process_exit", "sched"),
-    ("sys_enter_open", "syscalls"),
-    ("sys_enter_openat", "syscalls"),
-    ("sys_enter_openat2", "syscalls"),
-    ("sys_enter_creat", "syscalls"),
-    ("sys_exit_open", "syscalls"),
-    ("sys_exit_openat", "syscalls"),
-    ("sys_exit_openat2", "syscalls"),
-    ("sys_exit_creat", "syscalls"),
+/// The probe programs; each is named after the raw tracepoint it attaches to.
+const PROGRAMS: &[&str] = &[
+    "sched_process_fork",
+    "sched_process_exec",
+    "sched_process_exit",
+    "sys_enter",
+    "sys_exit",
 ];
 
 /// Loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
     /// Owned here (not by `ebpf`) so that dropping can detach them in parallel.
-    links: Vec<TracePointLink>,
+    links: Vec<RawTracePointLink>,
     ebpf: Ebpf,
     /// Keeps kernel BPF run-time statistics on while we run.
     _stats: Option<OwnedFd>,
@@ -65,17 +51,17 @@ impl Probes {
             )))
             .context("loading the eBPF probes")?;
         let mut links = Vec::with_capacity(PROGRAMS.len());
-        for &(name, category) in PROGRAMS {
-            let prog: &mut TracePoint = ebpf
+        for &name in PROGRAMS {
+            let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("probe {name} missing from the eBPF object"))?
                 .try_into()
-                .with_context(|| format!("probe {name} is not a tracepoint"))?;
+                .with_context(|| format!("probe {name} is not a raw tracepoint"))?;
             prog.load()
                 .with_context(|| format!("verifier rejected probe {name}"))?;
             let id = prog
-                .attach(category, name)
-                .with_context(|| format!("attaching probe {name} to {category}:{name}"))?;
+                .attach(name)
+                .with_context(|| format!("attaching probe {name} to raw tracepoint {name}"))?;
             links.push(prog.take_link(id)?);
         }
         log::debug!("probes loaded and attached in {:?}", start.elapsed());
@@ -125,7 +111,7 @@ impl Probes {
         self._stats.as_ref()?;
         let mut total = 0u64;
         for (_, prog) in self.ebpf.programs() {
-            let Ok(tp) = <&TracePoint>::try_from(prog) else {
+            let Ok(tp) = <&RawTracePoint>::try_from(prog) else {
                 continue;
             };
             total += tp.info().ok()?.run_time().as_nanos() as u64;
@@ -135,16 +121,9 @@ impl Probes {
 }
 
 impl Drop for Probes {
-    /// Each detach waits for an RCU grace period (~75 ms on this kernel, 1.4 s for all probes
-    /// one after another); detaching from one thread per link lets them share grace periods.
     fn drop(&mut self) {
         let start = std::time::Instant::now();
-        let links = std::mem::take(&mut self.links);
-        std::thread::scope(|s| {
-            for link in links {
-                s.spawn(move || drop(link));
-            }
-        });
+        self.links.clear();
         log::debug!("probes detached in {:?}", start.elapsed());
     }
 }

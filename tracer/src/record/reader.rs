@@ -1,8 +1,8 @@
 //! Decodes ring-buffer records (the `tracer_common` ABI) into trace [`Event`]s.
 use tracer_common::{
     EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXIT_CODE_UNAVAILABLE, EXIT_CPU_UNAVAILABLE,
-    EventHeader, ExecEvent, ExecFailedEvent, ExitEvent, FORK_FLAGS_UNKNOWN, FORK_ROOT, FORK_THREAD,
-    ForkEvent, OpenEvent, PATH_TRUNCATED, exec_syscall, kind, open_syscall, record_size,
+    EventHeader, ExecEvent, ExecFailedEvent, ExitEvent, FORK_ROOT, FORK_THREAD, ForkEvent,
+    OpenEvent, PATH_TRUNCATED, exec_syscall, kind, open_syscall, record_size,
 };
 
 use crate::trace::{Event, Status, errno_name};
@@ -66,8 +66,6 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ptgid: e.parent_tgid,
                 thread: h.flags & FORK_THREAD != 0,
                 root: h.flags & FORK_ROOT != 0,
-                clone_flags: e.clone_flags,
-                flags_unknown: h.flags & FORK_FLAGS_UNKNOWN != 0,
             }
         }
         kind::EXEC => {

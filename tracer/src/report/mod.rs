@@ -5,7 +5,11 @@ pub mod tasks;
 use clap::ValueEnum;
 use serde::Serialize;
 
-use crate::{ansible::attribution::Attribution, model::Model, trace::{AnsibleRecord, Footer, Header}};
+use crate::{
+    ansible::attribution::Attribution,
+    model::Model,
+    trace::{AnsibleRecord, Footer, Header},
+};
 
 /// Output format of `report`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -28,10 +32,20 @@ pub struct Report {
 impl Report {
     /// `ansible`: whether the run was an Ansible run (plugins injected); its tables are shown
     /// even when empty, so a broken channel is reported rather than hidden.
-    pub fn new(header: &Header, footer: Option<&Footer>, model: &Model, records: &[AnsibleRecord], ansible: bool, by: tasks::By) -> Self {
+    pub fn new(
+        header: &Header,
+        footer: Option<&Footer>,
+        model: &Model,
+        records: &[AnsibleRecord],
+        ansible: bool,
+        by: tasks::By,
+    ) -> Self {
         let ansible = (ansible || !records.is_empty())
             .then(|| tasks::TaskReport::new(model, &Attribution::new(model, records), by));
-        Self { summary: summary::Summary::new(header, footer, model), ansible }
+        Self {
+            summary: summary::Summary::new(header, footer, model),
+            ansible,
+        }
     }
 
     pub fn render(&self, format: Format, top_n: usize) -> anyhow::Result<String> {

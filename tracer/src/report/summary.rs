@@ -239,8 +239,6 @@ mod tests {
             ptgid: 1,
             thread: false,
             root: true,
-            clone_flags: 0,
-            flags_unknown: false,
         }];
         for i in 0..3u32 {
             events.push(Event::Exec {

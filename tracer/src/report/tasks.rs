@@ -89,7 +89,11 @@ impl Acc {
         self.row.processes += 1;
         for e in &p.execs {
             self.row.execs += 1;
-            *self.row.execs_by_exe.entry(basename(&e.filename).to_owned()).or_insert(0) += 1;
+            *self
+                .row
+                .execs_by_exe
+                .entry(basename(&e.filename).to_owned())
+                .or_insert(0) += 1;
         }
         self.row.failed_execs += p.failed_execs.len() as u64;
         self.row.opens += p.opens as u64;
@@ -104,7 +108,9 @@ impl Acc {
     fn finish(mut self) -> TaskRow {
         self.row.hosts = self.hosts.into_iter().collect();
         self.row.items = self.items.len() as u64;
-        self.row.wall_ms = self.first.map_or(0.0, |f| (self.last.saturating_sub(f)) as f64 / 1e6);
+        self.row.wall_ms = self
+            .first
+            .map_or(0.0, |f| (self.last.saturating_sub(f)) as f64 / 1e6);
         self.row.cpu_ms = (self.row.cpu_ms * 100.0).round() / 100.0;
         self.row.wall_ms = (self.row.wall_ms * 100.0).round() / 100.0;
         self.row
@@ -235,7 +241,13 @@ impl TaskReport {
             let _ = writeln!(o, "{n}");
             return o;
         }
-        let w = self.tasks.iter().map(|r| Self::label(r).chars().count()).max().unwrap_or(4).clamp(4, 48);
+        let w = self
+            .tasks
+            .iter()
+            .map(|r| Self::label(r).chars().count())
+            .max()
+            .unwrap_or(4)
+            .clamp(4, 48);
         let _ = writeln!(
             o,
             "{:<w$}  {:<16} {:>5} {:>5} {:>9} {:>6} {:>6} {:>7} {:>9}  execs by executable",
@@ -270,7 +282,8 @@ impl TaskReport {
                 ("spawns", self.top(top_n, |r| r.processes as f64)),
                 ("wall time", self.top(top_n, |r| r.wall_ms)),
             ] {
-                let names: Vec<String> = rows.iter().map(|r| truncate(&Self::label(r), 40)).collect();
+                let names: Vec<String> =
+                    rows.iter().map(|r| truncate(&Self::label(r), 40)).collect();
                 let _ = writeln!(o, "top {top_n} by {what}: {}", names.join("; "));
             }
         }

@@ -1,0 +1,81 @@
+//! Running real ansible-playbook (from the project's uv environments) under spawntrace.
+use std::path::{Path, PathBuf};
+
+use spawntrace::ansible::attribution::Attribution;
+
+use super::{Run, record_with};
+
+/// The ansible-core environments `cargo xtask setup` creates, oldest first. Skips the test when
+/// there are none (fails under CI, where setup must have made them).
+pub fn envs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tracer/python/envs");
+    let mut envs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    envs.retain(|e| e.join(".venv/bin/ansible-playbook").is_file());
+    envs.sort();
+    if envs.is_empty() && std::env::var_os("CI").is_some() {
+        panic!(
+            "no Python environments under {}: `cargo xtask setup` makes them",
+            root.display()
+        );
+    }
+    envs
+}
+
+pub fn env_name(env: &Path) -> String {
+    env.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// A playbook run traced by spawntrace, with its attribution.
+pub struct PlaybookRun {
+    pub run: Run,
+    pub attribution: Attribution,
+}
+
+/// Writes `playbook` (YAML) next to `inventory` (INI text or a path) in a fresh directory and
+/// runs it with `env`'s ansible-playbook under spawntrace. Extra environment variables and
+/// ansible-playbook arguments are passed through.
+pub fn playbook(
+    env: &Path,
+    playbook: &str,
+    inventory: &str,
+    vars: &[(&str, &str)],
+    args: &[&str],
+) -> PlaybookRun {
+    let dir = tempfile::tempdir().unwrap();
+    let pb = dir.path().join("playbook.yml");
+    std::fs::write(&pb, playbook).unwrap();
+    let inv = if Path::new(inventory).is_file() {
+        PathBuf::from(inventory)
+    } else {
+        let p = dir.path().join("inventory.ini");
+        std::fs::write(&p, inventory).unwrap();
+        p
+    };
+    let ap = env.join(".venv/bin/ansible-playbook");
+    let mut argv: Vec<String> = vec![
+        ap.display().to_string(),
+        "-i".into(),
+        inv.display().to_string(),
+    ];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    argv.push(pb.display().to_string());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut all_vars: Vec<(&str, &str)> = vec![
+        ("ANSIBLE_CONFIG", "/dev/null"),
+        ("ANSIBLE_HOST_KEY_CHECKING", "False"),
+        ("ANSIBLE_LOCAL_TEMP", "/tmp/spawntrace-test-ansible-local"),
+    ];
+    all_vars.extend_from_slice(vars);
+    let run = record_with(&["-q"], &all_vars, &argv);
+    assert_eq!(
+        run.code(),
+        Some(0),
+        "ansible-playbook failed:\n{}\n{}",
+        run.stdout(),
+        run.stderr()
+    );
+    let attribution = Attribution::new(&run.model, &run.trace.ansible);
+    PlaybookRun { run, attribution }
+}

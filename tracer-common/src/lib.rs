@@ -159,11 +159,8 @@ pub struct KernelOffsets {
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
     pub bprm_filename: u32,
-    /// `struct pt_regs` members holding syscall arguments 1–4 and the syscall number (x86_64:
-    /// di, si, dx, r10, orig_ax).
+    /// `struct pt_regs` members holding syscall arguments 1–4 (x86_64: di, si, dx, r10).
     pub regs_arg: [u32; 4],
-    pub regs_nr: u32,
-    pub _pad: u32,
 }
 
 /// x86_64 syscall numbers the probes care about.

@@ -15,13 +15,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
 #[map]
 pub static TRACKED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
 
-/// Arguments of an in-flight open*, read back (path included) at sys_exit.
+/// Arguments of an in-flight exec or open of a tracked thread, keyed by pid_tgid, read back at
+/// sys_exit. Its presence is also what makes sys_exit look further, so every other syscall
+/// costs one lookup. LRU: an exec that succeeds in a non-leader thread never returns to its
+/// old thread id.
 #[map]
-pub static OPEN_STASH: LruHashMap<u64, OpenArgs> = LruHashMap::with_max_entries(16384, 0);
-
-/// Filename pointer of an in-flight execve/execveat, for reporting failed attempts.
-#[map]
-pub static EXEC_STASH: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+pub static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per-CPU health counters, indexed by `tracer_common::counter`.
 #[map]
@@ -43,18 +42,17 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     mm_arg_end: 0,
     bprm_filename: 0,
     regs_arg: [0; 4],
-    regs_nr: 0,
-    _pad: 0,
 });
 
 #[derive(Clone, Copy)]
 #[repr(C)]
-pub struct OpenArgs {
+pub struct Pending {
+    /// Syscall number.
+    pub nr: u64,
+    /// User pointer to the path (open) or filename (exec).
     pub path: u64,
     /// open flags, or for openat2 the user pointer to `struct open_how`.
     pub flags_or_how: u64,
-    pub syscall: u32,
-    pub _pad: u32,
 }
 
 #[inline(always)]

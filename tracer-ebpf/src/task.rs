@@ -61,9 +61,3 @@ pub fn syscall_arg(regs: u64, n: usize) -> Option<u64> {
     let off = OFFSETS.load();
     read_at(regs, *off.regs_arg.get(n)?)
 }
-
-/// The syscall number from the saved user registers (valid at sys_exit too).
-#[inline(always)]
-pub fn syscall_nr(regs: u64) -> Option<u64> {
-    read_at(regs, OFFSETS.load().regs_nr)
-}

@@ -51,11 +51,19 @@ pub fn tracer(count: usize, rounds: usize) -> Result<()> {
     let mut rates = Vec::new();
     let mut drops = 0;
     for round in 0..rounds {
-        let t = time(Command::new(&xtask).args(&storm_args))?;
+        let t = time(
+            Command::new(&xtask)
+                .args(&storm_args)
+                .env_remove("LD_LIBRARY_PATH"),
+        )?;
         untraced.push(t);
         let trace = tmp.join(format!("storm-{round}.jsonl"));
         let mut cmd = Command::new(&spawntrace);
-        cmd.args(["-q", "-o"]).arg(&trace).arg("--").arg(&xtask);
+        cmd.args(["-q", "-o"])
+            .arg(&trace)
+            .arg("--")
+            .arg(&xtask)
+            .env_remove("LD_LIBRARY_PATH");
         let t = time(cmd.args(&storm_args))?;
         traced.push(t);
         let (execs, events, dropped) = trace_counts(&trace)?;

@@ -9,7 +9,7 @@ use tracer_common::{
 
 use super::{Record, kernel_str, user_bytes, user_str};
 use crate::{
-    maps::{EXEC_STASH, bump, current_ids, is_tracked},
+    maps::{Pending, bump, current_ids, is_tracked},
     task,
 };
 
@@ -66,30 +66,14 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// execve/execveat entry: remember the filename pointer in case the exec fails.
-#[inline(always)]
-pub fn enter(id: u64, nr_: u64, regs: u64) {
-    let arg = if nr_ == nr::EXECVEAT { 1 } else { 0 };
-    if let Some(filename) = task::syscall_arg(regs, arg) {
-        if EXEC_STASH.insert(&id, &filename, 0).is_err() {
-            bump(counter::STASH_FAILURES);
-        }
-    }
-}
-
-/// execve/execveat exit: report a failure with its errno (success was reported by
+/// The end of an execve/execveat: report a failure with its errno (success was reported by
 /// sched_process_exec).
 #[inline(always)]
-pub fn exit(id: u64, nr_: u64, ret: i64) {
-    let (_, tid, tgid) = current_ids();
-    // SAFETY: value copied out before removal.
-    let Some(filename) = (unsafe { EXEC_STASH.get(&id).copied() }) else {
-        return;
-    };
-    let _ = EXEC_STASH.remove(&id);
+pub fn failed(p: &Pending, ret: i64) {
     if ret >= 0 {
         return;
     }
+    let (_, tid, tgid) = current_ids();
     let Some(rec) = Record::<ExecFailedEvent>::reserve(kind::EXEC_FAILED, tid, tgid, 0) else {
         return;
     };
@@ -97,7 +81,7 @@ pub fn exit(id: u64, nr_: u64, ret: i64) {
     // SAFETY: in-place writes to the reserved record; the old image (and its filename string,
     // already faulted in by the kernel's getname) is still mapped after a failed exec.
     unsafe {
-        (*ev).syscall = if nr_ == nr::EXECVEAT {
+        (*ev).syscall = if p.nr == nr::EXECVEAT {
             exec_syscall::EXECVEAT
         } else {
             exec_syscall::EXECVE
@@ -106,7 +90,7 @@ pub fn exit(id: u64, nr_: u64, ret: i64) {
         (*ev)._pad = 0;
         (*ev).filename_len = 0;
         let mut flags = 0;
-        match user_str(&raw mut (*ev).filename, filename) {
+        match user_str(&raw mut (*ev).filename, p.path) {
             Some(n) => {
                 (*ev).filename_len = n;
                 if n as usize >= PATH_CAP - 1 {

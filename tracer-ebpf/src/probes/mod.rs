@@ -51,9 +51,19 @@ impl<T: 'static> Record<T> {
         self.ptr.cast()
     }
 
+    /// Commits the record. The reader is woken only once enough data has piled up (it also
+    /// polls on a short timer), so a busy tree does not cost a wake-up per event.
     #[inline(always)]
     pub fn submit(self) {
-        self.entry.submit(0);
+        const BPF_RB_AVAIL_DATA: u64 = 0;
+        const BPF_RB_NO_WAKEUP: u64 = 1;
+        const BPF_RB_FORCE_WAKEUP: u64 = 2;
+        const WAKEUP_BYTES: u64 = 512 * 1024;
+        let flags = match EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+            true => BPF_RB_FORCE_WAKEUP,
+            false => BPF_RB_NO_WAKEUP,
+        };
+        self.entry.submit(flags);
     }
 }
 

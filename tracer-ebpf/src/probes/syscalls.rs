@@ -1,11 +1,12 @@
 //! The two syscall hooks (`raw_syscalls:sys_enter/sys_exit`): they see every syscall on the
-//! machine, so the syscall number is checked first and only tracked processes go further.
+//! machine, so sys_enter checks the syscall number first and only tracked processes go further;
+//! sys_exit looks only at syscalls sys_enter stashed (one map lookup otherwise).
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tracer_common::nr;
+use tracer_common::{counter, nr};
 
 use super::{exec, open};
 use crate::{
-    maps::{current_ids, is_tracked},
+    maps::{PENDING, Pending, bump, current_ids, is_tracked},
     task,
 };
 
@@ -13,20 +14,28 @@ use crate::{
 pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct pt_regs *regs, long id)
     let nr_ = ctx.arg::<u64>(1);
-    let is_exec = nr_ == nr::EXECVE || nr_ == nr::EXECVEAT;
-    let is_open = matches!(nr_, nr::OPEN | nr::OPENAT | nr::OPENAT2 | nr::CREAT);
-    if !is_exec && !is_open {
-        return 0;
-    }
+    let (path_arg, flags_arg) = match nr_ {
+        nr::EXECVE => (0, None),
+        nr::EXECVEAT => (1, None),
+        nr::OPEN => (0, Some(1)),
+        nr::CREAT => (0, None),
+        nr::OPENAT | nr::OPENAT2 => (1, Some(2)),
+        _ => return 0,
+    };
     let (id, _, tgid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
     let regs = ctx.arg::<u64>(0);
-    if is_exec {
-        exec::enter(id, nr_, regs);
-    } else {
-        open::enter(id, nr_, regs);
+    let pending = Pending {
+        nr: nr_,
+        path: task::syscall_arg(regs, path_arg).unwrap_or(0),
+        flags_or_how: flags_arg
+            .and_then(|a| task::syscall_arg(regs, a))
+            .unwrap_or(0),
+    };
+    if PENDING.insert(&id, &pending, 0).is_err() {
+        bump(counter::STASH_FAILURES);
     }
     0
 }
@@ -34,18 +43,16 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct pt_regs *regs, long ret)
-    let (id, _, tgid) = current_ids();
-    if !is_tracked(tgid) {
-        return 0;
-    }
-    let Some(nr_) = task::syscall_nr(ctx.arg::<u64>(0)) else {
+    let (id, _, _) = current_ids();
+    // SAFETY: value copied out before removal.
+    let Some(p) = (unsafe { PENDING.get(&id).copied() }) else {
         return 0;
     };
+    let _ = PENDING.remove(&id);
     let ret = ctx.arg::<u64>(1) as i64;
-    match nr_ {
-        nr::EXECVE | nr::EXECVEAT => exec::exit(id, nr_, ret),
-        nr::OPEN | nr::OPENAT | nr::OPENAT2 | nr::CREAT => open::exit(id, ret),
-        _ => {}
+    match p.nr {
+        nr::EXECVE | nr::EXECVEAT => exec::failed(&p, ret),
+        _ => open::exit(&p, ret),
     }
     0
 }

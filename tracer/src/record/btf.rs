@@ -28,10 +28,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
         mm_arg_start: member_offset(&btf, &mm, "arg_start")?,
         mm_arg_end: member_offset(&btf, &mm, "arg_end")?,
         bprm_filename: member_offset(&btf, &bprm, "filename")?,
-        // x86_64 syscall argument registers, in order, and the saved syscall number.
+        // x86_64 syscall argument registers, in order.
         regs_arg: [reg("di")?, reg("si")?, reg("dx")?, reg("r10")?],
-        regs_nr: reg("orig_ax")?,
-        _pad: 0,
     })
 }
 

@@ -20,6 +20,9 @@ use crate::{
 use launch::{RunAs, SignalForwarder};
 use probes::Probes;
 
+/// How often the ring buffer is drained when the probes did not wake us.
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// What to record and where.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -135,6 +138,9 @@ async fn record_into(
         events: 0,
         decode_failures: 0,
     };
+    // The probes wake us only when much data has piled up; this tick collects the rest.
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = loop {
         tokio::select! {
             status = child.wait() => {
@@ -152,6 +158,7 @@ async fn record_into(
                 sink.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
+            _ = tick.tick() => sink.drain(ring.get_mut())?,
             guard = async { channel.as_mut().expect("guarded").readable_mut().await }, if channel.is_some() => {
                 let mut guard = guard.context("polling the attribution socket")?;
                 sink.drain_channel(guard.get_inner_mut())?;

@@ -110,11 +110,17 @@ impl Probes {
     pub fn cpu_ns(&self) -> Option<u64> {
         self._stats.as_ref()?;
         let mut total = 0u64;
-        for (_, prog) in self.ebpf.programs() {
+        for (name, prog) in self.ebpf.programs() {
             let Ok(tp) = <&RawTracePoint>::try_from(prog) else {
                 continue;
             };
-            total += tp.info().ok()?.run_time().as_nanos() as u64;
+            let info = tp.info().ok()?;
+            log::debug!(
+                "probe {name}: {} runs, {:?}",
+                info.run_count(),
+                info.run_time()
+            );
+            total += info.run_time().as_nanos() as u64;
         }
         Some(total)
     }

@@ -62,8 +62,11 @@ pub fn playbook(
     argv.extend(args.iter().map(|s| s.to_string()));
     argv.push(pb.display().to_string());
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    // An empty config: the test's settings come from the environment only.
+    let cfg = dir.path().join("ansible.cfg");
+    std::fs::write(&cfg, "[defaults]\n").unwrap();
     let mut all_vars: Vec<(&str, &str)> = vec![
-        ("ANSIBLE_CONFIG", "/dev/null"),
+        ("ANSIBLE_CONFIG", cfg.to_str().unwrap()),
         ("ANSIBLE_HOST_KEY_CHECKING", "False"),
         ("ANSIBLE_LOCAL_TEMP", "/tmp/spawntrace-test-ansible-local"),
     ];

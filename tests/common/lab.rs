@@ -1,6 +1,7 @@
 //! Test hosts: a real sshd in its own network namespace per host, reached over a veth pair.
 //!
-//! Logins go to a dedicated user with `/bin/sh` and no dotfiles, so what we measure is Ansible,
+//! Logins go to a dedicated user whose shell is `/bin/sh` (which reads no dotfiles for ssh
+//! commands), so what we measure is Ansible,
 //! not a login shell's start-up (root's .bashrc here runs `pyenv init`). Everything is torn
 //! down on drop.
 use std::{
@@ -177,7 +178,7 @@ impl Drop for Lab {
     }
 }
 
-/// The login user: /bin/sh, an empty home, no dotfiles.
+/// The login user: /bin/sh, key-only logins.
 fn ensure_user() {
     let exists = Command::new("id")
         .arg(USER)
@@ -188,4 +189,6 @@ fn ensure_user() {
     if !exists {
         sh(&format!("useradd --create-home --shell /bin/sh {USER}"));
     }
+    // No password, but not locked either (sshd refuses locked accounts even for keys).
+    sh(&format!("usermod -p '*' {USER}"));
 }

@@ -136,6 +136,7 @@ impl TaskReport {
                     acc.add(model, i);
                     totals.add(model, i);
                     acc.hosts.insert(w.host.clone());
+                    totals.hosts.insert(w.host.clone());
                     if let Some(it) = item {
                         acc.items.insert((worker, it));
                         totals.items.insert((worker, it));

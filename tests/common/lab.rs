@@ -1,9 +1,8 @@
 //! Test hosts: a real sshd in its own network namespace per host, reached over a veth pair.
 //!
 //! Logins go to a dedicated user whose shell is `/bin/sh` (which reads no dotfiles for ssh
-//! commands), so what we measure is Ansible,
-//! not a login shell's start-up (root's .bashrc here runs `pyenv init`). Everything is torn
-//! down on drop.
+//! commands), so what we measure is Ansible, not a login shell's start-up (root's .bashrc here
+//! runs `pyenv init`). Everything is torn down on drop.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},

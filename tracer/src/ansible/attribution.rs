@@ -103,6 +103,8 @@ impl Attribution {
         let mut worker_of_pid: HashMap<u32, usize> = HashMap::new();
         let mut worker_by_host_task: HashMap<(String, usize), usize> = HashMap::new();
         let mut controller = None;
+        // Processes whose owner a message states outright (persistent agents and their runners).
+        let mut stated: HashMap<usize, Owner> = HashMap::new();
         for r in records {
             a.dropped_messages = a.dropped_messages.max(r.u64("dropped").unwrap_or(0));
             let pid = if r.sender_pid != 0 {
@@ -110,7 +112,8 @@ impl Attribution {
             } else {
                 r.u64("pid").unwrap_or(0) as u32
             };
-            if r.u64("pid").is_some_and(|p| p as u32 != pid) {
+            // runner_start may name the runner in `pid` when the agent sends it.
+            if r.ev() != "runner_start" && r.u64("pid").is_some_and(|p| p as u32 != pid) {
                 a.pid_mismatches += 1;
             }
             let task_of = |a: &Attribution, key: &str| {
@@ -190,6 +193,31 @@ impl Attribution {
                         win.end_ns = Some(r.ts());
                     }
                 }
+                "agent_start" => {
+                    if let Some(proc) = find_process(model, pid, r.ts()) {
+                        stated.insert(proc, Owner::Agent);
+                    }
+                }
+                "runner_start" if !r.bool("remote") => {
+                    let runner = r
+                        .u64("runner_pid")
+                        .or_else(|| r.u64("pid"))
+                        .map(|p| p as u32)
+                        .unwrap_or(pid);
+                    let worker = r
+                        .u64("worker_pid")
+                        .and_then(|wp| worker_of_pid.get(&(wp as u32)).copied())
+                        .or_else(|| {
+                            let task = task_of(&a, "task_uuid")?;
+                            worker_by_host_task
+                                .get(&(r.str("host")?.to_owned(), task))
+                                .copied()
+                        });
+                    if let (Some(w), Some(proc)) = (worker, find_process(model, runner, r.ts())) {
+                        let item = r.u64("item").map(|i| i as u32);
+                        stated.insert(proc, Owner::Task { worker: w, item });
+                    }
+                }
                 "runner_end" => {
                     if let (Some(task), Some(host)) = (task_of(&a, "task_uuid"), r.str("host")) {
                         if let Some(&w) = worker_by_host_task.get(&(host.to_owned(), task)) {
@@ -207,7 +235,7 @@ impl Attribution {
             .map(|(w, wk)| (wk.proc, w))
             .collect();
         for i in 0..model.processes.len() {
-            a.owners[i] = a.classify(model, i, &worker_at, controller);
+            a.owners[i] = a.classify(model, i, &worker_at, &stated, controller);
         }
         a
     }
@@ -217,16 +245,22 @@ impl Attribution {
         model: &Model,
         i: usize,
         worker_at: &HashMap<usize, usize>,
+        stated: &HashMap<usize, Owner>,
         controller: Option<usize>,
     ) -> Owner {
         let chain = model.ancestry(i);
-        // Nearest worker ancestor (the process itself included).
-        if let Some((depth, w)) = chain
-            .iter()
-            .enumerate()
-            .rev()
-            .find_map(|(d, p)| worker_at.get(p).map(|&w| (d, w)))
-        {
+        // The nearest ancestor (the process itself included) that is a worker or whose owner a
+        // message stated decides.
+        let nearest = chain.iter().enumerate().rev().find_map(|(d, p)| {
+            stated
+                .get(p)
+                .map(|o| (d, Err(*o)))
+                .or_else(|| worker_at.get(p).map(|&w| (d, Ok(w))))
+        });
+        if let Some((_, Err(owner))) = nearest {
+            return owner;
+        }
+        if let Some((depth, Ok(w))) = nearest {
             let worker = &self.workers[w];
             if is_connection_mux(model, &chain[depth..], &model.processes[worker.proc]) {
                 return Owner::Connection;
@@ -467,6 +501,81 @@ mod tests {
         assert_eq!(owner(10), Owner::Controller);
         assert_eq!(a.workers[0].status.as_deref(), Some("changed"));
         assert_eq!(a.unattributed(), 1);
+    }
+
+    #[test]
+    fn persistent_agents_and_their_runners() {
+        let events = vec![
+            fork(1, 10, 1, true),
+            fork(10, 20, 10, false), // worker
+            fork(11, 30, 20, false), // the agent it starts (daemonised, outlives it)
+            fork(12, 31, 30, false), // a runner for the worker's item 1
+            fork(13, 32, 30, false), // agent housekeeping, no task
+            exit(20, 20),
+            fork(30, 40, 10, false), // next task's worker
+            fork(31, 33, 30, false), // runner for that worker
+        ];
+        let model = Model::from_events(&events);
+        let records = vec![
+            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 2})),
+            rec(
+                10,
+                serde_json::json!({"ev": "task_start", "ts": 3, "uuid": "t1", "name": "a"}),
+            ),
+            rec(
+                10,
+                serde_json::json!({"ev": "task_start", "ts": 4, "uuid": "t2", "name": "b"}),
+            ),
+            rec(
+                20,
+                serde_json::json!({"ev": "worker_start", "ts": 10, "host": "h", "task_uuid": "t1"}),
+            ),
+            rec(
+                30,
+                serde_json::json!({"ev": "agent_start", "ts": 11, "pid": 30}),
+            ),
+            rec(
+                30,
+                serde_json::json!({"ev": "runner_start", "ts": 12, "pid": 31, "worker_pid": 20, "item": 1}),
+            ),
+            rec(
+                40,
+                serde_json::json!({"ev": "worker_start", "ts": 30, "host": "h", "task_uuid": "t2"}),
+            ),
+            rec(
+                30,
+                serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 33, "host": "h", "task_uuid": "t2"}),
+            ),
+            rec(
+                40,
+                serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 5, "remote": true}),
+            ),
+        ];
+        let a = Attribution::new(&model, &records);
+        let owner = |tgid: u32| {
+            a.owners[model
+                .processes
+                .iter()
+                .position(|p| p.tgid() == tgid)
+                .unwrap()]
+        };
+        assert_eq!(owner(30), Owner::Agent);
+        assert_eq!(owner(32), Owner::Agent);
+        assert_eq!(
+            owner(31),
+            Owner::Task {
+                worker: 0,
+                item: Some(1)
+            }
+        );
+        assert_eq!(
+            owner(33),
+            Owner::Task {
+                worker: 1,
+                item: None
+            }
+        );
+        assert_eq!(a.unattributed(), 0);
     }
 
     #[test]

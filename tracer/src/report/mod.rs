@@ -1,4 +1,5 @@
 //! Outputs built from a recording or a saved trace.
+pub mod labels;
 pub mod summary;
 pub mod tasks;
 

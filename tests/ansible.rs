@@ -63,18 +63,11 @@ fn check_tags(model: &Model, a: &Attribution, items: &BTreeMap<&str, Vec<&str>>)
             let w = &a.workers[worker];
             assert_eq!(&a.tasks[w.task].name, task, "{:?}", e.argv);
             assert_eq!(&w.host, host, "{:?}", e.argv);
-            let expect = items[task.as_str()]
-                .iter()
-                .position(|x| x == item)
-                .map(|p| p as u32);
+            let expect = items[task.as_str()].iter().position(|x| x == item).map(|p| p as u32);
             assert_eq!(idx, expect, "{:?}", e.argv);
             if let Some(ix) = idx {
                 let win = w.items.iter().find(|win| win.index == ix).unwrap();
-                assert!(
-                    win.label.contains(item.as_str()),
-                    "label {:?} for {item}",
-                    win.label
-                );
+                assert!(win.label.contains(item.as_str()), "label {:?} for {item}", win.label);
             }
         }
     }
@@ -104,28 +97,17 @@ fn loop_items_hosts_and_handlers_are_attributed_exactly() {
             let what = format!("{} {strategy}", env_name(&env));
             let a = &pb.attribution;
             assert!(a.available, "{what}: no plugin messages");
-            assert_eq!(
-                check_tags(&pb.run.model, a, &items),
-                2 * (3 + 2 + 1 + 1),
-                "{what}"
-            );
+            assert_eq!(check_tags(&pb.run.model, a, &items), 2 * (3 + 2 + 1 + 1), "{what}");
             assert_eq!(a.unattributed(), 0, "{what}");
             assert_eq!(a.dropped_messages, 0, "{what}");
             assert_eq!(a.pid_mismatches, 0, "{what}");
-            assert!(
-                a.tasks.iter().any(|t| t.name == "handler_one" && t.handler),
-                "{what}"
-            );
+            assert!(a.tasks.iter().any(|t| t.name == "handler_one" && t.handler), "{what}");
             let report = TaskReport::new(&pb.run.model, a, By::Task);
             let first = report.tasks.iter().find(|r| r.name == "first").unwrap();
             assert_eq!((first.hosts.len(), first.items), (2, 6), "{what}");
             // Per-item rows split the loop task by host and item.
             let by_item = TaskReport::new(&pb.run.model, a, By::Item);
-            let rows = by_item
-                .tasks
-                .iter()
-                .filter(|r| r.name == "first" && r.item.is_some())
-                .count();
+            let rows = by_item.tasks.iter().filter(|r| r.name == "first" && r.item.is_some()).count();
             assert_eq!(rows, 6, "{what}");
         }
     }
@@ -186,10 +168,7 @@ fn module_exec_shapes_with_and_without_pipelining() {
             &env,
             SHAPES_PLAYBOOK,
             &local_inventory(&env, &["localhost"]),
-            &[
-                ("ANSIBLE_PIPELINING", pipelining),
-                ("SHAPES_DIR", dir.path().to_str().unwrap()),
-            ],
+            &[("ANSIBLE_PIPELINING", pipelining), ("SHAPES_DIR", dir.path().to_str().unwrap())],
             &[],
         );
         assert_eq!(pb.attribution.unattributed(), 0);
@@ -198,19 +177,10 @@ fn module_exec_shapes_with_and_without_pipelining() {
     eprintln!("execs per item (pipelining on / off): {shapes:?}");
     for task in ["copy", "lineinfile", "file", "command"] {
         let (on, off) = (shapes["True"][task], shapes["False"][task]);
-        assert!(
-            on >= 2,
-            "{task}: at least a shell and the module's python ({on})"
-        );
-        assert!(
-            off > on,
-            "{task}: without pipelining the module is staged as a file ({off} vs {on})"
-        );
+        assert!(on >= 2, "{task}: at least a shell and the module's python ({on})");
+        assert!(off > on, "{task}: without pipelining the module is staged as a file ({off} vs {on})");
     }
-    assert!(
-        shapes["True"]["copy"] > shapes["True"]["lineinfile"],
-        "copy stats the dest first"
-    );
+    assert!(shapes["True"]["copy"] > shapes["True"]["lineinfile"], "copy stats the dest first");
 }
 
 #[test]
@@ -223,19 +193,13 @@ fn users_own_callbacks_keep_working() {
         &env,
         TAG_PLAYBOOK,
         &local_inventory(&env, &["h1"]),
-        &[
-            ("ANSIBLE_CALLBACKS_ENABLED", "junit"),
-            ("JUNIT_OUTPUT_DIR", junit.path().to_str().unwrap()),
-        ],
+        &[("ANSIBLE_CALLBACKS_ENABLED", "junit"), ("JUNIT_OUTPUT_DIR", junit.path().to_str().unwrap())],
         &[],
     );
     assert!(pb.attribution.available);
     let xml: Vec<_> = std::fs::read_dir(junit.path()).unwrap().collect();
     assert_eq!(xml.len(), 1, "the junit callback wrote its report");
-    assert!(
-        pb.run.stdout().contains("PLAY RECAP"),
-        "the default stdout callback is untouched"
-    );
+    assert!(pb.run.stdout().contains("PLAY RECAP"), "the default stdout callback is untouched");
 }
 
 #[test]
@@ -261,24 +225,14 @@ fn ssh_spawns_go_to_their_task_and_host_and_the_mux_is_infrastructure() {
         dest: "/tmp/spawntrace-test-{{ inventory_hostname }}"
 "#,
         lab.inventory("targets").to_str().unwrap(),
-        &[
-            ("ANSIBLE_FORKS", "2"),
-            ("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path().to_str().unwrap()),
-        ],
+        &[("ANSIBLE_FORKS", "2"), ("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path().to_str().unwrap())],
         &[],
     );
     let (model, a) = (&pb.run.model, &pb.attribution);
     let items: BTreeMap<&str, Vec<&str>> = [("first", vec!["a", "b"])].into();
-    assert_eq!(
-        check_tags(model, a, &items),
-        0,
-        "the echo runs on the targets, not here"
-    );
-    let addr_of: BTreeMap<&str, &str> = lab
-        .hosts
-        .iter()
-        .map(|h| (h.name.as_str(), h.addr.as_str()))
-        .collect();
+    assert_eq!(check_tags(model, a, &items), 0, "the echo runs on the targets, not here");
+    let addr_of: BTreeMap<&str, &str> =
+        lab.hosts.iter().map(|h| (h.name.as_str(), h.addr.as_str())).collect();
     let mut ssh_execs = 0;
     for (i, p) in model.processes.iter().enumerate() {
         for e in &p.execs {
@@ -291,11 +245,7 @@ fn ssh_spawns_go_to_their_task_and_host_and_the_mux_is_infrastructure() {
                 panic!("{:?} owned by {:?}", e.argv, a.owners[i]);
             };
             let host = &a.workers[worker].host;
-            assert!(
-                e.argv.iter().any(|x| x.contains(addr_of[host.as_str()])),
-                "{:?} for {host}",
-                e.argv
-            );
+            assert!(e.argv.iter().any(|x| x.contains(addr_of[host.as_str()])), "{:?} for {host}", e.argv);
         }
     }
     assert!(ssh_execs >= 6, "ssh per item and host ({ssh_execs})");
@@ -308,10 +258,7 @@ fn ssh_spawns_go_to_their_task_and_host_and_the_mux_is_infrastructure() {
 #[file_serial(ebpf)]
 fn a_silent_channel_is_reported_not_hidden() {
     require_root!();
-    let out = common::spawntrace()
-        .args(["--ansible", "always", "--", "true"])
-        .output()
-        .unwrap();
+    let out = common::spawntrace().args(["--ansible", "always", "--", "true"]).output().unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Ansible attribution unavailable"), "{err}");

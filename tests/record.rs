@@ -2,9 +2,7 @@
 //! ground truth the test controls.
 mod common;
 
-use std::{
-    collections::BTreeMap, os::unix::fs::MetadataExt as _, process::Command, time::Duration,
-};
+use std::{collections::BTreeMap, os::unix::fs::MetadataExt as _, process::Command, time::Duration};
 
 use common::{record, sh, spawntrace};
 use serial_test::file_serial;
@@ -22,18 +20,9 @@ fn shell_loop_of_true_gives_exact_exec_count() {
     assert_eq!(footer.counters.read_failures, 0);
     assert_eq!(footer.counters.track_failures, 0);
     // Every exec'd /bin/true is its own process that exited 0.
-    let trues: Vec<_> = run
-        .model
-        .processes
-        .iter()
-        .filter(|p| p.exe() == Some("/bin/true"))
-        .collect();
+    let trues: Vec<_> = run.model.processes.iter().filter(|p| p.exe() == Some("/bin/true")).collect();
     assert_eq!(trues.len(), 500);
-    assert!(
-        trues
-            .iter()
-            .all(|p| p.status == Some(Status::Exited(0)) && p.end_ns.is_some())
-    );
+    assert!(trues.iter().all(|p| p.status == Some(Status::Exited(0)) && p.end_ns.is_some()));
 }
 
 #[test]
@@ -52,10 +41,7 @@ ts = [threading.Thread(target=lambda: None) for _ in range(4)]
 [t.join() for t in ts]
 "#;
     // The real interpreter, not a wrapper such as a pyenv shim.
-    let python = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .unwrap();
+    let python = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
     let python = String::from_utf8(python.stdout).unwrap();
     let run = record(&[python.trim(), "-c", script, "marker-forks"]);
     assert_eq!(run.code(), Some(0), "{}", run.stderr());
@@ -63,24 +49,13 @@ ts = [threading.Thread(target=lambda: None) for _ in range(4)]
         .model
         .processes
         .iter()
-        .position(|p| {
-            p.execs
-                .iter()
-                .any(|e| e.argv.last().map(String::as_str) == Some("marker-forks"))
-        })
+        .position(|p| p.execs.iter().any(|e| e.argv.last().map(String::as_str) == Some("marker-forks")))
         .expect("the python process");
     let py = &run.model.processes[i];
     assert_eq!(py.threads, 4, "four threads, not processes");
-    let kids: Vec<_> = py
-        .children
-        .iter()
-        .map(|&c| &run.model.processes[c])
-        .collect();
+    let kids: Vec<_> = py.children.iter().map(|&c| &run.model.processes[c]).collect();
     assert_eq!(kids.len(), 3, "three forked children");
-    assert!(
-        kids.iter()
-            .all(|k| k.execs.is_empty() && k.status == Some(Status::Exited(0)))
-    );
+    assert!(kids.iter().all(|k| k.execs.is_empty() && k.status == Some(Status::Exited(0))));
 }
 
 #[test]
@@ -97,20 +72,12 @@ fn failed_execs_carry_their_errno() {
         .events
         .iter()
         .filter_map(|e| match e {
-            Event::ExecFailed {
-                filename, errno, ..
-            } => Some((filename.clone(), *errno)),
+            Event::ExecFailed { filename, errno, .. } => Some((filename.clone(), *errno)),
             _ => None,
         })
         .collect();
-    assert!(
-        failed.contains(&("/nonexistent/spawntrace-x".into(), libc::ENOENT)),
-        "{failed:?}"
-    );
-    assert!(
-        failed.contains(&(noexec.display().to_string(), libc::EACCES)),
-        "{failed:?}"
-    );
+    assert!(failed.contains(&("/nonexistent/spawntrace-x".into(), libc::ENOENT)), "{failed:?}");
+    assert!(failed.contains(&(noexec.display().to_string(), libc::EACCES)), "{failed:?}");
 }
 
 #[test]
@@ -118,17 +85,9 @@ fn failed_execs_carry_their_errno() {
 fn exit_codes_and_signals() {
     require_root!();
     let run = sh("(exit 3); sh -c 'kill -9 $$'; exit 0");
-    let statuses: Vec<Status> = run
-        .model
-        .processes
-        .iter()
-        .filter_map(|p| p.status)
-        .collect();
+    let statuses: Vec<Status> = run.model.processes.iter().filter_map(|p| p.status).collect();
     assert!(statuses.contains(&Status::Exited(3)), "{statuses:?}");
-    assert!(
-        statuses.contains(&Status::Signaled(libc::SIGKILL)),
-        "{statuses:?}"
-    );
+    assert!(statuses.contains(&Status::Signaled(libc::SIGKILL)), "{statuses:?}");
     // spawntrace exits with the command's status, 128+signal when it was killed.
     assert_eq!(sh("exit 7").code(), Some(7));
     let killed = sh("kill -9 $$");
@@ -170,21 +129,12 @@ fn daemonised_descendants_stay_traced() {
         .model
         .processes
         .iter()
-        .position(|p| {
-            p.execs
-                .iter()
-                .any(|e| e.argv.iter().any(|a| a == "daemon-marker"))
-        })
+        .position(|p| p.execs.iter().any(|e| e.argv.iter().any(|a| a == "daemon-marker")))
         .expect("the daemon's exec was recorded");
     let parent = run.model.processes[daemon].parent.expect("parent known");
     let exec_ts = run.model.processes[daemon].execs.last().unwrap().ts;
-    let parent_end = run.model.processes[parent]
-        .end_ns
-        .expect("the subshell exited");
-    assert!(
-        parent_end < exec_ts,
-        "parent exited before the daemon's exec (it was reparented)"
-    );
+    let parent_end = run.model.processes[parent].end_ns.expect("the subshell exited");
+    assert!(parent_end < exec_ts, "parent exited before the daemon's exec (it was reparented)");
 }
 
 #[test]
@@ -198,21 +148,14 @@ fn argv_longer_than_the_cap_is_flagged() {
         .events
         .iter()
         .find_map(|e| match e {
-            Event::Exec {
-                filename,
-                argv,
-                argv_bytes,
-                argv_truncated,
-                ..
-            } if filename == "/bin/true" => Some((argv.clone(), *argv_bytes, *argv_truncated)),
+            Event::Exec { filename, argv, argv_bytes, argv_truncated, .. } if filename == "/bin/true" => {
+                Some((argv.clone(), *argv_bytes, *argv_truncated))
+            }
             _ => None,
         })
         .expect("exec of /bin/true");
     assert!(exec.2, "truncation flagged");
-    assert_eq!(
-        exec.1 as usize,
-        "/bin/true".len() + "short".len() + long.len() + 3
-    );
+    assert_eq!(exec.1 as usize, "/bin/true".len() + "short".len() + long.len() + 3);
     assert_eq!(exec.0[..2], ["/bin/true", "short"]);
     assert!(exec.0[2].len() < long.len());
 }
@@ -260,11 +203,7 @@ fn exec_counts_match_strace() {
 fn summary_json_from_a_saved_trace() {
     require_root!();
     let run = sh("/bin/true; /bin/true");
-    let out = spawntrace()
-        .args(["report", "--format", "json"])
-        .arg(run.trace_path())
-        .output()
-        .unwrap();
+    let out = spawntrace().args(["report", "--format", "json"]).arg(run.trace_path()).output().unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["execs_by_path"]["/bin/true"], 2);
@@ -272,15 +211,8 @@ fn summary_json_from_a_saved_trace() {
     assert_eq!(v["dropped_events"], 0);
     assert!(v["duration_ms"].as_f64().unwrap() > 0.0);
     for format in ["text", "markdown"] {
-        let out = spawntrace()
-            .args(["report", "--format", format])
-            .arg(run.trace_path())
-            .output()
-            .unwrap();
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("/bin/true"),
-            "{format}"
-        );
+        let out = spawntrace().args(["report", "--format", format]).arg(run.trace_path()).output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("/bin/true"), "{format}");
     }
 }
 
@@ -292,32 +224,17 @@ fn interrupted_recording_still_writes_a_complete_trace() {
     let out = dir.path().join("t.jsonl");
     let started = dir.path().join("started");
     let script = format!("touch {}; exec sleep 30", started.display());
-    let mut child = spawntrace()
-        .args(["-q", "-o"])
-        .arg(&out)
-        .args(["--", "sh", "-c", &script])
-        .spawn()
-        .unwrap();
+    let mut child =
+        spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "sh", "-c", &script]).spawn().unwrap();
     // Wait until the command is running under the tracer, then interrupt the tracer.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !started.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "recording never started"
-        );
+        assert!(std::time::Instant::now() < deadline, "recording never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::SIGINT,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT).unwrap();
     let status = child.wait().unwrap();
-    assert_eq!(
-        status.code(),
-        Some(130),
-        "exit status of the interrupted command"
-    );
+    assert_eq!(status.code(), Some(130), "exit status of the interrupted command");
     let trace = spawntrace::trace::Trace::read(&out).unwrap();
     let footer = trace.footer.expect("footer written");
     assert!(footer.interrupted);
@@ -329,11 +246,7 @@ fn interrupted_recording_still_writes_a_complete_trace() {
 fn runs_as_the_sudo_caller_and_gives_them_the_trace() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let out = dir.path().join("t.jsonl");
     let output = spawntrace()
         .env("SUDO_UID", "65534")
@@ -343,19 +256,12 @@ fn runs_as_the_sudo_caller_and_gives_them_the_trace() {
         .args(["--", "id", "-u"])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "65534");
     assert_eq!(std::fs::metadata(&out).unwrap().uid(), 65534);
     // --as-root keeps root.
-    let output = spawntrace()
-        .env("SUDO_UID", "65534")
-        .args(["-q", "--as-root", "--", "id", "-u"])
-        .output()
-        .unwrap();
+    let output =
+        spawntrace().env("SUDO_UID", "65534").args(["-q", "--as-root", "--", "id", "-u"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "0");
 }
 
@@ -365,24 +271,12 @@ fn command_not_found_exits_127_and_leaves_no_file() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.jsonl");
-    let output = spawntrace()
-        .arg("-o")
-        .arg(&out)
-        .args(["--", "no-such-command-xyz"])
-        .output()
-        .unwrap();
+    let output = spawntrace().arg("-o").arg(&out).args(["--", "no-such-command-xyz"]).output().unwrap();
     assert_eq!(output.status.code(), Some(127));
     let err = String::from_utf8_lossy(&output.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains("no-such-command-xyz: command not found"),
-        "{err}"
-    );
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        0,
-        "no file left behind"
-    );
+    assert!(err.contains("no-such-command-xyz: command not found"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file left behind");
 }
 
 /// Bad input that needs no eBPF: one clear line and a non-zero exit, never a panic.
@@ -393,14 +287,8 @@ fn bad_input_gives_one_line_errors() {
     std::fs::write(&garbage, "this is not a trace\n").unwrap();
     let marker = dir.path().join("marker");
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (
-            vec!["report".into(), garbage.display().to_string()],
-            "is not a readable spawntrace trace",
-        ),
-        (
-            vec!["report".into(), "/nonexistent/trace".into()],
-            "cannot open",
-        ),
+        (vec!["report".into(), garbage.display().to_string()], "is not a readable spawntrace trace"),
+        (vec!["report".into(), "/nonexistent/trace".into()], "cannot open"),
         (
             vec![
                 "-o".into(),
@@ -420,10 +308,7 @@ fn bad_input_gives_one_line_errors() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    assert!(
-        !marker.exists(),
-        "the command must not run when the output is unwritable"
-    );
+    assert!(!marker.exists(), "the command must not run when the output is unwritable");
 }
 
 #[test]

@@ -15,10 +15,7 @@ pub fn envs() -> Vec<PathBuf> {
     envs.retain(|e| e.join(".venv/bin/ansible-playbook").is_file());
     envs.sort();
     if envs.is_empty() && std::env::var_os("CI").is_some() {
-        panic!(
-            "no Python environments under {}: `cargo xtask setup` makes them",
-            root.display()
-        );
+        panic!("no Python environments under {}: `cargo xtask setup` makes them", root.display());
     }
     envs
 }
@@ -54,11 +51,7 @@ pub fn playbook(
         p
     };
     let ap = env.join(".venv/bin/ansible-playbook");
-    let mut argv: Vec<String> = vec![
-        ap.display().to_string(),
-        "-i".into(),
-        inv.display().to_string(),
-    ];
+    let mut argv: Vec<String> = vec![ap.display().to_string(), "-i".into(), inv.display().to_string()];
     argv.extend(args.iter().map(|s| s.to_string()));
     argv.push(pb.display().to_string());
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -72,13 +65,7 @@ pub fn playbook(
     ];
     all_vars.extend_from_slice(vars);
     let run = record_with(&["-q"], &all_vars, &argv);
-    assert_eq!(
-        run.code(),
-        Some(0),
-        "ansible-playbook failed:\n{}\n{}",
-        run.stdout(),
-        run.stderr()
-    );
+    assert_eq!(run.code(), Some(0), "ansible-playbook failed:\n{}\n{}", run.stdout(), run.stderr());
     let attribution = Attribution::new(&run.model, &run.trace.ansible);
     PlaybookRun { run, attribution }
 }

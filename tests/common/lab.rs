@@ -28,36 +28,21 @@ pub struct Lab {
 
 fn sh(cmd: &str) {
     let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Lab {
     /// Starts `n` hosts named h1..hn. Panics (with the failing command) if anything is missing:
     /// `cargo xtask setup` installs openssh-server and iproute2.
     pub fn start(n: usize) -> Lab {
-        assert!(
-            Path::new("/usr/sbin/sshd").exists(),
-            "sshd missing: run `cargo xtask setup`"
-        );
+        assert!(Path::new("/usr/sbin/sshd").exists(), "sshd missing: run `cargo xtask setup`");
         ensure_user();
         let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let d = dir.path().display().to_string();
         sh(&format!("ssh-keygen -q -t ed25519 -N '' -f {d}/client_key"));
         sh(&format!("ssh-keygen -q -t ed25519 -N '' -f {d}/host_key"));
-        std::fs::copy(
-            dir.path().join("client_key.pub"),
-            dir.path().join("authorized_keys"),
-        )
-        .unwrap();
+        std::fs::copy(dir.path().join("client_key.pub"), dir.path().join("authorized_keys")).unwrap();
         sh("mkdir -p /run/sshd && chmod 0755 /run/sshd");
         // A unique prefix per test process keeps parallel runs apart (interface names ≤ 15).
         let tag = std::process::id() % 100_000;
@@ -69,12 +54,8 @@ impl Lab {
             let net = format!("10.213.{}", (tag % 60) * 4 + i as u32);
             let addr = format!("{net}.2");
             sh(&format!("ip netns add {netns}"));
-            sh(&format!(
-                "ip link add {veth} type veth peer name {peer} netns {netns}"
-            ));
-            sh(&format!(
-                "ip addr add {net}.1/24 dev {veth} && ip link set {veth} up"
-            ));
+            sh(&format!("ip link add {veth} type veth peer name {peer} netns {netns}"));
+            sh(&format!("ip addr add {net}.1/24 dev {veth} && ip link set {veth} up"));
             sh(&format!(
                 "ip -n {netns} addr add {addr}/24 dev {peer} && ip -n {netns} link set {peer} up && ip -n {netns} link set lo up"
             ));
@@ -97,13 +78,7 @@ impl Lab {
                 .stderr(log)
                 .spawn()
                 .expect("starting sshd");
-            hosts.push(Host {
-                name: format!("h{i}"),
-                netns,
-                addr,
-                veth,
-                sshd,
-            });
+            hosts.push(Host { name: format!("h{i}"), netns, addr, veth, sshd });
         }
         let lab = Lab { hosts, dir };
         for h in &lab.hosts {
@@ -139,11 +114,7 @@ impl Lab {
             if ok {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "sshd on {} never accepted a login",
-                h.addr
-            );
+            assert!(Instant::now() < deadline, "sshd on {} never accepted a login", h.addr);
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -65,21 +65,11 @@ impl Run {
 
     /// Successful execs of exactly this path.
     pub fn execs_of(&self, path: &str) -> usize {
-        self.model
-            .processes
-            .iter()
-            .flat_map(|p| &p.execs)
-            .filter(|e| e.filename == path)
-            .count()
+        self.model.processes.iter().flat_map(|p| &p.execs).filter(|e| e.filename == path).count()
     }
 
     pub fn dropped(&self) -> u64 {
-        self.trace
-            .footer
-            .as_ref()
-            .expect("complete trace")
-            .counters
-            .dropped_events()
+        self.trace.footer.as_ref().expect("complete trace").counters.dropped_events()
     }
 }
 
@@ -93,19 +83,10 @@ pub fn record_with(extra: &[&str], env: &[(&str, &str)], argv: &[&str]) -> Run {
         cmd.env(k, v);
     }
     let output = cmd.output().expect("running spawntrace");
-    let trace = Trace::read(&out).unwrap_or_else(|e| {
-        panic!(
-            "{e:#}\nstderr:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
+    let trace = Trace::read(&out)
+        .unwrap_or_else(|e| panic!("{e:#}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr)));
     let model = Model::from_events(&trace.events);
-    Run {
-        output,
-        trace,
-        model,
-        dir,
-    }
+    Run { output, trace, model, dir }
 }
 
 pub fn record(argv: &[&str]) -> Run {
@@ -118,9 +99,5 @@ pub fn sh(script: &str) -> Run {
 
 /// Path of an executable on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }

@@ -4,6 +4,7 @@
 //! [`model`] rebuilds the process tree, [`report`] renders what it shows.
 pub mod ansible;
 pub mod model;
+pub mod output;
 pub mod record;
 pub mod report;
 pub mod trace;

@@ -40,6 +40,28 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         top: usize,
     },
+    /// Draw a flamegraph (SVG) of what a trace spawned, or with --diff of what changed
+    /// between two traces.
+    Flamegraph {
+        /// One trace; two with --diff (before, after).
+        #[arg(required = true, num_args = 1..=2)]
+        traces: Vec<PathBuf>,
+        /// Write the SVG (or with --folded, the folded stacks) here.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// What a frame's width measures.
+        #[arg(long, value_enum, default_value_t)]
+        weight: report::flamegraph::Weight,
+        /// Order of the task and host frames in Ansible stacks.
+        #[arg(long, value_enum, default_value_t)]
+        by: report::flamegraph::FlameBy,
+        /// Write folded stacks (`frame;frame N` lines) instead of an SVG.
+        #[arg(long)]
+        folded: bool,
+        /// Differential flamegraph of the second trace against the first.
+        #[arg(long)]
+        diff: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -61,12 +83,7 @@ struct RecordArgs {
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     ring_buffer_mib: u32,
     /// The command to trace, after `--`.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        required = true,
-        value_name = "COMMAND"
-    )]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
@@ -76,15 +93,17 @@ fn main() -> ExitCode {
     match cli.cmd {
         Some(Cmd::Record(args)) => run_record(args),
         None => run_record(cli.record),
-        Some(Cmd::Report {
-            trace,
-            format,
-            by,
-            top,
-        }) => match report_trace(&trace, format, by, top) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e, 1),
-        },
+        Some(Cmd::Report { trace, format, by, top }) => done(report_trace(&trace, format, by, top)),
+        Some(Cmd::Flamegraph { traces, output, weight, by, folded, diff }) => {
+            done(flamegraph(&traces, &output, weight, by, folded, diff))
+        }
+    }
+}
+
+fn done(r: Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, 1),
     }
 }
 
@@ -94,11 +113,7 @@ fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
 }
 
 fn run_record(args: RecordArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(&e.into(), EXIT_TOOL_FAILURE),
     };
@@ -145,14 +160,36 @@ fn report_trace(
 ) -> Result<()> {
     let t = trace::Trace::read(path)?;
     let model = model::Model::from_events(&t.events);
-    let r = report::Report::new(
-        &t.header,
-        t.footer.as_ref(),
-        &model,
-        &t.ansible,
-        t.header.ansible,
-        by,
-    );
+    let r = report::Report::new(&t.header, t.footer.as_ref(), &model, &t.ansible, t.header.ansible, by);
     print!("{}", r.render(format, top)?);
     Ok(())
+}
+
+fn flamegraph(
+    traces: &[PathBuf],
+    output: &std::path::Path,
+    weight: report::flamegraph::Weight,
+    by: report::flamegraph::FlameBy,
+    folded: bool,
+    diff: bool,
+) -> Result<()> {
+    use report::flamegraph as fg;
+    use std::io::Write as _;
+    let loaded: Vec<report::Loaded> =
+        traces.iter().map(|t| report::Loaded::read(t)).collect::<Result<_>>()?;
+    let stacks: Vec<Vec<String>> =
+        loaded.iter().map(|l| fg::folded(&l.model, l.ansible(), weight, by)).collect();
+    match (diff, stacks.as_slice()) {
+        (false, [one]) => spawntrace::output::write_file(output, |w| match folded {
+            true => Ok(one.iter().try_for_each(|l| writeln!(w, "{l}"))?),
+            false => fg::svg(&loaded[0].trace.header, one, weight, w),
+        }),
+        (true, [before, after]) => {
+            anyhow::ensure!(!folded, "--folded writes one trace's stacks; it does not combine with --diff");
+            let title = format!("spawntrace diff: {} → {}", traces[0].display(), traces[1].display());
+            spawntrace::output::write_file(output, |w| fg::diff_svg(before, after, weight, &title, w))
+        }
+        (true, _) => anyhow::bail!("--diff needs two traces: BEFORE AFTER"),
+        (false, _) => anyhow::bail!("two traces given: add --diff to compare them"),
+    }
 }

@@ -68,9 +68,7 @@ impl Process {
     /// A short label: the last exec's argv[0] basename, else the parent's (fork without exec).
     pub fn label(&self) -> String {
         match self.execs.last() {
-            Some(e) => {
-                basename(e.argv.first().map(String::as_str).unwrap_or(&e.filename)).to_owned()
-            }
+            Some(e) => basename(e.argv.first().map(String::as_str).unwrap_or(&e.filename)).to_owned(),
             None => "(fork)".to_owned(),
         }
     }
@@ -137,34 +135,17 @@ impl Model {
         self.totals.first_ns.get_or_insert(ts);
         self.totals.last_ns = self.totals.last_ns.max(ts);
         match e {
-            Event::Fork {
-                ptgid,
-                thread: true,
-                ..
-            } => {
+            Event::Fork { ptgid, thread: true, .. } => {
                 self.totals.threads += 1;
                 let p = self.live_or_placeholder(*ptgid, ts);
                 self.processes[p].threads += 1;
             }
-            Event::Fork {
-                tgid,
-                ptgid,
-                root,
-                ppid,
-                ..
-            } => {
+            Event::Fork { tgid, ptgid, root, ppid, .. } => {
                 self.totals.forks += 1;
-                let parent = if *root {
-                    None
-                } else {
-                    Some(self.live_or_placeholder(*ptgid, ts))
-                };
+                let parent = if *root { None } else { Some(self.live_or_placeholder(*ptgid, ts)) };
                 let i = self.processes.len();
                 self.processes.push(Process {
-                    key: Some(ProcKey {
-                        tgid: *tgid,
-                        start_ns: ts,
-                    }),
+                    key: Some(ProcKey { tgid: *tgid, start_ns: ts }),
                     parent,
                     ppid: if *root { *ppid } else { *ptgid },
                     start_ns: ts,
@@ -177,13 +158,7 @@ impl Model {
                 // A tgid still live here means we missed its exit: the new fork wins.
                 self.live.insert(*tgid, i);
             }
-            Event::Exec {
-                tgid,
-                filename,
-                argv,
-                argv_truncated,
-                ..
-            } => {
+            Event::Exec { tgid, filename, argv, argv_truncated, .. } => {
                 self.totals.execs += 1;
                 let p = self.live_or_placeholder(*tgid, ts);
                 self.processes[p].execs.push(Exec {
@@ -193,12 +168,7 @@ impl Model {
                     argv_truncated: *argv_truncated,
                 });
             }
-            Event::ExecFailed {
-                tgid,
-                filename,
-                errno,
-                ..
-            } => {
+            Event::ExecFailed { tgid, filename, errno, .. } => {
                 self.totals.failed_execs += 1;
                 let p = self.live_or_placeholder(*tgid, ts);
                 self.processes[p].failed_execs.push(FailedExec {
@@ -207,13 +177,7 @@ impl Model {
                     errno: *errno,
                 });
             }
-            Event::Exit {
-                tgid,
-                group_dead,
-                status,
-                cpu_ns,
-                ..
-            } => {
+            Event::Exit { tgid, group_dead, status, cpu_ns, .. } => {
                 let p = self.live_or_placeholder(*tgid, ts);
                 let proc = &mut self.processes[p];
                 match cpu_ns {
@@ -294,14 +258,7 @@ mod tests {
     }
 
     fn exit(ts: u64, tgid: u32, pid: u32, group_dead: bool, status: Status) -> Event {
-        Event::Exit {
-            ts,
-            pid,
-            tgid,
-            group_dead,
-            status,
-            cpu_ns: Some(10),
-        }
+        Event::Exit { ts, pid, tgid, group_dead, status, cpu_ns: Some(10) }
     }
 
     #[test]

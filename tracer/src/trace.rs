@@ -58,11 +58,7 @@ impl Status {
     /// From a wait(2)-style status word.
     pub fn from_wait(raw: u32) -> Self {
         let sig = (raw & 0x7f) as i32;
-        if sig == 0 {
-            Status::Exited(((raw >> 8) & 0xff) as i32)
-        } else {
-            Status::Signaled(sig)
-        }
+        if sig == 0 { Status::Exited(((raw >> 8) & 0xff) as i32) } else { Status::Signaled(sig) }
     }
 
     /// Shell-style exit code: the code, or 128 + signal.
@@ -95,11 +91,7 @@ pub fn signal_name(sig: i32) -> String {
 /// `ENOENT`-style name of an errno.
 pub fn errno_name(errno: i32) -> String {
     let e = nix::errno::Errno::from_raw(errno);
-    if e == nix::errno::Errno::UnknownErrno {
-        format!("E{errno}")
-    } else {
-        format!("{e:?}")
-    }
+    if e == nix::errno::Errno::UnknownErrno { format!("E{errno}") } else { format!("{e:?}") }
 }
 
 /// One traced event. `pid` is the thread id, `tgid` the process id.
@@ -214,10 +206,7 @@ impl AnsibleRecord {
     }
 
     pub fn bool(&self, key: &str) -> bool {
-        self.body
-            .get(key)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
+        self.body.get(key).and_then(|v| v.as_bool()).unwrap_or(false)
     }
 }
 
@@ -284,24 +273,9 @@ pub struct TraceWriter {
 impl TraceWriter {
     /// Creates the file now, so an unwritable path fails before anything is run.
     pub fn create(path: &Path) -> Result<Self> {
-        let mut name = path
-            .file_name()
-            .context("output path has no file name")?
-            .to_owned();
-        name.push(".partial");
-        let tmp = path.with_file_name(name);
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(Self {
-            out: BufWriter::with_capacity(1 << 20, file),
-            tmp,
-            path: path.to_owned(),
-        })
-    }
-
-    /// The path being written (the temporary name until `finish`).
-    pub fn partial_path(&self) -> &Path {
-        &self.tmp
+        let tmp = crate::output::partial_path(path)?;
+        let file = File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self { out: BufWriter::with_capacity(1 << 20, file), tmp, path: path.to_owned() })
     }
 
     pub fn header(&mut self, h: &Header) -> Result<()> {
@@ -313,27 +287,19 @@ impl TraceWriter {
     }
 
     pub fn ansible(&mut self, r: &AnsibleRecord) -> Result<()> {
-        self.line(&TaggedAnsible {
-            ty: "ansible",
-            rec: r,
-        })
+        self.line(&TaggedAnsible { ty: "ansible", rec: r })
     }
 
     fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
         serde_json::to_writer(&mut self.out, v)?;
-        self.out
-            .write_all(b"\n")
-            .with_context(|| format!("writing {}", self.tmp.display()))
+        self.out.write_all(b"\n").with_context(|| format!("writing {}", self.tmp.display()))
     }
 
     pub fn finish(mut self, f: &Footer) -> Result<PathBuf> {
         self.line(&Line::Footer(f.clone()))?;
-        self.out
-            .flush()
-            .with_context(|| format!("writing {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.path).with_context(|| {
-            format!("renaming {} to {}", self.tmp.display(), self.path.display())
-        })?;
+        self.out.flush().with_context(|| format!("writing {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))?;
         Ok(self.path)
     }
 
@@ -370,16 +336,13 @@ impl Trace {
             None => bail!("file is empty"),
             Some((_, line)) => {
                 let line = line.context("line 1")?;
-                let value: serde_json::Value =
-                    serde_json::from_str(&line).context("line 1 is not JSON")?;
+                let value: serde_json::Value = serde_json::from_str(&line).context("line 1 is not JSON")?;
                 if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
                     bail!("line 1 is not a spawntrace header");
                 }
                 let v = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
                 if v > VERSION as u64 {
-                    bail!(
-                        "trace format version {v} is newer than this spawntrace reads ({VERSION})"
-                    );
+                    bail!("trace format version {v} is newer than this spawntrace reads ({VERSION})");
                 }
                 match serde_json::from_value::<Line>(value).context("line 1: bad header")? {
                     Line::Header(h) => h,
@@ -409,10 +372,8 @@ impl Trace {
                     Err(e) => bail!("line {n}: bad footer: {e}"),
                 },
                 Some("header") => bail!("line {n}: a second header"),
-                Some("fork" | "exec" | "exec_failed" | "exit" | "open") => events.push(
-                    serde_json::from_value(value)
-                        .with_context(|| format!("line {n}: bad event"))?,
-                ),
+                Some("fork" | "exec" | "exec_failed" | "exit" | "open") => events
+                    .push(serde_json::from_value(value).with_context(|| format!("line {n}: bad event"))?),
                 Some("ansible") => {
                     let mut value = value;
                     if let Some(o) = value.as_object_mut() {
@@ -427,13 +388,7 @@ impl Trace {
                 None => bail!("line {n}: record without a type"),
             }
         }
-        Ok(Self {
-            header,
-            events,
-            ansible,
-            extra,
-            footer,
-        })
+        Ok(Self { header, events, ansible, extra, footer })
     }
 }
 
@@ -480,10 +435,7 @@ mod tests {
         w.event(&ev).unwrap();
         let mut body = serde_json::Map::new();
         body.insert("ev".into(), "task_start".into());
-        let rec = AnsibleRecord {
-            sender_pid: 4,
-            body,
-        };
+        let rec = AnsibleRecord { sender_pid: 4, body };
         w.ansible(&rec).unwrap();
         let footer = Footer {
             end_ns: 9,
@@ -504,11 +456,9 @@ mod tests {
 
     #[test]
     fn garbage_is_a_clear_error() {
-        for (text, want) in [
-            ("", "empty"),
-            ("hello\n", "not JSON"),
-            ("{\"type\":\"header\"}\n", "not a spawntrace header"),
-        ] {
+        for (text, want) in
+            [("", "empty"), ("hello\n", "not JSON"), ("{\"type\":\"header\"}\n", "not a spawntrace header")]
+        {
             let err = Trace::from_reader(text.as_bytes()).unwrap_err();
             assert!(format!("{err:#}").contains(want), "{text:?}: {err:#}");
         }

@@ -39,45 +39,26 @@ pub fn tracer(count: usize, rounds: usize) -> Result<()> {
     let xtask = bin.join("xtask");
     let tmp = std::env::temp_dir().join(format!("spawntrace-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    let storm_args = [
-        "storm".to_owned(),
-        "--count".into(),
-        count.to_string(),
-        "--threads".into(),
-        "2".into(),
-    ];
+    let storm_args =
+        ["storm".to_owned(), "--count".into(), count.to_string(), "--threads".into(), "2".into()];
     let mut traced = Vec::new();
     let mut untraced = Vec::new();
     let mut rates = Vec::new();
     let mut drops = 0;
     for round in 0..rounds {
-        let t = time(
-            Command::new(&xtask)
-                .args(&storm_args)
-                .env_remove("LD_LIBRARY_PATH"),
-        )?;
+        let t = time(Command::new(&xtask).args(&storm_args).env_remove("LD_LIBRARY_PATH"))?;
         untraced.push(t);
         let trace = tmp.join(format!("storm-{round}.jsonl"));
         let mut cmd = Command::new(&spawntrace);
-        cmd.args(["-q", "-o"])
-            .arg(&trace)
-            .arg("--")
-            .arg(&xtask)
-            .env_remove("LD_LIBRARY_PATH");
+        cmd.args(["-q", "-o"]).arg(&trace).arg("--").arg(&xtask).env_remove("LD_LIBRARY_PATH");
         let t = time(cmd.args(&storm_args))?;
         traced.push(t);
         let (execs, events, dropped) = trace_counts(&trace)?;
         if execs != count as u64 + 1 {
-            bail!(
-                "round {round}: the trace holds {execs} execs, expected {}",
-                count + 1
-            );
+            bail!("round {round}: the trace holds {execs} execs, expected {}", count + 1);
         }
         drops += dropped;
-        rates.push((
-            events as f64 / t.as_secs_f64(),
-            execs as f64 / t.as_secs_f64(),
-        ));
+        rates.push((events as f64 / t.as_secs_f64(), execs as f64 / t.as_secs_f64()));
         eprintln!(
             "round {}: untraced {:.2} s, traced {:.2} s, {} events, {} dropped",
             round + 1,
@@ -105,9 +86,7 @@ pub fn tracer(count: usize, rounds: usize) -> Result<()> {
 
 fn time(cmd: &mut Command) -> Result<Duration> {
     let start = Instant::now();
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {}", crate::util::show(cmd)))?;
+    let status = cmd.status().with_context(|| format!("running {}", crate::util::show(cmd)))?;
     if !status.success() {
         bail!("`{}` failed: {status}", crate::util::show(cmd));
     }

@@ -56,9 +56,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test => test(),
         Cmd::Demo => demo(),
-        Cmd::Bench {
-            which: Bench::Tracer { count, rounds },
-        } => bench::tracer(count, rounds),
+        Cmd::Bench { which: Bench::Tracer { count, rounds } } => bench::tracer(count, rounds),
         Cmd::Storm { count, threads } => bench::storm(count, threads),
     };
     match result {
@@ -73,9 +71,7 @@ fn main() -> ExitCode {
 /// The README's test command.
 fn test() -> Result<()> {
     setup::setup()?;
-    run(Command::new("cargo")
-        .args(["test", "--workspace"])
-        .current_dir(root()))?;
+    run(Command::new("cargo").args(["test", "--workspace"]).current_dir(root()))?;
     for env in setup::envs()? {
         run(Command::new(env.join(".venv/bin/python"))
             .args(["-m", "pytest", "-q", "tracer/python/tests"])
@@ -88,9 +84,7 @@ fn test() -> Result<()> {
 /// The README's main job.
 fn demo() -> Result<()> {
     setup::setup()?;
-    run(Command::new("cargo")
-        .args(["build", "--release", "-p", "tracer"])
-        .current_dir(root()))?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "tracer"]).current_dir(root()))?;
     let env = setup::default_env()?;
     let results = root().join("results");
     std::fs::create_dir_all(&results)?;
@@ -102,9 +96,6 @@ fn demo() -> Result<()> {
         .arg(env.join(".venv/bin/ansible-playbook"))
         .arg("playbooks/bench.yml")
         .current_dir(root()))?;
-    println!(
-        "demo: trace of the benchmark playbook in {}",
-        trace.display()
-    );
+    println!("demo: trace of the benchmark playbook in {}", trace.display());
     Ok(())
 }

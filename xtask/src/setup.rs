@@ -9,15 +9,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::util::{self, output, run};
 
 /// Debian packages the tests and benchmarks use.
-const APT_PACKAGES: &[&str] = &[
-    "strace",
-    "openssh-server",
-    "openssh-client",
-    "iproute2",
-    "hyperfine",
-    "sudo",
-    "acl",
-];
+const APT_PACKAGES: &[&str] =
+    &["strace", "openssh-server", "openssh-client", "iproute2", "hyperfine", "sudo", "acl"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// uv, pinned; it creates the Python environments from their lock files.
 const UV_VERSION: &str = "0.13.9";
@@ -52,14 +45,9 @@ fn apt_packages() -> Result<()> {
 }
 
 fn nightly_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))
-    .unwrap_or_default();
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+            .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -99,20 +87,8 @@ fn bpf_linker() -> Result<()> {
             .with_context(|| format!("linking {}", link.display()))?;
     }
     run(Command::new("cargo")
-        .args([
-            "+nightly",
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-            "--force",
-        ])
-        .args([
-            "--no-default-features",
-            "--features",
-            &format!("llvm-{major}"),
-        ])
+        .args(["+nightly", "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", &prefix))
 }
 
@@ -160,10 +136,7 @@ pub fn envs() -> Result<Vec<PathBuf>> {
 
 /// The default environment: the first one (the one Mitogen supports).
 pub fn default_env() -> Result<PathBuf> {
-    envs()?
-        .into_iter()
-        .next()
-        .context("no Python environments under tracer/python/envs")
+    envs()?.into_iter().next().context("no Python environments under tracer/python/envs")
 }
 
 /// A `pythonX.Y` interpreter: on PATH, else from pyenv.
@@ -178,11 +151,7 @@ fn find_python(version: &str) -> Result<PathBuf> {
     if let Ok(entries) = std::fs::read_dir(&pyenv) {
         let mut found: Vec<PathBuf> = entries
             .filter_map(|e| e.ok())
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{version}."))
-            })
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{version}.")))
             .map(|e| e.path().join("bin").join(&name))
             .filter(|p| p.is_file())
             .collect();
@@ -191,10 +160,7 @@ fn find_python(version: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!(
-        "no Python {version} found (looked for {name} on PATH and in {})",
-        pyenv.display()
-    )
+    bail!("no Python {version} found (looked for {name} on PATH and in {})", pyenv.display())
 }
 
 /// uv in a private virtualenv under the cache dir.
@@ -205,14 +171,8 @@ fn uv() -> Result<PathBuf> {
         return Ok(uv);
     }
     let python = find_python("3.11").or_else(|_| which_python3())?;
-    run(Command::new(&python)
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        &format!("uv=={UV_VERSION}"),
-    ]))?;
+    run(Command::new(&python).args(["-m", "venv", "--clear"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", &format!("uv=={UV_VERSION}")]))?;
     Ok(uv)
 }
 

@@ -107,19 +107,13 @@ impl Attribution {
         let mut stated: HashMap<usize, Owner> = HashMap::new();
         for r in records {
             a.dropped_messages = a.dropped_messages.max(r.u64("dropped").unwrap_or(0));
-            let pid = if r.sender_pid != 0 {
-                r.sender_pid
-            } else {
-                r.u64("pid").unwrap_or(0) as u32
-            };
+            let pid = if r.sender_pid != 0 { r.sender_pid } else { r.u64("pid").unwrap_or(0) as u32 };
             // runner_start may name the runner in `pid` when the agent sends it.
             if r.ev() != "runner_start" && r.u64("pid").is_some_and(|p| p as u32 != pid) {
                 a.pid_mismatches += 1;
             }
             let task_of = |a: &Attribution, key: &str| {
-                r.str(key)
-                    .and_then(|u| task_index.get(u).copied())
-                    .filter(|&t| t < a.tasks.len())
+                r.str(key).and_then(|u| task_index.get(u).copied()).filter(|&t| t < a.tasks.len())
             };
             match r.ev() {
                 "playbook_start" => {
@@ -142,11 +136,7 @@ impl Attribution {
                         name: r.str("name").unwrap_or("").to_owned(),
                         action: r.str("action").unwrap_or("").to_owned(),
                         role: r.str("role").map(str::to_owned),
-                        play: r
-                            .str("play_uuid")
-                            .and_then(|u| plays.get(u))
-                            .cloned()
-                            .unwrap_or_default(),
+                        play: r.str("play_uuid").and_then(|u| plays.get(u)).cloned().unwrap_or_default(),
                         handler: r.bool("handler"),
                         is_loop: r.bool("loop"),
                         start_ns: r.ts(),
@@ -185,10 +175,8 @@ impl Attribution {
                             start_ns: r.ts(),
                             end_ns: None,
                         });
-                    } else if let Some(win) = items
-                        .iter_mut()
-                        .rev()
-                        .find(|i| i.index == index && i.end_ns.is_none())
+                    } else if let Some(win) =
+                        items.iter_mut().rev().find(|i| i.index == index && i.end_ns.is_none())
                     {
                         win.end_ns = Some(r.ts());
                     }
@@ -199,19 +187,14 @@ impl Attribution {
                     }
                 }
                 "runner_start" if !r.bool("remote") => {
-                    let runner = r
-                        .u64("runner_pid")
-                        .or_else(|| r.u64("pid"))
-                        .map(|p| p as u32)
-                        .unwrap_or(pid);
+                    let runner =
+                        r.u64("runner_pid").or_else(|| r.u64("pid")).map(|p| p as u32).unwrap_or(pid);
                     let worker = r
                         .u64("worker_pid")
                         .and_then(|wp| worker_of_pid.get(&(wp as u32)).copied())
                         .or_else(|| {
                             let task = task_of(&a, "task_uuid")?;
-                            worker_by_host_task
-                                .get(&(r.str("host")?.to_owned(), task))
-                                .copied()
+                            worker_by_host_task.get(&(r.str("host")?.to_owned(), task)).copied()
                         });
                     if let (Some(w), Some(proc)) = (worker, find_process(model, runner, r.ts())) {
                         let item = r.u64("item").map(|i| i as u32);
@@ -228,12 +211,8 @@ impl Attribution {
                 _ => {}
             }
         }
-        let worker_at: HashMap<usize, usize> = a
-            .workers
-            .iter()
-            .enumerate()
-            .map(|(w, wk)| (wk.proc, w))
-            .collect();
+        let worker_at: HashMap<usize, usize> =
+            a.workers.iter().enumerate().map(|(w, wk)| (wk.proc, w)).collect();
         for i in 0..model.processes.len() {
             a.owners[i] = a.classify(model, i, &worker_at, &stated, controller);
         }
@@ -252,10 +231,7 @@ impl Attribution {
         // The nearest ancestor (the process itself included) that is a worker or whose owner a
         // message stated decides.
         let nearest = chain.iter().enumerate().rev().find_map(|(d, p)| {
-            stated
-                .get(p)
-                .map(|o| (d, Err(*o)))
-                .or_else(|| worker_at.get(p).map(|&w| (d, Ok(w))))
+            stated.get(p).map(|o| (d, Err(*o))).or_else(|| worker_at.get(p).map(|&w| (d, Ok(w))))
         });
         if let Some((_, Err(owner))) = nearest {
             return owner;
@@ -266,10 +242,7 @@ impl Attribution {
                 return Owner::Connection;
             }
             if i == worker.proc {
-                return Owner::Task {
-                    worker: w,
-                    item: None,
-                };
+                return Owner::Task { worker: w, item: None };
             }
             let start = model.processes[i].start_ns;
             let item = worker
@@ -284,10 +257,7 @@ impl Attribution {
         if let Some(c) = controller {
             if let Some(pos) = chain.iter().position(|&p| p == c) {
                 let below = &chain[pos + 1..];
-                if below
-                    .first()
-                    .is_some_and(|&p| model.processes[p].execs.is_empty())
-                {
+                if below.first().is_some_and(|&p| model.processes[p].execs.is_empty()) {
                     return Owner::Unattributed;
                 }
             }
@@ -305,10 +275,7 @@ impl Attribution {
     }
 
     pub fn unattributed(&self) -> u64 {
-        self.owners
-            .iter()
-            .filter(|o| **o == Owner::Unattributed)
-            .count() as u64
+        self.owners.iter().filter(|o| **o == Owner::Unattributed).count() as u64
     }
 }
 
@@ -333,10 +300,7 @@ fn is_connection_mux(model: &Model, below_worker: &[usize], worker: &Process) ->
     if !p.execs.is_empty() {
         return false;
     }
-    let image = below_worker
-        .iter()
-        .rev()
-        .find_map(|&a| model.processes[a].execs.last());
+    let image = below_worker.iter().rev().find_map(|&a| model.processes[a].execs.last());
     let is_ssh = image.is_some_and(|e| basename(&e.filename) == "ssh");
     let outlives = match (p.end_ns, worker.end_ns) {
         (None, _) => true,
@@ -352,22 +316,11 @@ mod tests {
     use crate::trace::{Event, Status};
 
     fn rec(pid: u32, body: serde_json::Value) -> AnsibleRecord {
-        AnsibleRecord {
-            sender_pid: pid,
-            body: body.as_object().unwrap().clone(),
-        }
+        AnsibleRecord { sender_pid: pid, body: body.as_object().unwrap().clone() }
     }
 
     fn fork(ts: u64, tgid: u32, ptgid: u32, root: bool) -> Event {
-        Event::Fork {
-            ts,
-            pid: tgid,
-            tgid,
-            ppid: ptgid,
-            ptgid,
-            thread: false,
-            root,
-        }
+        Event::Fork { ts, pid: tgid, tgid, ppid: ptgid, ptgid, thread: false, root }
     }
 
     fn exec(ts: u64, tgid: u32, file: &str) -> Event {
@@ -386,14 +339,7 @@ mod tests {
     }
 
     fn exit(ts: u64, tgid: u32) -> Event {
-        Event::Exit {
-            ts,
-            pid: tgid,
-            tgid,
-            group_dead: true,
-            status: Status::Exited(0),
-            cpu_ns: Some(1),
-        }
+        Event::Exit { ts, pid: tgid, tgid, group_dead: true, status: Status::Exited(0), cpu_ns: Some(1) }
     }
 
     #[test]
@@ -420,14 +366,8 @@ mod tests {
         ];
         let model = Model::from_events(&events);
         let records = vec![
-            rec(
-                10,
-                serde_json::json!({"ev": "playbook_start", "ts": 3, "pid": 10, "playbook": "/p.yml"}),
-            ),
-            rec(
-                10,
-                serde_json::json!({"ev": "play_start", "ts": 4, "uuid": "p1", "name": "Play"}),
-            ),
+            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 3, "pid": 10, "playbook": "/p.yml"})),
+            rec(10, serde_json::json!({"ev": "play_start", "ts": 4, "uuid": "p1", "name": "Play"})),
             rec(
                 10,
                 serde_json::json!({"ev": "task_start", "ts": 5, "uuid": "t1", "name": "echo", "action": "command", "play_uuid": "p1", "loop": true}),
@@ -436,65 +376,22 @@ mod tests {
                 20,
                 serde_json::json!({"ev": "worker_start", "ts": 11, "pid": 20, "host": "h1", "task_uuid": "t1"}),
             ),
-            rec(
-                20,
-                serde_json::json!({"ev": "item_start", "ts": 11, "index": 0, "label": "a"}),
-            ),
-            rec(
-                20,
-                serde_json::json!({"ev": "item_end", "ts": 15, "index": 0}),
-            ),
-            rec(
-                20,
-                serde_json::json!({"ev": "item_start", "ts": 15, "index": 1, "label": "b"}),
-            ),
-            rec(
-                20,
-                serde_json::json!({"ev": "item_end", "ts": 29, "index": 1}),
-            ),
+            rec(20, serde_json::json!({"ev": "item_start", "ts": 11, "index": 0, "label": "a"})),
+            rec(20, serde_json::json!({"ev": "item_end", "ts": 15, "index": 0})),
+            rec(20, serde_json::json!({"ev": "item_start", "ts": 15, "index": 1, "label": "b"})),
+            rec(20, serde_json::json!({"ev": "item_end", "ts": 29, "index": 1})),
             rec(
                 10,
                 serde_json::json!({"ev": "runner_end", "ts": 31, "host": "h1", "task_uuid": "t1", "status": "changed"}),
             ),
         ];
         let a = Attribution::new(&model, &records);
-        let owner = |tgid: u32| {
-            a.owners[model
-                .processes
-                .iter()
-                .position(|p| p.tgid() == tgid)
-                .unwrap()]
-        };
+        let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
         assert_eq!(a.tasks[0].play, "Play");
-        assert_eq!(
-            owner(20),
-            Owner::Task {
-                worker: 0,
-                item: None
-            }
-        );
-        assert_eq!(
-            owner(21),
-            Owner::Task {
-                worker: 0,
-                item: Some(0)
-            }
-        );
-        assert_eq!(
-            owner(22),
-            Owner::Task {
-                worker: 0,
-                item: Some(1)
-            }
-        );
-        assert_eq!(
-            owner(23),
-            Owner::Task {
-                worker: 0,
-                item: Some(1)
-            },
-            "short-lived intermediate fork"
-        );
+        assert_eq!(owner(20), Owner::Task { worker: 0, item: None });
+        assert_eq!(owner(21), Owner::Task { worker: 0, item: Some(0) });
+        assert_eq!(owner(22), Owner::Task { worker: 0, item: Some(1) });
+        assert_eq!(owner(23), Owner::Task { worker: 0, item: Some(1) }, "short-lived intermediate fork");
         assert_eq!(owner(24), Owner::Connection, "the mux outlives the worker");
         assert_eq!(owner(25), Owner::Unattributed);
         assert_eq!(owner(26), Owner::Controller);
@@ -518,63 +415,27 @@ mod tests {
         let model = Model::from_events(&events);
         let records = vec![
             rec(10, serde_json::json!({"ev": "playbook_start", "ts": 2})),
-            rec(
-                10,
-                serde_json::json!({"ev": "task_start", "ts": 3, "uuid": "t1", "name": "a"}),
-            ),
-            rec(
-                10,
-                serde_json::json!({"ev": "task_start", "ts": 4, "uuid": "t2", "name": "b"}),
-            ),
-            rec(
-                20,
-                serde_json::json!({"ev": "worker_start", "ts": 10, "host": "h", "task_uuid": "t1"}),
-            ),
-            rec(
-                30,
-                serde_json::json!({"ev": "agent_start", "ts": 11, "pid": 30}),
-            ),
+            rec(10, serde_json::json!({"ev": "task_start", "ts": 3, "uuid": "t1", "name": "a"})),
+            rec(10, serde_json::json!({"ev": "task_start", "ts": 4, "uuid": "t2", "name": "b"})),
+            rec(20, serde_json::json!({"ev": "worker_start", "ts": 10, "host": "h", "task_uuid": "t1"})),
+            rec(30, serde_json::json!({"ev": "agent_start", "ts": 11, "pid": 30})),
             rec(
                 30,
                 serde_json::json!({"ev": "runner_start", "ts": 12, "pid": 31, "worker_pid": 20, "item": 1}),
             ),
-            rec(
-                40,
-                serde_json::json!({"ev": "worker_start", "ts": 30, "host": "h", "task_uuid": "t2"}),
-            ),
+            rec(40, serde_json::json!({"ev": "worker_start", "ts": 30, "host": "h", "task_uuid": "t2"})),
             rec(
                 30,
                 serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 33, "host": "h", "task_uuid": "t2"}),
             ),
-            rec(
-                40,
-                serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 5, "remote": true}),
-            ),
+            rec(40, serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 5, "remote": true})),
         ];
         let a = Attribution::new(&model, &records);
-        let owner = |tgid: u32| {
-            a.owners[model
-                .processes
-                .iter()
-                .position(|p| p.tgid() == tgid)
-                .unwrap()]
-        };
+        let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
         assert_eq!(owner(30), Owner::Agent);
         assert_eq!(owner(32), Owner::Agent);
-        assert_eq!(
-            owner(31),
-            Owner::Task {
-                worker: 0,
-                item: Some(1)
-            }
-        );
-        assert_eq!(
-            owner(33),
-            Owner::Task {
-                worker: 1,
-                item: None
-            }
-        );
+        assert_eq!(owner(31), Owner::Task { worker: 0, item: Some(1) });
+        assert_eq!(owner(33), Owner::Task { worker: 1, item: None });
         assert_eq!(a.unattributed(), 0);
     }
 

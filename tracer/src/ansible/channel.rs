@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use nix::sys::socket::{
-    AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, bind, recvmsg,
-    setsockopt, socket, sockopt,
+    AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, bind, recvmsg, setsockopt,
+    socket, sockopt,
 };
 
 use crate::trace::AnsibleRecord;
@@ -48,14 +48,9 @@ impl Channel {
         if setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF).is_err() {
             let _ = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
         }
-        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)
-            .with_context(|| format!("binding {}", path.display()))?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        Ok(Self {
-            fd,
-            buf: vec![0; MAX_DATAGRAM],
-            malformed: 0,
-        })
+        Ok(Self { fd, buf: vec![0; MAX_DATAGRAM], malformed: 0 })
     }
 
     /// Receives every datagram waiting now.
@@ -82,16 +77,11 @@ impl Channel {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e).context("receiving from the attribution socket"),
             };
-            match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(
-                &self.buf[..len],
-            ) {
+            match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&self.buf[..len]) {
                 Ok(mut body) => {
                     body.remove("type");
                     body.remove("sender_pid");
-                    out.push(AnsibleRecord {
-                        sender_pid: pid.unwrap_or(0),
-                        body,
-                    });
+                    out.push(AnsibleRecord { sender_pid: pid.unwrap_or(0), body });
                 }
                 Err(_) => self.malformed += 1,
             }
@@ -109,8 +99,7 @@ mod tests {
         let path = dir.path().join("s.sock");
         let mut ch = Channel::bind(&path).unwrap();
         let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        tx.send_to(br#"{"v":1,"ev":"task_start","ts":5,"type":"spoof"}"#, &path)
-            .unwrap();
+        tx.send_to(br#"{"v":1,"ev":"task_start","ts":5,"type":"spoof"}"#, &path).unwrap();
         tx.send_to(b"not json", &path).unwrap();
         let mut out = Vec::new();
         ch.drain(&mut out).unwrap();

@@ -17,11 +17,7 @@ pub struct CallbackSettings {
 
 /// Ansible's config file search: $ANSIBLE_CONFIG, ./ansible.cfg (unless the directory is
 /// world-writable), ~/.ansible.cfg, /etc/ansible/ansible.cfg.
-pub fn find_config(
-    cwd: &Path,
-    env: impl Fn(&str) -> Option<String>,
-    home: Option<&Path>,
-) -> Option<PathBuf> {
+pub fn find_config(cwd: &Path, env: impl Fn(&str) -> Option<String>, home: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = env("ANSIBLE_CONFIG") {
         let p = PathBuf::from(p);
         let p = if p.is_dir() { p.join("ansible.cfg") } else { p };
@@ -52,15 +48,10 @@ pub fn callback_settings(
     let config_file = find_config(cwd, &env, home);
     let (mut plugin_path, mut enabled) = (None, None);
     if let Some(cfg) = &config_file {
-        let ini = ini::Ini::load_from_file_noescape(cfg)
-            .with_context(|| format!("reading {}", cfg.display()))?;
+        let ini =
+            ini::Ini::load_from_file_noescape(cfg).with_context(|| format!("reading {}", cfg.display()))?;
         if let Some(defaults) = ini.section(Some("defaults")) {
-            let get = |k: &str| {
-                defaults
-                    .get(k)
-                    .map(strip_inline_comment)
-                    .filter(|v| !v.is_empty())
-            };
+            let get = |k: &str| defaults.get(k).map(strip_inline_comment).filter(|v| !v.is_empty());
             // Relative entries are relative to the config file, as Ansible resolves them.
             let base = cfg.parent().unwrap_or(Path::new("."));
             plugin_path = get("callback_plugins").map(|v| {
@@ -78,15 +69,10 @@ pub fn callback_settings(
     if let Some(v) = env("ANSIBLE_CALLBACK_PLUGINS") {
         plugin_path = Some(v);
     }
-    if let Some(v) = env("ANSIBLE_CALLBACKS_ENABLED").or_else(|| env("ANSIBLE_CALLBACK_WHITELIST"))
-    {
+    if let Some(v) = env("ANSIBLE_CALLBACKS_ENABLED").or_else(|| env("ANSIBLE_CALLBACK_WHITELIST")) {
         enabled = Some(v);
     }
-    Ok(CallbackSettings {
-        plugin_path,
-        enabled,
-        config_file,
-    })
+    Ok(CallbackSettings { plugin_path, enabled, config_file })
 }
 
 /// Ansible's configparser treats `;` after whitespace as an inline comment.
@@ -102,9 +88,7 @@ impl CallbackSettings {
         let rest = match &self.plugin_path {
             Some(p) => p.clone(),
             None => {
-                let home = home
-                    .map(|h| h.display().to_string())
-                    .unwrap_or_else(|| "~".into());
+                let home = home.map(|h| h.display().to_string()).unwrap_or_else(|| "~".into());
                 format!("{home}/.ansible/plugins/callback:/usr/share/ansible/plugins/callback")
             }
         };
@@ -143,15 +127,9 @@ mod tests {
         let no_env = |_: &str| None;
         let s = callback_settings(dir.path(), no_env, None).unwrap();
         assert_eq!(s.enabled.as_deref(), Some("profile_tasks, timer"));
-        assert_eq!(
-            s.enabled_with("spawntrace"),
-            "profile_tasks,timer,spawntrace"
-        );
+        assert_eq!(s.enabled_with("spawntrace"), "profile_tasks,timer,spawntrace");
         let rel = dir.path().join("rel");
-        assert_eq!(
-            s.plugin_path_with(Path::new("/t/cb"), None),
-            format!("/t/cb:/opt/cb:{}", rel.display())
-        );
+        assert_eq!(s.plugin_path_with(Path::new("/t/cb"), None), format!("/t/cb:/opt/cb:{}", rel.display()));
 
         let env = |k: &str| (k == "ANSIBLE_CALLBACKS_ENABLED").then(|| "mine".to_owned());
         let s = callback_settings(dir.path(), env, None).unwrap();

@@ -68,23 +68,17 @@ impl Session {
         if let Some(user) = run_as {
             chown_tree(dir.path(), user)?;
         }
-        let home = run_as
-            .map(|r| PathBuf::from(&r.home))
-            .or_else(|| std::env::var_os("HOME").map(PathBuf::from));
+        let home =
+            run_as.map(|r| PathBuf::from(&r.home)).or_else(|| std::env::var_os("HOME").map(PathBuf::from));
         let cwd = std::env::current_dir().context("current directory")?;
         let settings = config::callback_settings(&cwd, |k| std::env::var(k).ok(), home.as_deref())?;
         let callbacks = root.join("spawntrace/tracer/plugins/callback");
         let env = vec![
             (
                 "ANSIBLE_CALLBACK_PLUGINS".into(),
-                settings
-                    .plugin_path_with(&callbacks, home.as_deref())
-                    .into(),
+                settings.plugin_path_with(&callbacks, home.as_deref()).into(),
             ),
-            (
-                "ANSIBLE_CALLBACKS_ENABLED".into(),
-                settings.enabled_with(CALLBACK_NAME).into(),
-            ),
+            ("ANSIBLE_CALLBACKS_ENABLED".into(), settings.enabled_with(CALLBACK_NAME).into()),
             ("SPAWNTRACE_SOCKET".into(), socket.into_os_string()),
         ];
         Ok((Self { dir, env }, channel))
@@ -145,10 +139,6 @@ mod tests {
 
     #[test]
     fn bundled_callback_is_embedded() {
-        assert!(
-            COLLECTIONS
-                .get_file("spawntrace/tracer/plugins/callback/spawntrace.py")
-                .is_some()
-        );
+        assert!(COLLECTIONS.get_file("spawntrace/tracer/plugins/callback/spawntrace.py").is_some());
     }
 }

@@ -34,10 +34,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
 }
 
 fn find_struct(btf: &Btf, name: &str) -> Result<btf_rs::Struct> {
-    for ty in btf
-        .resolve_types_by_name(name)
-        .with_context(|| format!("BTF has no {name}"))?
-    {
+    for ty in btf.resolve_types_by_name(name).with_context(|| format!("BTF has no {name}"))? {
         if let Type::Struct(s) = ty
             && !s.members.is_empty()
         {
@@ -91,10 +88,6 @@ mod tests {
         }
         let off = kernel_offsets().unwrap();
         assert!(off.task_mm > 0 && off.task_exit_code > 0 && off.task_sum_exec_runtime > 0);
-        assert_eq!(
-            off.mm_arg_end,
-            off.mm_arg_start + 8,
-            "arg_end follows arg_start"
-        );
+        assert_eq!(off.mm_arg_end, off.mm_arg_start + 8, "arg_end follows arg_start");
     }
 }

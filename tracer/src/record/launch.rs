@@ -31,10 +31,7 @@ impl RunAs {
         let Some(uid) = std::env::var_os("SUDO_UID") else {
             return Ok(None);
         };
-        let uid: u32 = uid
-            .to_str()
-            .and_then(|s| s.parse().ok())
-            .context("SUDO_UID is not a number")?;
+        let uid: u32 = uid.to_str().and_then(|s| s.parse().ok()).context("SUDO_UID is not a number")?;
         if uid == 0 {
             return Ok(None);
         }
@@ -92,9 +89,7 @@ pub fn spawn(
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(r) = run_as {
-        cmd.env("HOME", &r.home)
-            .env("USER", &r.name)
-            .env("LOGNAME", &r.name);
+        cmd.env("HOME", &r.home).env("USER", &r.name).env("LOGNAME", &r.name);
         let (uid, gid, groups) = (r.uid, r.gid, r.groups.clone());
         // SAFETY: only async-signal-safe syscalls between fork and exec.
         unsafe {
@@ -106,13 +101,11 @@ pub fn spawn(
             });
         }
     }
-    tokio::process::Command::from(cmd)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => SpawnError::NotFound(argv[0].clone()),
-            std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(argv[0].clone()),
-            _ => SpawnError::Other(argv[0].clone(), e),
-        })
+    tokio::process::Command::from(cmd).spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => SpawnError::NotFound(argv[0].clone()),
+        std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(argv[0].clone()),
+        _ => SpawnError::Other(argv[0].clone(), e),
+    })
 }
 
 /// Passes SIGINT/SIGTERM/SIGHUP/SIGQUIT on to the child.
@@ -155,11 +148,7 @@ impl SignalForwarder {
                 }
             })
             .context("starting the signal thread")?;
-        Ok(Self {
-            child,
-            interrupted,
-            handle,
-        })
+        Ok(Self { child, interrupted, handle })
     }
 
     pub fn set_child(&self, pid: u32) {

@@ -124,20 +124,12 @@ async fn record_into(
     let root_pid = child.id().unwrap_or(0);
     signals.set_child(root_pid);
 
-    let header = Header {
-        ansible: ansible_enabled,
-        ..make_header(opts, run_as, root_pid, start_ns)
-    };
+    let header = Header { ansible: ansible_enabled, ..make_header(opts, run_as, root_pid, start_ns) };
     if let Some(w) = writer.as_deref_mut() {
         w.header(&header)?;
     }
-    let mut sink = Sink {
-        model: Model::default(),
-        ansible: Vec::new(),
-        writer,
-        events: 0,
-        decode_failures: 0,
-    };
+    let mut sink =
+        Sink { model: Model::default(), ansible: Vec::new(), writer, events: 0, decode_failures: 0 };
     // The probes wake us only when much data has piled up; this tick collects the rest.
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -256,10 +248,7 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
 fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: u64) -> Header {
     let uname = nix::sys::utsname::uname().ok();
     let field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
-        uname
-            .as_ref()
-            .map(|u| f(u).to_string_lossy().into_owned())
-            .unwrap_or_default()
+        uname.as_ref().map(|u| f(u).to_string_lossy().into_owned()).unwrap_or_default()
     };
     let realtime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
         .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
@@ -275,12 +264,8 @@ fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: 
         boot_time_s: procfs::boot_time_secs().unwrap_or(0),
         command: opts.command.clone(),
         root_pid,
-        uid: run_as
-            .map(|r| r.uid.as_raw())
-            .unwrap_or_else(|| nix::unistd::getuid().as_raw()),
-        gid: run_as
-            .map(|r| r.gid.as_raw())
-            .unwrap_or_else(|| nix::unistd::getgid().as_raw()),
+        uid: run_as.map(|r| r.uid.as_raw()).unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+        gid: run_as.map(|r| r.gid.as_raw()).unwrap_or_else(|| nix::unistd::getgid().as_raw()),
         start_ns,
         argv_cap: tracer_common::ARGV_CAP,
         path_cap: tracer_common::PATH_CAP,
@@ -309,9 +294,8 @@ fn own_cpu_ns() -> u64 {
     use nix::sys::resource::{UsageWho, getrusage};
     getrusage(UsageWho::RUSAGE_SELF)
         .map(|u| {
-            let t = |tv: nix::sys::time::TimeVal| {
-                tv.tv_sec() as u64 * 1_000_000_000 + tv.tv_usec() as u64 * 1000
-            };
+            let t =
+                |tv: nix::sys::time::TimeVal| tv.tv_sec() as u64 * 1_000_000_000 + tv.tv_usec() as u64 * 1000;
             t(u.user_time()) + t(u.system_time())
         })
         .unwrap_or(0)

@@ -12,13 +12,8 @@ use tracer_common::{KernelOffsets, counter};
 use crate::trace::Counters;
 
 /// The probe programs; each is named after the raw tracepoint it attaches to.
-const PROGRAMS: &[&str] = &[
-    "sched_process_fork",
-    "sched_process_exec",
-    "sched_process_exit",
-    "sys_enter",
-    "sys_exit",
-];
+const PROGRAMS: &[&str] =
+    &["sched_process_fork", "sched_process_exec", "sched_process_exit", "sys_enter", "sys_exit"];
 
 /// Loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
@@ -45,10 +40,7 @@ impl Probes {
             .override_global("TRACER_TGID", &tracer_tgid, true)
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("EVENTS", ring_bytes)
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/tracer-ebpf"
-            )))
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf")))
             .context("loading the eBPF probes")?;
         let mut links = Vec::with_capacity(PROGRAMS.len());
         for &name in PROGRAMS {
@@ -57,19 +49,14 @@ impl Probes {
                 .with_context(|| format!("probe {name} missing from the eBPF object"))?
                 .try_into()
                 .with_context(|| format!("probe {name} is not a raw tracepoint"))?;
-            prog.load()
-                .with_context(|| format!("verifier rejected probe {name}"))?;
+            prog.load().with_context(|| format!("verifier rejected probe {name}"))?;
             let id = prog
                 .attach(name)
                 .with_context(|| format!("attaching probe {name} to raw tracepoint {name}"))?;
             links.push(prog.take_link(id)?);
         }
         log::debug!("probes loaded and attached in {:?}", start.elapsed());
-        Ok(Self {
-            links,
-            ebpf,
-            _stats: stats,
-        })
+        Ok(Self { links, ebpf, _stats: stats })
     }
 
     /// Starts forwarding kernel-side aya-log messages to the `log` crate.
@@ -85,10 +72,7 @@ impl Probes {
 
     /// The event ring buffer (can be taken once).
     pub fn events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .context("EVENTS map missing or already taken")?;
+        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing or already taken")?;
         RingBuf::try_from(map).context("EVENTS is not a ring buffer")
     }
 
@@ -115,11 +99,7 @@ impl Probes {
                 continue;
             };
             let info = tp.info().ok()?;
-            log::debug!(
-                "probe {name}: {} runs, {:?}",
-                info.run_count(),
-                info.run_time()
-            );
+            log::debug!("probe {name}: {} runs, {:?}", info.run_count(), info.run_time());
             total += info.run_time().as_nanos() as u64;
         }
         Some(total)

@@ -1,8 +1,8 @@
 //! Decodes ring-buffer records (the `tracer_common` ABI) into trace [`Event`]s.
 use tracer_common::{
-    EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXIT_CODE_UNAVAILABLE, EXIT_CPU_UNAVAILABLE,
-    EventHeader, ExecEvent, ExecFailedEvent, ExitEvent, FORK_ROOT, FORK_THREAD, ForkEvent,
-    OpenEvent, PATH_TRUNCATED, exec_syscall, kind, open_syscall, record_size,
+    EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXIT_CODE_UNAVAILABLE, EXIT_CPU_UNAVAILABLE, EventHeader,
+    ExecEvent, ExecFailedEvent, ExitEvent, FORK_ROOT, FORK_THREAD, ForkEvent, OpenEvent, PATH_TRUNCATED,
+    exec_syscall, kind, open_syscall, record_size,
 };
 
 use crate::trace::{Event, Status, errno_name};
@@ -35,10 +35,7 @@ pub fn split_argv(bytes: &[u8]) -> Vec<String> {
     if bytes.is_empty() {
         return Vec::new();
     }
-    bytes
-        .split(|&b| b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect()
+    bytes.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
@@ -48,11 +45,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let h: EventHeader = read(bytes);
     let want = record_size(h.kind).ok_or(DecodeError::Kind(h.kind))?;
     if bytes.len() < want {
-        return Err(DecodeError::Size {
-            kind: h.kind,
-            got: bytes.len(),
-            want,
-        });
+        return Err(DecodeError::Size { kind: h.kind, got: bytes.len(), want });
     }
     let (ts, pid, tgid) = (h.ts_ns, h.pid, h.tgid);
     Ok(match h.kind {
@@ -150,10 +143,7 @@ mod tests {
 
     #[test]
     fn argv_splitting() {
-        assert_eq!(
-            split_argv(b"sh\0-c\0echo hi\0"),
-            vec!["sh", "-c", "echo hi"]
-        );
+        assert_eq!(split_argv(b"sh\0-c\0echo hi\0"), vec!["sh", "-c", "echo hi"]);
         assert_eq!(split_argv(b"sh\0-c\0ech"), vec!["sh", "-c", "ech"]);
         assert_eq!(split_argv(b"a\0\0b\0"), vec!["a", "", "b"]);
         assert!(split_argv(b"").is_empty());
@@ -162,13 +152,7 @@ mod tests {
     #[test]
     fn decodes_exec_with_truncation_flag() {
         let mut e = ExecEvent {
-            header: EventHeader {
-                kind: kind::EXEC,
-                pid: 5,
-                tgid: 5,
-                flags: EXEC_ARGV_TRUNCATED,
-                ts_ns: 9,
-            },
+            header: EventHeader { kind: kind::EXEC, pid: 5, tgid: 5, flags: EXEC_ARGV_TRUNCATED, ts_ns: 9 },
             old_pid: 5,
             filename_len: 9,
             argv_len: 8,
@@ -179,13 +163,7 @@ mod tests {
         e.filename[..9].copy_from_slice(b"/bin/true");
         e.argv[..8].copy_from_slice(b"true\0abc");
         match decode(&as_bytes(&e)).unwrap() {
-            Event::Exec {
-                filename,
-                argv,
-                argv_truncated,
-                argv_bytes,
-                ..
-            } => {
+            Event::Exec { filename, argv, argv_truncated, argv_bytes, .. } => {
                 assert_eq!(filename, "/bin/true");
                 assert_eq!(argv, vec!["true", "abc"]);
                 assert!(argv_truncated);
@@ -198,18 +176,9 @@ mod tests {
     #[test]
     fn rejects_short_and_unknown_records() {
         assert_eq!(decode(&[0; 4]), Err(DecodeError::Short(4)));
-        let h = EventHeader {
-            kind: 99,
-            ..Default::default()
-        };
+        let h = EventHeader { kind: 99, ..Default::default() };
         assert_eq!(decode(&as_bytes(&h)), Err(DecodeError::Kind(99)));
-        let h = EventHeader {
-            kind: kind::EXEC,
-            ..Default::default()
-        };
-        assert!(matches!(
-            decode(&as_bytes(&h)),
-            Err(DecodeError::Size { .. })
-        ));
+        let h = EventHeader { kind: kind::EXEC, ..Default::default() };
+        assert!(matches!(decode(&as_bytes(&h)), Err(DecodeError::Size { .. })));
     }
 }

@@ -17,9 +17,8 @@ pub enum Kind {
 }
 
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh"];
-const HOUSEKEEPING: &[&str] = &[
-    "mkdir", "chmod", "rm", "sleep", "echo", "cat", "mv", "cp", "chown", "stat", "true", "test",
-];
+const HOUSEKEEPING: &[&str] =
+    &["mkdir", "chmod", "rm", "sleep", "echo", "cat", "mv", "cp", "chown", "stat", "true", "test"];
 
 /// The process's label; fork-only processes get their parent's label plus ` (fork)`.
 pub fn label(model: &Model, i: usize) -> String {
@@ -69,16 +68,10 @@ fn kind_of(filename: &str, argv: &[String]) -> Kind {
 
 /// A label from an exec's filename and argv.
 pub fn describe(filename: &str, argv: &[String]) -> String {
-    let exe = argv
-        .first()
-        .map(|a| basename(a))
-        .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| basename(filename));
+    let exe =
+        argv.first().map(|a| basename(a)).filter(|a| !a.is_empty()).unwrap_or_else(|| basename(filename));
     if SHELLS.contains(&exe) && argv.get(1).map(String::as_str) == Some("-c") {
-        return format!(
-            "{exe} -c {}",
-            script_gist(argv.get(2).map(String::as_str).unwrap_or(""))
-        );
+        return format!("{exe} -c {}", script_gist(argv.get(2).map(String::as_str).unwrap_or("")));
     }
     if exe.starts_with("python") {
         if let Some(m) = argv.iter().find_map(|a| ansiballz(a)) {
@@ -102,9 +95,7 @@ pub fn describe(filename: &str, argv: &[String]) -> String {
 fn ansiballz(arg: &str) -> Option<String> {
     let at = arg.find("AnsiballZ_")?;
     let rest = &arg[at..];
-    let end = rest
-        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .unwrap_or(rest.len());
+    let end = rest.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(rest.len());
     Some(rest[..end].to_owned())
 }
 
@@ -147,11 +138,7 @@ mod tests {
     #[test]
     fn ansible_shapes_are_recognisable() {
         let cases = [
-            (
-                v(&["/bin/sh", "-c", "/bin/sh -c 'echo ~root && sleep 0'"]),
-                "sh -c echo ~",
-                Kind::Shell,
-            ),
+            (v(&["/bin/sh", "-c", "/bin/sh -c 'echo ~root && sleep 0'"]), "sh -c echo ~", Kind::Shell),
             (
                 v(&[
                     "/bin/sh",
@@ -180,19 +167,12 @@ mod tests {
                 Kind::Shell,
             ),
             (
-                v(&[
-                    "/usr/bin/python3",
-                    "/root/.ansible/tmp/ansible-tmp-1/AnsiballZ_stat.py",
-                ]),
+                v(&["/usr/bin/python3", "/root/.ansible/tmp/ansible-tmp-1/AnsiballZ_stat.py"]),
                 "python3 AnsiballZ_stat",
                 Kind::Module,
             ),
             (v(&["/venv/bin/python"]), "python (stdin)", Kind::Module),
-            (
-                v(&["/usr/bin/ssh", "-C", "-o", "ControlMaster=auto", "h1"]),
-                "ssh",
-                Kind::Ssh,
-            ),
+            (v(&["/usr/bin/ssh", "-C", "-o", "ControlMaster=auto", "h1"]), "ssh", Kind::Ssh),
             (v(&["chmod", "u+rwx", "/x"]), "chmod", Kind::Shell),
             (v(&["/usr/bin/make", "all"]), "make", Kind::Other),
         ];

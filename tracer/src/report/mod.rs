@@ -1,4 +1,5 @@
 //! Outputs built from a recording or a saved trace.
+pub mod flamegraph;
 pub mod labels;
 pub mod summary;
 pub mod tasks;
@@ -19,6 +20,27 @@ pub enum Format {
     Text,
     Json,
     Markdown,
+}
+
+/// A saved trace with its process model and attribution, ready for any output.
+pub struct Loaded {
+    pub trace: crate::trace::Trace,
+    pub model: Model,
+    pub attribution: Attribution,
+}
+
+impl Loaded {
+    pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
+        let trace = crate::trace::Trace::read(path)?;
+        let model = Model::from_events(&trace.events);
+        let attribution = Attribution::new(&model, &trace.ansible);
+        Ok(Self { trace, model, attribution })
+    }
+
+    /// The attribution, when the plugins reported anything.
+    pub fn ansible(&self) -> Option<&Attribution> {
+        self.attribution.available.then_some(&self.attribution)
+    }
 }
 
 /// Everything `report` shows: the run summary, and the per-task tables for Ansible runs.
@@ -43,10 +65,7 @@ impl Report {
     ) -> Self {
         let ansible = (ansible || !records.is_empty())
             .then(|| tasks::TaskReport::new(model, &Attribution::new(model, records), by));
-        Self {
-            summary: summary::Summary::new(header, footer, model),
-            ansible,
-        }
+        Self { summary: summary::Summary::new(header, footer, model), ansible }
     }
 
     pub fn render(&self, format: Format, top_n: usize) -> anyhow::Result<String> {

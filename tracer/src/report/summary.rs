@@ -66,21 +66,14 @@ impl Summary {
                 *execs_by_path.entry(e.filename.clone()).or_insert(0) += 1;
             }
             for f in &p.failed_execs {
-                *failed_execs_by_error
-                    .entry(crate::trace::errno_name(f.errno))
-                    .or_insert(0) += 1;
+                *failed_execs_by_error.entry(crate::trace::errno_name(f.errno)).or_insert(0) += 1;
             }
             if let Some(s) = p.status {
                 *exits.entry(s.to_string()).or_insert(0) += 1;
             }
         }
-        let mut top: Vec<TopExe> = execs_by_path
-            .iter()
-            .map(|(path, &execs)| TopExe {
-                path: path.clone(),
-                execs,
-            })
-            .collect();
+        let mut top: Vec<TopExe> =
+            execs_by_path.iter().map(|(path, &execs)| TopExe { path: path.clone(), execs }).collect();
         top.sort_by(|a, b| b.execs.cmp(&a.execs).then_with(|| a.path.cmp(&b.path)));
         top.truncate(TOP);
         let end = footer.map(|f| f.end_ns).unwrap_or(t.last_ns);
@@ -119,19 +112,11 @@ impl Summary {
     }
 
     fn exits_text(&self) -> String {
-        let mut parts: Vec<String> = self
-            .exits
-            .iter()
-            .map(|(k, v)| format!("{k} ×{v}"))
-            .collect();
+        let mut parts: Vec<String> = self.exits.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
         if self.still_running > 0 {
             parts.push(format!("still running ×{}", self.still_running));
         }
-        if parts.is_empty() {
-            "none".into()
-        } else {
-            parts.join(", ")
-        }
+        if parts.is_empty() { "none".into() } else { parts.join(", ") }
     }
 
     fn health_text(&self) -> String {
@@ -204,10 +189,7 @@ impl Summary {
             ("threads", self.threads.to_string()),
             ("execs", self.execs.to_string()),
             ("failed execs", self.failed_execs.to_string()),
-            (
-                "opens",
-                format!("{} (failed {})", self.opens, self.failed_opens),
-            ),
+            ("opens", format!("{} (failed {})", self.opens, self.failed_opens)),
             ("exits", self.exits_text()),
             ("trace health", self.health_text()),
         ];
@@ -231,26 +213,15 @@ mod tests {
 
     #[test]
     fn counts_and_top_list() {
-        let mut events = vec![Event::Fork {
-            ts: 1,
-            pid: 10,
-            tgid: 10,
-            ppid: 1,
-            ptgid: 1,
-            thread: false,
-            root: true,
-        }];
+        let mut events =
+            vec![Event::Fork { ts: 1, pid: 10, tgid: 10, ppid: 1, ptgid: 1, thread: false, root: true }];
         for i in 0..3u32 {
             events.push(Event::Exec {
                 ts: 2 + i as u64,
                 pid: 10,
                 tgid: 10,
                 old_pid: 10,
-                filename: if i == 0 {
-                    "/bin/sh".into()
-                } else {
-                    "/bin/true".into()
-                },
+                filename: if i == 0 { "/bin/sh".into() } else { "/bin/true".into() },
                 argv: vec![],
                 argv_bytes: 0,
                 argv_truncated: false,
@@ -269,13 +240,7 @@ mod tests {
         let s = Summary::new(&header, None, &model);
         assert_eq!(s.execs, 3);
         assert_eq!(s.execs_by_path["/bin/true"], 2);
-        assert_eq!(
-            s.top_executables[0],
-            TopExe {
-                path: "/bin/true".into(),
-                execs: 2
-            }
-        );
+        assert_eq!(s.top_executables[0], TopExe { path: "/bin/true".into(), execs: 2 });
         assert!(!s.complete);
         assert_eq!(s.still_running, 1);
         assert!(s.text().contains("TRACE INCOMPLETE"));

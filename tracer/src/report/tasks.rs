@@ -89,11 +89,7 @@ impl Acc {
         self.row.processes += 1;
         for e in &p.execs {
             self.row.execs += 1;
-            *self
-                .row
-                .execs_by_exe
-                .entry(basename(&e.filename).to_owned())
-                .or_insert(0) += 1;
+            *self.row.execs_by_exe.entry(basename(&e.filename).to_owned()).or_insert(0) += 1;
         }
         self.row.failed_execs += p.failed_execs.len() as u64;
         self.row.opens += p.opens as u64;
@@ -108,9 +104,7 @@ impl Acc {
     fn finish(mut self) -> TaskRow {
         self.row.hosts = self.hosts.into_iter().collect();
         self.row.items = self.items.len() as u64;
-        self.row.wall_ms = self
-            .first
-            .map_or(0.0, |f| (self.last.saturating_sub(f)) as f64 / 1e6);
+        self.row.wall_ms = self.first.map_or(0.0, |f| (self.last.saturating_sub(f)) as f64 / 1e6);
         self.row.cpu_ms = (self.row.cpu_ms * 100.0).round() / 100.0;
         self.row.wall_ms = (self.row.wall_ms * 100.0).round() / 100.0;
         self.row
@@ -224,8 +218,9 @@ impl TaskReport {
     }
 
     fn unavailable_note(&self) -> Option<&'static str> {
-        (!self.attribution_available)
-            .then_some("Ansible attribution unavailable: no message arrived from the spawntrace callback plugin")
+        (!self.attribution_available).then_some(
+            "Ansible attribution unavailable: no message arrived from the spawntrace callback plugin",
+        )
     }
 
     fn other_line(&self) -> String {
@@ -242,13 +237,7 @@ impl TaskReport {
             let _ = writeln!(o, "{n}");
             return o;
         }
-        let w = self
-            .tasks
-            .iter()
-            .map(|r| Self::label(r).chars().count())
-            .max()
-            .unwrap_or(4)
-            .clamp(4, 48);
+        let w = self.tasks.iter().map(|r| Self::label(r).chars().count()).max().unwrap_or(4).clamp(4, 48);
         let _ = writeln!(
             o,
             "{:<w$}  {:<16} {:>5} {:>5} {:>9} {:>6} {:>6} {:>7} {:>9}  execs by executable",
@@ -283,8 +272,7 @@ impl TaskReport {
                 ("spawns", self.top(top_n, |r| r.processes as f64)),
                 ("wall time", self.top(top_n, |r| r.wall_ms)),
             ] {
-                let names: Vec<String> =
-                    rows.iter().map(|r| truncate(&Self::label(r), 40)).collect();
+                let names: Vec<String> = rows.iter().map(|r| truncate(&Self::label(r), 40)).collect();
                 let _ = writeln!(o, "top {top_n} by {what}: {}", names.join("; "));
             }
         }

@@ -1,0 +1,253 @@
+//! Flamegraphs of what a run spawned (drawn by inferno). For Ansible runs the stacks are
+//! `playbook;play;task;host;<process chain below the worker>`; for anything else, the process
+//! tree from the traced command down.
+use std::io::Write;
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    ansible::attribution::{Attribution, Owner},
+    model::{Model, basename},
+    report::labels,
+    trace::Header,
+};
+
+/// What a frame's width measures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Weight {
+    /// Processes spawned.
+    #[default]
+    Count,
+    /// Summed process lifetimes (µs).
+    Wall,
+    /// CPU time (µs).
+    Cpu,
+}
+
+impl Weight {
+    fn unit(self) -> &'static str {
+        match self {
+            Weight::Count => "processes",
+            Weight::Wall | Weight::Cpu => "µs",
+        }
+    }
+
+    fn meaning(self) -> &'static str {
+        match self {
+            Weight::Count => "width = processes spawned",
+            Weight::Wall => "width = summed process lifetimes",
+            Weight::Cpu => "width = CPU time",
+        }
+    }
+}
+
+/// Where hosts go in Ansible stacks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlameBy {
+    /// `…;task;host;…`
+    #[default]
+    Task,
+    /// `…;host;task;…`
+    Host,
+}
+
+/// inferno splits frames on `;` and samples on the last space-separated field.
+fn frame(s: &str) -> String {
+    s.replace(';', ":").replace(['\n', '\r'], " ")
+}
+
+/// Folded stacks (`frame;frame;frame N`), merged and sorted.
+pub fn folded(model: &Model, attribution: Option<&Attribution>, weight: Weight, by: FlameBy) -> Vec<String> {
+    let mut stacks: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let attribution = attribution.filter(|a| a.available);
+    let playbook = attribution
+        .and_then(|a| a.playbook.as_deref())
+        .map(|p| basename(p).to_owned())
+        .unwrap_or_else(|| "playbook".into());
+    for (i, p) in model.processes.iter().enumerate() {
+        let w = match weight {
+            Weight::Count => 1,
+            Weight::Wall => {
+                p.wall_ns().unwrap_or_else(|| model.totals.last_ns.saturating_sub(p.start_ns)) / 1000
+            }
+            Weight::Cpu => p.cpu_ns / 1000,
+        };
+        if w == 0 {
+            continue;
+        }
+        let chain = model.ancestry(i);
+        let mut frames: Vec<String> = Vec::new();
+        let below =
+            |from: usize| -> Vec<String> { chain[from..].iter().map(|&c| labels::label(model, c)).collect() };
+        match attribution.map(|a| (a, a.owners[i])) {
+            None => frames.extend(below(0)),
+            Some((a, Owner::Task { worker, .. })) => {
+                let wk = &a.workers[worker];
+                let task = &a.tasks[wk.task];
+                frames.push(playbook.clone());
+                frames.push(if task.play.is_empty() { "(play)".into() } else { task.play.clone() });
+                let (t, h) = (task.name.clone(), wk.host.clone());
+                match by {
+                    FlameBy::Task => frames.extend([t, h]),
+                    FlameBy::Host => frames.extend([h, t]),
+                }
+                let depth = chain.iter().position(|&c| c == wk.proc).map_or(chain.len(), |d| d + 1);
+                frames.extend(below(depth));
+            }
+            Some((_, owner)) => {
+                frames.push(playbook.clone());
+                frames.push(format!("({})", owner.category()));
+                frames.extend(below(0));
+            }
+        }
+        let key = frames.iter().map(|f| frame(f)).collect::<Vec<_>>().join(";");
+        *stacks.entry(key).or_insert(0) += w;
+    }
+    stacks.into_iter().map(|(k, v)| format!("{k} {v}")).collect()
+}
+
+fn options(title: String, subtitle: String, count_name: &str) -> inferno::flamegraph::Options<'static> {
+    let mut o = inferno::flamegraph::Options::default();
+    o.title = title;
+    o.subtitle = Some(subtitle);
+    o.count_name = count_name.to_owned();
+    o.name_type = "Frame:".into();
+    o.deterministic = true;
+    o.hash = true;
+    o
+}
+
+/// Writes an SVG flamegraph of folded stacks.
+pub fn svg(header: &Header, lines: &[String], weight: Weight, out: impl Write) -> Result<()> {
+    let title = format!("spawntrace: {}", header.command.join(" "));
+    let mut opts = options(title, weight.meaning().to_owned(), weight.unit());
+    inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), out)
+        .context("drawing the flamegraph")
+}
+
+/// Writes a differential flamegraph: shapes of `after`, coloured by the change from `before`
+/// (red grew, blue shrank), with frames that disappeared drawn from `before` too.
+pub fn diff_svg(
+    before: &[String],
+    after: &[String],
+    weight: Weight,
+    title: &str,
+    out: impl Write,
+) -> Result<()> {
+    let join = |l: &[String]| l.join("\n").into_bytes();
+    let mut diff = Vec::new();
+    inferno::differential::from_readers(
+        inferno::differential::Options::default(),
+        join(before).as_slice(),
+        join(after).as_slice(),
+        &mut diff,
+    )
+    .context("diffing folded stacks")?;
+    let diff = String::from_utf8(diff).context("folded stacks are not UTF-8")?;
+    let subtitle = format!("{}; red grew, blue shrank from the first trace to the second", weight.meaning());
+    let mut opts = options(title.to_owned(), subtitle, weight.unit());
+    inferno::flamegraph::from_lines(&mut opts, diff.lines(), out)
+        .context("drawing the differential flamegraph")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::{AnsibleRecord, Event, Status};
+
+    fn fork(ts: u64, tgid: u32, ptgid: u32, root: bool) -> Event {
+        Event::Fork { ts, pid: tgid, tgid, ppid: ptgid, ptgid, thread: false, root }
+    }
+
+    fn exec(ts: u64, tgid: u32, argv: &[&str]) -> Event {
+        Event::Exec {
+            ts,
+            pid: tgid,
+            tgid,
+            old_pid: tgid,
+            filename: argv[0].into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            argv_bytes: 0,
+            argv_truncated: false,
+            argv_unreadable: false,
+            filename_truncated: false,
+        }
+    }
+
+    fn exit(ts: u64, tgid: u32, cpu: u64) -> Event {
+        Event::Exit { ts, pid: tgid, tgid, group_dead: true, status: Status::Exited(0), cpu_ns: Some(cpu) }
+    }
+
+    fn rec(pid: u32, body: serde_json::Value) -> AnsibleRecord {
+        AnsibleRecord { sender_pid: pid, body: body.as_object().unwrap().clone() }
+    }
+
+    #[test]
+    fn ansible_stacks_and_weights() {
+        let events = vec![
+            fork(0, 10, 1, true),
+            exec(1, 10, &["/venv/bin/ansible-playbook", "site.yml"]),
+            fork(10_000, 20, 10, false),
+            fork(20_000, 21, 20, false),
+            exec(21_000, 21, &["/bin/sh", "-c", "/bin/sh -c 'echo ~root && sleep 0'"]),
+            exit(30_000, 21, 4_000),
+            exit(50_000, 20, 9_000),
+            exit(90_000, 10, 1_000),
+        ];
+        let model = Model::from_events(&events);
+        let records = vec![
+            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 2, "playbook": "/x/site.yml"})),
+            rec(10, serde_json::json!({"ev": "play_start", "ts": 3, "uuid": "p", "name": "Web; servers"})),
+            rec(
+                10,
+                serde_json::json!({"ev": "task_start", "ts": 4, "uuid": "t", "name": "copy it", "play_uuid": "p"}),
+            ),
+            rec(20, serde_json::json!({"ev": "worker_start", "ts": 11_000, "host": "h1", "task_uuid": "t"})),
+        ];
+        let a = Attribution::new(&model, &records);
+        let count = folded(&model, Some(&a), Weight::Count, FlameBy::Task);
+        assert_eq!(
+            count,
+            vec![
+                "site.yml;(controller);ansible-playbook 1",
+                "site.yml;Web: servers;copy it;h1 1",
+                "site.yml;Web: servers;copy it;h1;sh -c echo ~ 1",
+            ]
+        );
+        let by_host = folded(&model, Some(&a), Weight::Count, FlameBy::Host);
+        assert!(by_host.contains(&"site.yml;Web: servers;h1;copy it;sh -c echo ~ 1".to_owned()));
+        let wall = folded(&model, Some(&a), Weight::Wall, FlameBy::Task);
+        assert!(wall.contains(&"site.yml;Web: servers;copy it;h1 40".to_owned()), "{wall:?}");
+        let cpu = folded(&model, Some(&a), Weight::Cpu, FlameBy::Task);
+        assert!(cpu.contains(&"site.yml;Web: servers;copy it;h1;sh -c echo ~ 4".to_owned()), "{cpu:?}");
+        // Without attribution: the plain process tree.
+        let plain = folded(&model, None, Weight::Count, FlameBy::Task);
+        assert!(
+            plain.contains(&"ansible-playbook;ansible-playbook (fork);sh -c echo ~ 1".to_owned()),
+            "{plain:?}"
+        );
+    }
+
+    #[test]
+    fn svgs_render() {
+        let header: Header = serde_json::from_value(serde_json::json!({
+            "format": "spawntrace-trace", "version": 1, "tool_version": "0", "kernel": "",
+            "hostname": "", "clock": "CLOCK_MONOTONIC", "realtime_offset_ns": 0, "boot_time_s": 0,
+            "command": ["make"], "root_pid": 1, "uid": 0, "gid": 0, "start_ns": 0,
+            "argv_cap": 4096, "path_cap": 256
+        }))
+        .unwrap();
+        let a = vec!["make;sh;cc 5".to_owned(), "make;sh;ld 1".to_owned()];
+        let b = vec!["make;sh;cc 2".to_owned()];
+        let mut out = Vec::new();
+        svg(&header, &a, Weight::Count, &mut out).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("<svg") && s.contains("width = processes spawned") && s.contains("cc (5 processes"),
+            "{s}"
+        );
+        let mut out = Vec::new();
+        diff_svg(&a, &b, Weight::Count, "diff", &mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("<svg"));
+    }
+}

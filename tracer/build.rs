@@ -8,12 +8,10 @@ fn main() -> anyhow::Result<()> {
     let root = root.to_str().context("non-UTF-8 path to tracer-ebpf")?;
     println!("cargo:rerun-if-changed={root}/../tracer-common/src");
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "tracer-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "tracer-ebpf", root_dir: root, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
-    .context("building the eBPF probes (run `cargo xtask setup` once to install nightly rust-src and bpf-linker)")
+    .context(
+        "building the eBPF probes (run `cargo xtask setup` once to install nightly rust-src and bpf-linker)",
+    )
 }

@@ -81,11 +81,7 @@ pub fn failed(p: &Pending, ret: i64) {
     // SAFETY: in-place writes to the reserved record; the old image (and its filename string,
     // already faulted in by the kernel's getname) is still mapped after a failed exec.
     unsafe {
-        (*ev).syscall = if p.nr == nr::EXECVEAT {
-            exec_syscall::EXECVEAT
-        } else {
-            exec_syscall::EXECVE
-        };
+        (*ev).syscall = if p.nr == nr::EXECVEAT { exec_syscall::EXECVEAT } else { exec_syscall::EXECVE };
         (*ev).errno = (-ret) as i32;
         (*ev)._pad = 0;
         (*ev).filename_len = 0;

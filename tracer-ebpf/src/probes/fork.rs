@@ -32,10 +32,7 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
     };
     if !thread && TRACKED.insert(&child_tgid, &1, 0).is_err() {
         bump(counter::TRACK_FAILURES);
-        warn!(
-            &ctx,
-            "tracked set full: pid {} and its descendants are lost", child_tgid
-        );
+        warn!(&ctx, "tracked set full: pid {} and its descendants are lost", child_tgid);
     }
     if let Some(rec) = Record::<ForkEvent>::reserve(kind::FORK, child_pid, child_tgid, flags) {
         // SAFETY: writing plain fields of the reserved record.

@@ -2,9 +2,7 @@
 //! here at exit, when the kernel has already faulted it in (a tracepoint cannot take page
 //! faults).
 use aya_ebpf::helpers::bpf_probe_read_user;
-use tracer_common::{
-    OpenEvent, PATH_CAP, PATH_TRUNCATED, PATH_UNREADABLE, counter, kind, nr, open_syscall,
-};
+use tracer_common::{OpenEvent, PATH_CAP, PATH_TRUNCATED, PATH_UNREADABLE, counter, kind, nr, open_syscall};
 
 use super::{Record, user_str};
 use crate::maps::{Pending, bump, current_ids};
@@ -31,11 +29,10 @@ pub fn exit(p: &Pending, ret: i64) {
         (*ev).ret = ret;
         (*ev).open_flags = match syscall {
             // `struct open_how` starts with the u64 flags.
-            open_syscall::OPENAT2 => bpf_probe_read_user(p.flags_or_how as *const u64)
-                .unwrap_or_else(|_| {
-                    bump(counter::READ_FAILURES);
-                    0
-                }),
+            open_syscall::OPENAT2 => bpf_probe_read_user(p.flags_or_how as *const u64).unwrap_or_else(|_| {
+                bump(counter::READ_FAILURES);
+                0
+            }),
             open_syscall::CREAT => CREAT_FLAGS,
             _ => p.flags_or_how,
         };

@@ -30,9 +30,7 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     let pending = Pending {
         nr: nr_,
         path: task::syscall_arg(regs, path_arg).unwrap_or(0),
-        flags_or_how: flags_arg
-            .and_then(|a| task::syscall_arg(regs, a))
-            .unwrap_or(0),
+        flags_or_how: flags_arg.and_then(|a| task::syscall_arg(regs, a)).unwrap_or(0),
     };
     if PENDING.insert(&id, &pending, 0).is_err() {
         bump(counter::STASH_FAILURES);

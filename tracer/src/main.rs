@@ -62,6 +62,40 @@ enum Cmd {
         #[arg(long)]
         diff: bool,
     },
+    /// Run an Ansible command in several execution modes, traced, and write a side-by-side
+    /// report with flamegraphs to DIR.
+    Compare {
+        /// Traced runs per mode.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Untraced warm-up runs per mode.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+        /// Modes to run (comma-separated); those whose software is missing are skipped.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "classic,persistent,mitogen")]
+        modes: Vec<spawntrace::compare::Mode>,
+        /// Output directory.
+        #[arg(short, long, value_name = "DIR")]
+        output: PathBuf,
+        /// Run the command as root even when spawntrace was started through sudo.
+        #[arg(long)]
+        as_root: bool,
+        /// Ring-buffer size in MiB (a power of two).
+        #[arg(long, default_value_t = 32, value_name = "MIB")]
+        ring_buffer_mib: u32,
+        /// The Ansible command, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Fail (exit 1) when TRACE execs more than BASELINE, in total or in any task.
+    Check {
+        trace: PathBuf,
+        #[arg(long)]
+        baseline: PathBuf,
+        /// Allowed increase in percent.
+        #[arg(long, default_value_t = 0.0, value_name = "PERCENT")]
+        max_exec_increase: f64,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -79,6 +113,9 @@ struct RecordArgs {
     /// always, or never.
     #[arg(long, value_enum, default_value_t)]
     ansible: spawntrace::ansible::Mode,
+    /// Run Ansible's local and ssh connections through spawntrace's persistent agents.
+    #[arg(long)]
+    persistent: bool,
     /// Ring-buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     ring_buffer_mib: u32,
@@ -97,6 +134,33 @@ fn main() -> ExitCode {
         Some(Cmd::Flamegraph { traces, output, weight, by, folded, diff }) => {
             done(flamegraph(&traces, &output, weight, by, folded, diff))
         }
+        Some(Cmd::Compare { runs, warmup, modes, output, as_root, ring_buffer_mib, command }) => {
+            let opts = spawntrace::compare::Options {
+                command,
+                runs,
+                warmup,
+                modes,
+                out: output,
+                as_root,
+                ring_mib: ring_buffer_mib,
+            };
+            done(runtime().and_then(|rt| rt.block_on(compare(opts))))
+        }
+        Some(Cmd::Check { trace, baseline, max_exec_increase }) => {
+            match spawntrace::compare::check(&trace, &baseline, max_exec_increase) {
+                Ok(r) if r.is_empty() => {
+                    println!("check: no exec regression against {}", baseline.display());
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    for line in &r {
+                        println!("regression: {line}");
+                    }
+                    ExitCode::FAILURE
+                }
+                Err(e) => fail(&e, 2),
+            }
+        }
     }
 }
 
@@ -112,10 +176,22 @@ fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+async fn compare(opts: spawntrace::compare::Options) -> Result<()> {
+    let out = opts.out.clone();
+    let report = spawntrace::compare::compare(opts).await?;
+    print!("{}", spawntrace::compare::markdown(&report));
+    println!("\nreport: {}", out.join("report.md").display());
+    Ok(())
+}
+
 fn run_record(args: RecordArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => return fail(&e.into(), EXIT_TOOL_FAILURE),
+        Err(e) => return fail(&e, EXIT_TOOL_FAILURE),
     };
     let opts = record::Options {
         command: args.command,
@@ -123,6 +199,10 @@ fn run_record(args: RecordArgs) -> ExitCode {
         as_root: args.as_root,
         ring_mib: args.ring_buffer_mib,
         ansible: args.ansible,
+        persistent: args.persistent,
+        env: Vec::new(),
+        log: None,
+        progress: None,
     };
     match runtime.block_on(record::record(opts)) {
         Ok(rec) => {

@@ -53,6 +53,9 @@ pub struct Process {
     pub threads: u32,
     pub opens: u32,
     pub open_failures: u32,
+    /// First open, since the last exec, of an Ansible module payload (a path containing
+    /// `_payload.zip` or `AnsiballZ`): where a module's interpreter start-up ends.
+    pub first_payload_open_ns: Option<u64>,
 }
 
 impl Process {
@@ -161,6 +164,7 @@ impl Model {
             Event::Exec { tgid, filename, argv, argv_truncated, .. } => {
                 self.totals.execs += 1;
                 let p = self.live_or_placeholder(*tgid, ts);
+                self.processes[p].first_payload_open_ns = None;
                 self.processes[p].execs.push(Exec {
                     ts,
                     filename: filename.clone(),
@@ -191,10 +195,13 @@ impl Model {
                     self.live.remove(tgid);
                 }
             }
-            Event::Open { tgid, ret, .. } => {
+            Event::Open { tgid, ret, path, .. } => {
                 self.totals.opens += 1;
                 let p = self.live_or_placeholder(*tgid, ts);
                 self.processes[p].opens += 1;
+                if path.contains("_payload.zip") || path.contains("AnsiballZ") {
+                    self.processes[p].first_payload_open_ns.get_or_insert(ts);
+                }
                 if *ret < 0 {
                     self.totals.open_failures += 1;
                     self.processes[p].open_failures += 1;

@@ -252,13 +252,18 @@ impl Attribution {
                 .map(|win| win.index);
             return Owner::Task { worker: w, item };
         }
-        // Outside every worker: a fork of ansible-playbook that never announced itself is a worker
-        // whose message was lost; anything else belongs to the controller.
+        // Outside every worker: an unannounced fork of ansible-playbook that lives across several
+        // tasks is a persistent helper of another runner (e.g. Mitogen's multiplexer and the
+        // contexts it starts); one that does not is a worker whose message was lost. Anything
+        // else belongs to the controller.
         if let Some(c) = controller {
-            if let Some(pos) = chain.iter().position(|&p| p == c) {
-                let below = &chain[pos + 1..];
-                if below.first().is_some_and(|&p| model.processes[p].execs.is_empty()) {
-                    return Owner::Unattributed;
+            if let Some(&first) = chain.iter().position(|&p| p == c).and_then(|pos| chain.get(pos + 1)) {
+                let fork = &model.processes[first];
+                if fork.execs.is_empty() {
+                    let end = fork.end_ns.unwrap_or(u64::MAX);
+                    let spans =
+                        self.tasks.iter().filter(|t| (fork.start_ns..=end).contains(&t.start_ns)).count();
+                    return if spans >= 2 { Owner::Agent } else { Owner::Unattributed };
                 }
             }
         }
@@ -360,6 +365,8 @@ mod tests {
             exit(30, 20),
             fork(40, 25, 10, false), // a worker that never announced itself
             exit(41, 25),
+            fork(3, 27, 10, false), // a multiplexer living across both tasks
+            exit(60, 27),
             fork(50, 26, 10, false), // controller runs a command
             exec(51, 26, "/usr/bin/ldconfig"),
             exit(52, 26),
@@ -384,6 +391,7 @@ mod tests {
                 10,
                 serde_json::json!({"ev": "runner_end", "ts": 31, "host": "h1", "task_uuid": "t1", "status": "changed"}),
             ),
+            rec(10, serde_json::json!({"ev": "task_start", "ts": 39, "uuid": "t2", "name": "later"})),
         ];
         let a = Attribution::new(&model, &records);
         let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
@@ -394,6 +402,7 @@ mod tests {
         assert_eq!(owner(23), Owner::Task { worker: 0, item: Some(1) }, "short-lived intermediate fork");
         assert_eq!(owner(24), Owner::Connection, "the mux outlives the worker");
         assert_eq!(owner(25), Owner::Unattributed);
+        assert_eq!(owner(27), Owner::Agent);
         assert_eq!(owner(26), Owner::Controller);
         assert_eq!(owner(10), Owner::Controller);
         assert_eq!(a.workers[0].status.as_deref(), Some("changed"));

@@ -53,10 +53,24 @@ pub struct Session {
     pub env: Vec<(OsString, OsString)>,
 }
 
+/// Whether this build embeds the persistent-agent connection plugins.
+pub fn has_persistent_plugins() -> bool {
+    COLLECTIONS.get_file("spawntrace/tracer/plugins/connection/local.py").is_some()
+}
+
+/// What a [`Session`] injects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inject {
+    /// The callback plugin and its channel (attribution).
+    pub callback: bool,
+    /// The persistent-agent connection plugins (`local`, `ssh`).
+    pub persistent: bool,
+}
+
 impl Session {
-    /// Writes the plugins, binds the channel and works out the environment, all owned by the
-    /// user the command will run as.
-    pub fn start(run_as: Option<&RunAs>) -> Result<(Self, Channel)> {
+    /// Writes the plugins, binds the channel (when the callback is injected) and works out the
+    /// environment, all owned by the user the command will run as.
+    pub fn start(run_as: Option<&RunAs>, inject: Inject) -> Result<(Self, Option<Channel>)> {
         let dir = tempfile::Builder::new()
             .prefix("spawntrace-")
             .tempdir()
@@ -64,23 +78,34 @@ impl Session {
         let root = dir.path().join("ansible_collections");
         write_tree(&COLLECTIONS, &root)?;
         let socket = dir.path().join("events.sock");
-        let channel = Channel::bind(&socket)?;
+        let channel = match inject.callback {
+            true => Some(Channel::bind(&socket)?),
+            false => None,
+        };
         if let Some(user) = run_as {
             chown_tree(dir.path(), user)?;
         }
         let home =
             run_as.map(|r| PathBuf::from(&r.home)).or_else(|| std::env::var_os("HOME").map(PathBuf::from));
         let cwd = std::env::current_dir().context("current directory")?;
-        let settings = config::callback_settings(&cwd, |k| std::env::var(k).ok(), home.as_deref())?;
-        let callbacks = root.join("spawntrace/tracer/plugins/callback");
-        let env = vec![
-            (
-                "ANSIBLE_CALLBACK_PLUGINS".into(),
-                settings.plugin_path_with(&callbacks, home.as_deref()).into(),
-            ),
-            ("ANSIBLE_CALLBACKS_ENABLED".into(), settings.enabled_with(CALLBACK_NAME).into()),
-            ("SPAWNTRACE_SOCKET".into(), socket.into_os_string()),
-        ];
+        let settings = config::plugin_settings(&cwd, |k| std::env::var(k).ok(), home.as_deref())?;
+        let plugins = root.join("spawntrace/tracer/plugins");
+        let mut env: Vec<(OsString, OsString)> = Vec::new();
+        if inject.callback {
+            let callbacks = settings.callback_path_with(&plugins.join("callback"), home.as_deref());
+            env.push(("ANSIBLE_CALLBACK_PLUGINS".into(), callbacks.into()));
+            env.push(("ANSIBLE_CALLBACKS_ENABLED".into(), settings.enabled_with(CALLBACK_NAME).into()));
+            env.push(("SPAWNTRACE_SOCKET".into(), socket.into_os_string()));
+        }
+        if inject.persistent {
+            let connection = plugins.join("connection");
+            anyhow::ensure!(
+                connection.join("local.py").is_file(),
+                "this spawntrace was built without the persistent-agent connection plugins"
+            );
+            let path = settings.connection_path_with(&connection, home.as_deref());
+            env.push(("ANSIBLE_CONNECTION_PLUGINS".into(), path.into()));
+        }
         Ok((Self { dir, env }, channel))
     }
 

@@ -85,6 +85,7 @@ pub fn spawn(
     argv: &[String],
     run_as: Option<&RunAs>,
     env: &[(std::ffi::OsString, std::ffi::OsString)],
+    log: Option<&std::path::Path>,
 ) -> Result<tokio::process::Child, SpawnError> {
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).envs(env.iter().map(|(k, v)| (k, v)));
@@ -100,6 +101,11 @@ pub fn spawn(
                 Ok(())
             });
         }
+    }
+    if let Some(log) = log {
+        let file = std::fs::File::create(log).map_err(|e| SpawnError::Other(log.display().to_string(), e))?;
+        let err = file.try_clone().map_err(|e| SpawnError::Other(log.display().to_string(), e))?;
+        cmd.stdin(std::process::Stdio::null()).stdout(file).stderr(err);
     }
     tokio::process::Command::from(cmd).spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => SpawnError::NotFound(argv[0].clone()),

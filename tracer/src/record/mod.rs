@@ -32,8 +32,24 @@ pub struct Options {
     pub as_root: bool,
     /// Ring buffer size in MiB (power of two).
     pub ring_mib: u32,
-    /// Whether to inject the Ansible plugins.
+    /// Whether to inject the Ansible callback plugin.
     pub ansible: ansible::Mode,
+    /// Inject the persistent-agent connection plugins.
+    pub persistent: bool,
+    /// More environment for the command.
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// Send the command's stdout and stderr to this file instead of ours.
+    pub log: Option<PathBuf>,
+    /// Live counters for a progress display.
+    pub progress: Option<std::sync::Arc<Progress>>,
+}
+
+/// What a recording has seen so far, for progress displays.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub events: std::sync::atomic::AtomicU64,
+    /// Name of the last task the callback plugin announced.
+    pub task: std::sync::Mutex<String>,
 }
 
 /// Everything a finished recording produced, for reports.
@@ -106,21 +122,23 @@ async fn record_into(
 
     let ansible_enabled = opts.ansible.enabled(&opts.command);
     // Kept alive (its directory holds the plugins and the socket) until the command has ended.
-    let (_session, mut channel, env) = match ansible_enabled {
+    let inject = ansible::Inject { callback: ansible_enabled, persistent: opts.persistent };
+    let (_session, mut channel, mut env) = match inject.callback || inject.persistent {
         true => {
-            let (session, channel) = ansible::Session::start(run_as)?;
+            let (session, channel) = ansible::Session::start(run_as, inject)?;
             let env = session.env.clone();
-            let channel = readable(channel).context("polling the attribution socket")?;
-            (Some(session), Some(channel), env)
+            let channel = channel.map(readable).transpose().context("polling the attribution socket")?;
+            (Some(session), channel, env)
         }
         false => (None, None, Vec::new()),
     };
+    env.extend(opts.env.iter().cloned());
 
     if signals.interrupted() {
         anyhow::bail!("interrupted before the command was started");
     }
     let start_ns = monotonic_ns();
-    let mut child = launch::spawn(&opts.command, run_as, &env).map_err(LaunchFailed)?;
+    let mut child = launch::spawn(&opts.command, run_as, &env, opts.log.as_deref()).map_err(LaunchFailed)?;
     let root_pid = child.id().unwrap_or(0);
     signals.set_child(root_pid);
 
@@ -128,8 +146,14 @@ async fn record_into(
     if let Some(w) = writer.as_deref_mut() {
         w.header(&header)?;
     }
-    let mut sink =
-        Sink { model: Model::default(), ansible: Vec::new(), writer, events: 0, decode_failures: 0 };
+    let mut sink = Sink {
+        model: Model::default(),
+        ansible: Vec::new(),
+        writer,
+        events: 0,
+        decode_failures: 0,
+        progress: opts.progress.clone(),
+    };
     // The probes wake us only when much data has piled up; this tick collects the rest.
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -190,6 +214,7 @@ struct Sink<'w> {
     writer: Option<&'w mut TraceWriter>,
     events: u64,
     decode_failures: u64,
+    progress: Option<std::sync::Arc<Progress>>,
 }
 
 impl Sink<'_> {
@@ -214,11 +239,20 @@ impl Sink<'_> {
                 w.ansible(r)?;
             }
         }
+        if let Some(p) = &self.progress {
+            let last = self.ansible[from..].iter().rev().find(|r| r.ev() == "task_start");
+            if let (Some(name), Ok(mut task)) = (last.and_then(|r| r.str("name")), p.task.lock()) {
+                name.clone_into(&mut task);
+            }
+        }
         Ok(())
     }
 
     fn push(&mut self, ev: Event) -> Result<()> {
         self.events += 1;
+        if let Some(p) = &self.progress {
+            p.events.store(self.events, std::sync::atomic::Ordering::Relaxed);
+        }
         self.model.apply(&ev);
         if let Some(w) = self.writer.as_deref_mut() {
             w.event(&ev)?;

@@ -248,7 +248,7 @@ impl TaskReport {
                 o,
                 "{:<w$}  {:<16} {:>5} {:>5} {:>9.3} {:>6} {:>6} {:>7} {:>9.3}  {}",
                 truncate(&Self::label(r), w),
-                truncate(&r.action, 16),
+                truncate(short_action(&r.action), 16),
                 r.hosts.len(),
                 r.items,
                 r.wall_ms / 1000.0,
@@ -309,6 +309,11 @@ impl TaskReport {
         let _ = writeln!(o, "\n{}", self.other_line());
         o
     }
+}
+
+/// `copy` for `ansible.builtin.copy` (and `ansible.legacy.copy`): the table has little room.
+fn short_action(a: &str) -> &str {
+    a.strip_prefix("ansible.builtin.").or_else(|| a.strip_prefix("ansible.legacy.")).unwrap_or(a)
 }
 
 fn truncate(s: &str, n: usize) -> String {

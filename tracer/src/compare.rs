@@ -1,0 +1,485 @@
+//! `spawntrace compare`: run one playbook in several execution modes (classic Ansible, the
+//! persistent-agent runner, Mitogen), traced, side by side, and explain the difference.
+//! `spawntrace check`: fail when a trace spawns more than its baseline.
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use crate::{
+    ansible::{self, attribution::Attribution},
+    output::write_file,
+    record::{self, Progress, launch},
+    report::{
+        Loaded,
+        flamegraph::{self, FlameBy, Weight},
+        tasks::{By, TaskReport},
+    },
+};
+
+/// An execution mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Ansible as configured.
+    Classic,
+    /// spawntrace's persistent-agent connection plugins.
+    Persistent,
+    /// Mitogen's strategy plugin (when Mitogen is installed next to ansible-playbook).
+    Mitogen,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Classic => "classic",
+            Mode::Persistent => "persistent",
+            Mode::Mitogen => "mitogen",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub command: Vec<String>,
+    pub runs: usize,
+    pub warmup: usize,
+    pub modes: Vec<Mode>,
+    pub out: PathBuf,
+    pub as_root: bool,
+    pub ring_mib: u32,
+}
+
+/// mean ± σ, min, max of a sample.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Stats {
+    pub mean: f64,
+    pub sd: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stats {
+    pub fn of(xs: &[f64]) -> Self {
+        if xs.is_empty() {
+            return Self::default();
+        }
+        let n = xs.len();
+        let mean = xs.iter().sum::<f64>() / n as f64;
+        let var =
+            if n > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
+        let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Self { mean, sd: var.sqrt(), min, max, n }
+    }
+}
+
+/// One mode's results.
+#[derive(Debug, Serialize)]
+pub struct ModeReport {
+    pub mode: Mode,
+    pub wall_s: Stats,
+    /// Wall time of the one untraced run, and traced mean / untraced.
+    pub untraced_wall_s: Option<f64>,
+    pub tracer_overhead: Option<f64>,
+    /// classic mean wall / this mode's mean wall.
+    pub speedup_vs_classic: Option<f64>,
+    pub processes: Stats,
+    pub execs: Stats,
+    pub opens: Stats,
+    pub dropped_events: u64,
+    pub unattributed: u64,
+    /// Per task (in playbook order): mean wall ms and mean execs over the runs.
+    pub tasks: Vec<TaskMean>,
+    pub traces: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskMean {
+    pub name: String,
+    pub action: String,
+    pub wall_ms: f64,
+    pub execs: f64,
+    pub processes: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompareReport {
+    pub command: Vec<String>,
+    pub runs: usize,
+    pub skipped: BTreeMap<String, String>,
+    pub modes: Vec<ModeReport>,
+}
+
+/// Extra environment for a mode, or why it cannot run here.
+fn mode_env(mode: Mode, command: &[String]) -> Result<Vec<(OsString, OsString)>, String> {
+    match mode {
+        Mode::Classic | Mode::Persistent => Ok(Vec::new()),
+        Mode::Mitogen => {
+            let strategy =
+                mitogen_strategy_dir(command).ok_or("Mitogen is not installed next to ansible-playbook")?;
+            Ok(vec![
+                ("ANSIBLE_STRATEGY_PLUGINS".into(), strategy.into_os_string()),
+                ("ANSIBLE_STRATEGY".into(), "mitogen_linear".into()),
+            ])
+        }
+    }
+}
+
+/// `ansible_mitogen/plugins/strategy` of the Python that runs the command's ansible-playbook.
+fn mitogen_strategy_dir(command: &[String]) -> Option<PathBuf> {
+    let playbook = command.iter().find(|a| crate::model::basename(a).starts_with("ansible-playbook"))?;
+    let path = which(playbook)?;
+    let shebang = std::fs::read_to_string(&path).ok()?.lines().next()?.strip_prefix("#!")?.trim().to_owned();
+    let mut parts = shebang.split_whitespace();
+    let mut python = parts.next()?.to_owned();
+    if crate::model::basename(&python) == "env" {
+        python = parts.next()?.to_owned();
+    }
+    let out = std::process::Command::new(python)
+        .args(["-c", "import os, ansible_mitogen; print(os.path.dirname(ansible_mitogen.__file__))"])
+        .output()
+        .ok()?;
+    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("plugins/strategy");
+    (out.status.success() && dir.is_dir()).then_some(dir)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Some(PathBuf::from(name));
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// Runs the comparison and writes `opts.out`.
+pub async fn compare(opts: Options) -> Result<CompareReport> {
+    launch::check_argv(&opts.command)?;
+    anyhow::ensure!(opts.runs >= 1, "--runs must be at least 1");
+    for dir in ["traces", "logs"] {
+        std::fs::create_dir_all(opts.out.join(dir))
+            .with_context(|| format!("cannot create {}", opts.out.join(dir).display()))?;
+    }
+    let mut skipped = BTreeMap::new();
+    let mut modes = Vec::new();
+    for &m in &opts.modes {
+        let available = match m {
+            Mode::Persistent => ansible::has_persistent_plugins()
+                .then_some(Vec::new())
+                .ok_or_else(|| "this spawntrace has no persistent-agent plugins".to_owned()),
+            _ => mode_env(m, &opts.command),
+        };
+        match available {
+            Ok(env) => modes.push((m, env)),
+            Err(why) => {
+                eprintln!("compare: skipping {}: {why}", m.name());
+                skipped.insert(m.name().to_owned(), why);
+            }
+        }
+    }
+    anyhow::ensure!(!modes.is_empty(), "no mode can run here");
+    let progress = Arc::new(Progress::default());
+    let display = spawn_progress(progress.clone());
+    let run_as = launch::RunAs::from_sudo(opts.as_root)?;
+
+    let label =
+        |m: Mode, what: &str| progress.task.lock().map(|mut t| *t = format!("{} {what}", m.name())).ok();
+    for w in 0..opts.warmup {
+        for (m, env) in &modes {
+            label(*m, &format!("warm-up {}/{}", w + 1, opts.warmup));
+            untraced(&opts, *m, env, run_as.as_ref(), &format!("warmup-{w}")).await?;
+        }
+    }
+    let mut walls: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
+    let mut traces: BTreeMap<Mode, Vec<PathBuf>> = BTreeMap::new();
+    for r in 0..opts.runs {
+        for (m, env) in &modes {
+            label(*m, &format!("run {}/{}", r + 1, opts.runs));
+            let trace = opts.out.join("traces").join(format!("{}-{}.jsonl", m.name(), r + 1));
+            let rec = record::record(record::Options {
+                command: opts.command.clone(),
+                output: Some(trace.clone()),
+                as_root: opts.as_root,
+                ring_mib: opts.ring_mib,
+                ansible: ansible::Mode::Always,
+                persistent: *m == Mode::Persistent,
+                env: env.clone(),
+                log: Some(opts.out.join("logs").join(format!("{}-{}.log", m.name(), r + 1))),
+                progress: Some(progress.clone()),
+            })
+            .await?;
+            if rec.footer.status != crate::trace::Status::Exited(0) {
+                bail!(
+                    "{} run {} ended with {}: see {}",
+                    m.name(),
+                    r + 1,
+                    rec.footer.status,
+                    opts.out.join("logs").join(format!("{}-{}.log", m.name(), r + 1)).display()
+                );
+            }
+            walls.entry(*m).or_default().push((rec.footer.end_ns - rec.header.start_ns) as f64 / 1e9);
+            traces.entry(*m).or_default().push(trace);
+        }
+    }
+    let mut untraced_walls = BTreeMap::new();
+    for (m, env) in &modes {
+        label(*m, "untraced run");
+        untraced_walls.insert(*m, untraced(&opts, *m, env, run_as.as_ref(), "untraced").await?);
+    }
+    display.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+
+    let classic_mean = walls.get(&Mode::Classic).map(|w| Stats::of(w).mean);
+    let mut reports = Vec::new();
+    for (m, _) in &modes {
+        let loaded: Vec<Loaded> = traces[m].iter().map(|t| Loaded::read(t)).collect::<Result<_>>()?;
+        let wall = Stats::of(&walls[m]);
+        let stat =
+            |f: &dyn Fn(&Loaded) -> u64| Stats::of(&loaded.iter().map(|l| f(l) as f64).collect::<Vec<_>>());
+        reports.push(ModeReport {
+            mode: *m,
+            untraced_wall_s: untraced_walls.get(m).copied(),
+            tracer_overhead: untraced_walls.get(m).map(|u| wall.mean / u),
+            speedup_vs_classic: classic_mean.map(|c| c / wall.mean),
+            processes: stat(&|l| l.model.processes.len() as u64),
+            execs: stat(&|l| l.model.totals.execs),
+            opens: stat(&|l| l.model.totals.opens),
+            dropped_events: loaded
+                .iter()
+                .map(|l| l.trace.footer.as_ref().map_or(0, |f| f.counters.dropped_events()))
+                .sum(),
+            unattributed: loaded.iter().map(|l| l.attribution.unattributed()).sum(),
+            tasks: task_means(&loaded),
+            traces: traces[m].clone(),
+            wall_s: wall,
+        });
+        write_pictures(&opts.out, *m, &loaded[0])?;
+    }
+    if let Some(classic) = traces.get(&Mode::Classic) {
+        let before = Loaded::read(&classic[0])?;
+        let before = flamegraph::folded(&before.model, before.ansible(), Weight::Count, FlameBy::Task);
+        for (m, _) in modes.iter().filter(|(m, _)| *m != Mode::Classic) {
+            let after = Loaded::read(&traces[m][0])?;
+            let after = flamegraph::folded(&after.model, after.ansible(), Weight::Count, FlameBy::Task);
+            let title = format!("spawntrace: classic → {} (processes spawned)", m.name());
+            write_file(&opts.out.join(format!("flamegraph-diff-classic-{}.svg", m.name())), |w| {
+                flamegraph::diff_svg(&before, &after, Weight::Count, &title, w)
+            })?;
+        }
+    }
+    let report = CompareReport { command: opts.command.clone(), runs: opts.runs, skipped, modes: reports };
+    write_file(&opts.out.join("report.json"), |w| Ok(serde_json::to_writer_pretty(w, &report)?))?;
+    write_file(&opts.out.join("report.md"), |w| Ok(w.write_all(markdown(&report).as_bytes())?))?;
+    if let Some(r) = &run_as {
+        chown_tree(&opts.out, r)?;
+    }
+    Ok(report)
+}
+
+fn chown_tree(path: &Path, user: &launch::RunAs) -> Result<()> {
+    user.chown(path)?;
+    if path.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            chown_tree(&e?.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
+/// The flamegraph (processes spawned) of one run of a mode.
+fn write_pictures(out: &Path, m: Mode, l: &Loaded) -> Result<()> {
+    let stacks = flamegraph::folded(&l.model, l.ansible(), Weight::Count, FlameBy::Task);
+    write_file(&out.join(format!("flamegraph-{}.svg", m.name())), |w| {
+        flamegraph::svg(&l.trace.header, &stacks, Weight::Count, w)
+    })
+}
+
+/// Per-task means over runs, in the first run's task order.
+fn task_means(loaded: &[Loaded]) -> Vec<TaskMean> {
+    let reports: Vec<TaskReport> =
+        loaded.iter().map(|l| TaskReport::new(&l.model, &l.attribution, By::Task)).collect();
+    let Some(first) = reports.first() else { return Vec::new() };
+    first
+        .tasks
+        .iter()
+        .map(|t| {
+            let same: Vec<_> =
+                reports.iter().filter_map(|r| r.tasks.iter().find(|x| x.uuid == t.uuid)).collect();
+            let mean = |f: &dyn Fn(&crate::report::tasks::TaskRow) -> f64| {
+                same.iter().map(|x| f(x)).sum::<f64>() / same.len().max(1) as f64
+            };
+            TaskMean {
+                name: t.name.clone(),
+                action: t.action.clone(),
+                wall_ms: mean(&|x| x.wall_ms),
+                execs: mean(&|x| x.execs as f64),
+                processes: mean(&|x| x.processes as f64),
+            }
+        })
+        .collect()
+}
+
+/// Runs the command once without tracing (for warm-up and the overhead reference).
+async fn untraced(
+    opts: &Options,
+    m: Mode,
+    env: &[(OsString, OsString)],
+    run_as: Option<&launch::RunAs>,
+    tag: &str,
+) -> Result<f64> {
+    let inject = ansible::Inject { callback: false, persistent: m == Mode::Persistent };
+    let session = match inject.persistent {
+        true => Some(ansible::Session::start(run_as, inject)?.0),
+        false => None,
+    };
+    let mut all = session.as_ref().map(|s| s.env.clone()).unwrap_or_default();
+    all.extend(env.iter().cloned());
+    let log = opts.out.join("logs").join(format!("{}-{tag}.log", m.name()));
+    let start = Instant::now();
+    let status = launch::spawn(&opts.command, run_as, &all, Some(&log))
+        .map_err(record::LaunchFailed)?
+        .wait()
+        .await
+        .context("waiting for the command")?;
+    let wall = start.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "{} {tag} run failed ({status}): see {}", m.name(), log.display());
+    Ok(wall)
+}
+
+/// A status line on a terminal (mode, run, task, events), refreshed five times a second.
+fn spawn_progress(p: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+    let tty = std::io::stderr().is_terminal();
+    tokio::spawn(async move {
+        let mut last = String::new();
+        loop {
+            let task = p.task.lock().map(|t| t.clone()).unwrap_or_default();
+            let line = format!("compare: {task} · {} events", p.events.load(Ordering::Relaxed));
+            if tty {
+                eprint!("\r\x1b[2K{}", line.chars().take(120).collect::<String>());
+            } else if task != last {
+                eprintln!("compare: {task}");
+                last = task;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// The side-by-side report.
+pub fn markdown(r: &CompareReport) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# spawntrace compare\n\n`{}` — {} traced run(s) per mode\n",
+        r.command.join(" "),
+        r.runs
+    );
+    for (m, why) in &r.skipped {
+        let _ = writeln!(o, "- {m} skipped: {why}");
+    }
+    let _ = writeln!(
+        o,
+        "\n| mode | wall s (mean ± σ) | min | max | speedup vs classic | processes | execs | opens | tracer overhead | dropped | unattributed |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for m in &r.modes {
+        let opt = |x: Option<f64>, suffix: &str| x.map_or("–".into(), |v| format!("{v:.2}{suffix}"));
+        let _ = writeln!(
+            o,
+            "| {} | {:.2} ± {:.2} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            m.mode.name(),
+            m.wall_s.mean,
+            m.wall_s.sd,
+            m.wall_s.min,
+            m.wall_s.max,
+            opt(m.speedup_vs_classic, "×"),
+            m.processes.mean,
+            m.execs.mean,
+            m.opens.mean,
+            opt(m.tracer_overhead, "×"),
+            m.dropped_events,
+            m.unattributed
+        );
+    }
+    let _ = writeln!(o, "\n## Per task (mean wall ms / execs)\n");
+    let _ = write!(o, "| task |");
+    for m in &r.modes {
+        let _ = write!(o, " {} wall ms | {} execs |", m.mode.name(), m.mode.name());
+    }
+    let _ = write!(o, "\n|---|");
+    for _ in &r.modes {
+        let _ = write!(o, "---:|---:|");
+    }
+    o.push('\n');
+    if let Some(first) = r.modes.first() {
+        for (i, t) in first.tasks.iter().enumerate() {
+            let _ = write!(o, "| {} |", t.name.replace('|', "\\|"));
+            for m in &r.modes {
+                match m.tasks.get(i).filter(|x| x.name == t.name) {
+                    Some(x) => {
+                        let _ = write!(o, " {:.1} | {:.1} |", x.wall_ms, x.execs);
+                    }
+                    None => o.push_str(" – | – |"),
+                }
+            }
+            o.push('\n');
+        }
+    }
+    let _ = writeln!(o, "\nFlamegraphs: {}.", {
+        let mut v: Vec<String> =
+            r.modes.iter().map(|m| format!("flamegraph-{}.svg", m.mode.name())).collect();
+        v.extend(
+            r.modes
+                .iter()
+                .filter(|m| m.mode != Mode::Classic)
+                .map(|m| format!("flamegraph-diff-classic-{}.svg", m.mode.name())),
+        );
+        v.join(", ")
+    });
+    o
+}
+
+/// Exec-count regression gate: compares `trace` with `baseline`, total and per task.
+pub fn check(trace: &Path, baseline: &Path, max_increase_pct: f64) -> Result<Vec<String>> {
+    let (now, base) = (Loaded::read(trace)?, Loaded::read(baseline)?);
+    let mut regressions = Vec::new();
+    let mut cmp = |what: String, before: u64, after: u64| {
+        let limit = before as f64 * (1.0 + max_increase_pct / 100.0);
+        if after as f64 > limit {
+            regressions.push(format!("{what}: {before} → {after} execs (limit {limit:.0})"));
+        }
+    };
+    cmp("total".into(), base.model.totals.execs, now.model.totals.execs);
+    let rows = |a: &Attribution, l: &Loaded| TaskReport::new(&l.model, a, By::Task).tasks;
+    let before = rows(&base.attribution, &base);
+    for t in rows(&now.attribution, &now) {
+        if let Some(b) = before.iter().find(|b| b.name == t.name && b.action == t.action) {
+            cmp(format!("task {:?}", t.name), b.execs, t.execs);
+        }
+    }
+    Ok(regressions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats() {
+        let s = Stats::of(&[1.0, 2.0, 3.0]);
+        assert_eq!((s.mean, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert!((s.sd - 1.0).abs() < 1e-9);
+        assert_eq!(Stats::of(&[5.0]).sd, 0.0);
+        assert_eq!(Stats::of(&[]).n, 0);
+    }
+}

@@ -23,8 +23,16 @@ enum Cmd {
     Setup,
     /// Set up, then run every test: Rust (including eBPF and ansible-playbook ones) and pytest.
     Test,
-    /// Set up, build, and trace the benchmark playbook (the main job).
-    Demo,
+    /// Set up, build, and compare classic, persistent and Mitogen runs of the benchmark
+    /// playbook (the main job).
+    Demo {
+        /// Traced runs per mode.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Files per loop in playbooks/bench.yml.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
     /// Benchmarks that print side-by-side ratios.
     Bench {
         #[command(subcommand)]
@@ -55,7 +63,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().cmd {
         Cmd::Setup => setup::setup(),
         Cmd::Test => test(),
-        Cmd::Demo => demo(),
+        Cmd::Demo { runs, count } => demo(runs, count),
         Cmd::Bench { which: Bench::Tracer { count, rounds } } => bench::tracer(count, rounds),
         Cmd::Storm { count, threads } => bench::storm(count, threads),
     };
@@ -82,20 +90,19 @@ fn test() -> Result<()> {
 }
 
 /// The README's main job.
-fn demo() -> Result<()> {
+fn demo(runs: usize, count: usize) -> Result<()> {
     setup::setup()?;
     run(Command::new("cargo").args(["build", "--release", "-p", "tracer"]).current_dir(root()))?;
     let env = setup::default_env()?;
-    let results = root().join("results");
-    std::fs::create_dir_all(&results)?;
-    let trace = results.join("bench-classic.jsonl");
+    let out = root().join("results/demo");
     run(Command::new(root().join("target/release/spawntrace"))
-        .arg("-o")
-        .arg(&trace)
+        .args(["compare", "--runs", &runs.to_string(), "-o"])
+        .arg(&out)
         .arg("--")
         .arg(env.join(".venv/bin/ansible-playbook"))
-        .arg("playbooks/bench.yml")
+        .args(["playbooks/bench.yml", "-e", &format!("bench_count={count}")])
         .current_dir(root()))?;
-    println!("demo: trace of the benchmark playbook in {}", trace.display());
+    println!("demo: report {}", out.join("report.md").display());
+    println!("demo: flamegraphs {}", out.join("flamegraph-*.svg").display());
     Ok(())
 }

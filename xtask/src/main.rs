@@ -21,7 +21,8 @@ struct Cli {
 enum Cmd {
     /// Install everything a fresh machine needs (idempotent).
     Setup,
-    /// Set up, then run every test: Rust (including eBPF and ansible-playbook ones) and pytest.
+    /// Set up, then run every test: Rust (default members, including eBPF and ansible-playbook
+    /// ones) and pytest.
     Test,
     /// Set up, build, and compare classic, persistent and Mitogen runs of the benchmark
     /// playbook (the main job).
@@ -79,7 +80,7 @@ fn main() -> ExitCode {
 /// The README's test command.
 fn test() -> Result<()> {
     setup::setup()?;
-    run(Command::new("cargo").args(["test", "--workspace"]).current_dir(root()))?;
+    run(Command::new("cargo").arg("test").current_dir(root()))?;
     for env in setup::envs()? {
         run(Command::new(env.join(".venv/bin/python"))
             .args(["-m", "pytest", "-q", "tracer/python/tests"])

@@ -1,8 +1,11 @@
 //! Outputs built from a recording or a saved trace.
+pub mod categories;
 pub mod flamegraph;
+pub mod hist;
 pub mod labels;
 pub mod summary;
 pub mod tasks;
+pub mod timeline;
 
 use clap::ValueEnum;
 use serde::Serialize;

@@ -99,6 +99,8 @@ pub struct ModeReport {
     pub unattributed: u64,
     /// Per task (in playbook order): mean wall ms and mean execs over the runs.
     pub tasks: Vec<TaskMean>,
+    /// Where the first run's wall time went.
+    pub categories: crate::report::categories::Categories,
     pub traces: Vec<PathBuf>,
 }
 
@@ -259,6 +261,12 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
                 .sum(),
             unattributed: loaded.iter().map(|l| l.attribution.unattributed()).sum(),
             tasks: task_means(&loaded),
+            categories: crate::report::categories::Categories::new(
+                &loaded[0].trace.header,
+                loaded[0].trace.footer.as_ref(),
+                &loaded[0].model,
+                loaded[0].ansible(),
+            ),
             traces: traces[m].clone(),
             wall_s: wall,
         });
@@ -295,12 +303,14 @@ fn chown_tree(path: &Path, user: &launch::RunAs) -> Result<()> {
     Ok(())
 }
 
-/// The flamegraph (processes spawned) of one run of a mode.
+/// The flamegraph (processes spawned) and the timeline of one run of a mode.
 fn write_pictures(out: &Path, m: Mode, l: &Loaded) -> Result<()> {
     let stacks = flamegraph::folded(&l.model, l.ansible(), Weight::Count, FlameBy::Task);
     write_file(&out.join(format!("flamegraph-{}.svg", m.name())), |w| {
         flamegraph::svg(&l.trace.header, &stacks, Weight::Count, w)
-    })
+    })?;
+    let timeline = crate::report::timeline::timeline(&l.trace.header, &l.model, l.ansible());
+    write_file(&out.join(format!("timeline-{}.json", m.name())), |w| Ok(serde_json::to_writer(w, &timeline)?))
 }
 
 /// Per-task means over runs, in the first run's task order.
@@ -435,6 +445,15 @@ pub fn markdown(r: &CompareReport) -> String {
             o.push('\n');
         }
     }
+    let _ = writeln!(o, "\n## Where the wall time went (first run)\n");
+    for m in &r.modes {
+        let _ = writeln!(o, "### {}\n\n{}", m.mode.name(), m.categories.markdown());
+    }
+    let _ = writeln!(
+        o,
+        "Timelines (Perfetto / chrome://tracing): {}.",
+        r.modes.iter().map(|m| format!("timeline-{}.json", m.mode.name())).collect::<Vec<_>>().join(", ")
+    );
     let _ = writeln!(o, "\nFlamegraphs: {}.", {
         let mut v: Vec<String> =
             r.modes.iter().map(|m| format!("flamegraph-{}.svg", m.mode.name())).collect();

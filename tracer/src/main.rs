@@ -62,6 +62,12 @@ enum Cmd {
         #[arg(long)]
         diff: bool,
     },
+    /// Write a Chrome trace-event timeline (for Perfetto or chrome://tracing) of a trace.
+    Timeline {
+        trace: PathBuf,
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
     /// Run an Ansible command in several execution modes, traced, and write a side-by-side
     /// report with flamegraphs to DIR.
     Compare {
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
             };
             done(runtime().and_then(|rt| rt.block_on(compare(opts))))
         }
+        Some(Cmd::Timeline { trace, output }) => done(timeline(&trace, &output)),
         Some(Cmd::Check { trace, baseline, max_exec_increase }) => {
             match spawntrace::compare::check(&trace, &baseline, max_exec_increase) {
                 Ok(r) if r.is_empty() => {
@@ -214,6 +221,7 @@ fn run_record(args: RecordArgs) -> ExitCode {
                     &rec.ansible,
                     rec.ansible_enabled,
                     report::tasks::By::Task,
+                    false,
                 );
                 match r.render(report::Format::Text, 5) {
                     Ok(text) => eprint!("{text}"),
@@ -240,7 +248,7 @@ fn report_trace(
 ) -> Result<()> {
     let t = trace::Trace::read(path)?;
     let model = model::Model::from_events(&t.events);
-    let r = report::Report::new(&t.header, t.footer.as_ref(), &model, &t.ansible, t.header.ansible, by);
+    let r = report::Report::new(&t.header, t.footer.as_ref(), &model, &t.ansible, t.header.ansible, by, true);
     print!("{}", r.render(format, top)?);
     Ok(())
 }
@@ -272,4 +280,10 @@ fn flamegraph(
         (true, _) => anyhow::bail!("--diff needs two traces: BEFORE AFTER"),
         (false, _) => anyhow::bail!("two traces given: add --diff to compare them"),
     }
+}
+
+fn timeline(trace: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    let l = report::Loaded::read(trace)?;
+    let json = report::timeline::timeline(&l.trace.header, &l.model, l.ansible());
+    spawntrace::output::write_file(output, |w| Ok(serde_json::to_writer(w, &json)?))
 }

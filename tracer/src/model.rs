@@ -53,8 +53,9 @@ pub struct Process {
     pub threads: u32,
     pub opens: u32,
     pub open_failures: u32,
-    /// First open, since the last exec, of an Ansible module payload (a path containing
-    /// `_payload.zip` or `AnsiballZ`): where a module's interpreter start-up ends.
+    /// First open, since the last exec, of an Ansible module's unpacked payload (a path
+    /// containing `_payload.zip`): where a module's start-up (interpreter and AnsiballZ
+    /// unpacking, what a warm agent saves) ends.
     pub first_payload_open_ns: Option<u64>,
 }
 
@@ -199,7 +200,7 @@ impl Model {
                 self.totals.opens += 1;
                 let p = self.live_or_placeholder(*tgid, ts);
                 self.processes[p].opens += 1;
-                if path.contains("_payload.zip") || path.contains("AnsiballZ") {
+                if path.contains("_payload.zip") {
                     self.processes[p].first_payload_open_ns.get_or_insert(ts);
                 }
                 if *ret < 0 {

@@ -202,10 +202,10 @@ impl Attribution {
                     }
                 }
                 "runner_end" => {
-                    if let (Some(task), Some(host)) = (task_of(&a, "task_uuid"), r.str("host")) {
-                        if let Some(&w) = worker_by_host_task.get(&(host.to_owned(), task)) {
-                            a.workers[w].status = r.str("status").map(str::to_owned);
-                        }
+                    if let (Some(task), Some(host)) = (task_of(&a, "task_uuid"), r.str("host"))
+                        && let Some(&w) = worker_by_host_task.get(&(host.to_owned(), task))
+                    {
+                        a.workers[w].status = r.str("status").map(str::to_owned);
                     }
                 }
                 _ => {}
@@ -256,15 +256,14 @@ impl Attribution {
         // tasks is a persistent helper of another runner (e.g. Mitogen's multiplexer and the
         // contexts it starts); one that does not is a worker whose message was lost. Anything
         // else belongs to the controller.
-        if let Some(c) = controller {
-            if let Some(&first) = chain.iter().position(|&p| p == c).and_then(|pos| chain.get(pos + 1)) {
-                let fork = &model.processes[first];
-                if fork.execs.is_empty() {
-                    let end = fork.end_ns.unwrap_or(u64::MAX);
-                    let spans =
-                        self.tasks.iter().filter(|t| (fork.start_ns..=end).contains(&t.start_ns)).count();
-                    return if spans >= 2 { Owner::Agent } else { Owner::Unattributed };
-                }
+        if let Some(c) = controller
+            && let Some(&first) = chain.iter().position(|&p| p == c).and_then(|pos| chain.get(pos + 1))
+        {
+            let fork = &model.processes[first];
+            if fork.execs.is_empty() {
+                let end = fork.end_ns.unwrap_or(u64::MAX);
+                let spans = self.tasks.iter().filter(|t| (fork.start_ns..=end).contains(&t.start_ns)).count();
+                return if spans >= 2 { Owner::Agent } else { Owner::Unattributed };
             }
         }
         Owner::Controller

@@ -481,7 +481,7 @@ pub(crate) mod fixture {
             ),
             fork(15.0, 22, 21),
             exec(16.0, 22, &["/usr/bin/python3", "/tmp/ansible-tmp-1/AnsiballZ_copy.py"]),
-            open(20.0, 22, "/tmp/ansible-tmp-1/AnsiballZ_copy.py"),
+            open(20.0, 22, "/tmp/ansible_copy_payload_x/ansible_copy_payload.zip"),
             fork(25.0, 23, 22),
             Event::ExecFailed {
                 ts: t(25.5),
@@ -515,7 +515,7 @@ pub(crate) mod fixture {
             fork(75.0, 41, 40),
             fork(76.0, 42, 41),
             exec(76.0, 42, &["/usr/bin/python3", "/tmp/ansible-tmp-2/AnsiballZ_ping.py"]),
-            open(78.0, 42, "/tmp/ansible-tmp-2/AnsiballZ_ping.py"),
+            open(78.0, 42, "/tmp/ansible_ping_payload_y/ansible_ping_payload.zip"),
             exit(79.0, 42),
             exit(80.0, 41),
             exit(90.0, 30),

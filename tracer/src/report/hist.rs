@@ -219,7 +219,7 @@ mod tests {
         // Ten processes exec'd: the sh, python and make below worker A after 1 ms, the rest at once.
         assert_eq!(h.fork_exec.count, 10);
         assert!(close(h.fork_exec.max_ms, 1.0) && h.fork_exec.p50_ms == 0.0, "{:?}", h.fork_exec);
-        // Python exec to AnsiballZ open: 16-20 and 76-78.
+        // Python exec to payload open: 16-20 and 76-78.
         assert_stats(&h.interpreter_startup, 2, [2.0, 4.0, 4.0, 4.0]);
         assert_eq!(h.interpreter_startup_missing, 0);
         let text = h.text();

@@ -46,18 +46,24 @@ impl Loaded {
     }
 }
 
-/// Everything `report` shows: the run summary, and the per-task tables for Ansible runs.
+/// Everything `report` shows: the run summary, the per-task tables for Ansible runs, and (with
+/// details) latency histograms and the wall-time categories.
 #[derive(Serialize)]
 pub struct Report {
     #[serde(flatten)]
     pub summary: summary::Summary,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub ansible: Option<tasks::TaskReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub histograms: Option<hist::Histograms>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub categories: Option<categories::Categories>,
 }
 
 impl Report {
     /// `ansible`: whether the run was an Ansible run (plugins injected); its tables are shown
-    /// even when empty, so a broken channel is reported rather than hidden.
+    /// even when empty, so a broken channel is reported rather than hidden. `details` adds the
+    /// histograms and categories.
     pub fn new(
         header: &Header,
         footer: Option<&Footer>,
@@ -65,10 +71,17 @@ impl Report {
         records: &[AnsibleRecord],
         ansible: bool,
         by: tasks::By,
+        details: bool,
     ) -> Self {
-        let ansible = (ansible || !records.is_empty())
-            .then(|| tasks::TaskReport::new(model, &Attribution::new(model, records), by));
-        Self { summary: summary::Summary::new(header, footer, model), ansible }
+        let attribution = Attribution::new(model, records);
+        let available = attribution.available.then_some(&attribution);
+        Self {
+            summary: summary::Summary::new(header, footer, model),
+            ansible: (ansible || available.is_some())
+                .then(|| tasks::TaskReport::new(model, &attribution, by)),
+            histograms: details.then(|| hist::Histograms::new(model, available)),
+            categories: details.then(|| categories::Categories::new(header, footer, model, available)),
+        }
     }
 
     pub fn render(&self, format: Format, top_n: usize) -> anyhow::Result<String> {
@@ -79,6 +92,14 @@ impl Report {
                     s.push('\n');
                     s.push_str(&t.text(top_n));
                 }
+                for extra in
+                    [self.histograms.as_ref().map(|h| h.text()), self.categories.as_ref().map(|c| c.text())]
+                        .into_iter()
+                        .flatten()
+                {
+                    s.push('\n');
+                    s.push_str(&extra);
+                }
                 s
             }
             Format::Markdown => {
@@ -86,6 +107,14 @@ impl Report {
                 if let Some(t) = &self.ansible {
                     s.push_str("\n### Tasks\n\n");
                     s.push_str(&t.markdown());
+                }
+                if let Some(h) = &self.histograms {
+                    s.push_str("\n### Latencies\n\n");
+                    s.push_str(&h.markdown());
+                }
+                if let Some(c) = &self.categories {
+                    s.push_str("\n### Where the wall time went\n\n");
+                    s.push_str(&c.markdown());
                 }
                 s
             }

@@ -27,6 +27,9 @@ const TAG_PLAYBOOK: &str = r#"
       loop: [x, y]
     - name: single
       ansible.builtin.command: echo TAG single {{ inventory_hostname }} -
+    - name: delegated
+      ansible.builtin.command: echo TAG delegated {{ inventory_hostname }} -
+      delegate_to: h2
   handlers:
     - name: handler_one
       ansible.builtin.command: echo TAG handler_one {{ inventory_hostname }} -
@@ -82,6 +85,7 @@ fn loop_items_hosts_and_handlers_are_attributed_exactly() {
         ("first", vec!["a", "b", "c"]),
         ("second", vec!["x", "y"]),
         ("single", vec![]),
+        ("delegated", vec![]),
         ("handler_one", vec![]),
     ]
     .into();
@@ -97,7 +101,8 @@ fn loop_items_hosts_and_handlers_are_attributed_exactly() {
             let what = format!("{} {strategy}", env_name(&env));
             let a = &pb.attribution;
             assert!(a.available, "{what}: no plugin messages");
-            assert_eq!(check_tags(&pb.run.model, a, &items), 2 * (3 + 2 + 1 + 1), "{what}");
+            // delegate_to: the delegated run is still the work of the delegating host's task.
+            assert_eq!(check_tags(&pb.run.model, a, &items), 2 * (3 + 2 + 1 + 1 + 1), "{what}");
             assert_eq!(a.unattributed(), 0, "{what}");
             assert_eq!(a.dropped_messages, 0, "{what}");
             assert_eq!(a.pid_mismatches, 0, "{what}");

@@ -6,6 +6,7 @@ import os
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -151,12 +152,14 @@ def test_user_output_unchanged_and_silent(mode, tmp_path, receiver):
     assert bool(messages) == (mode == "socket")
 
 
+# Enough loop items (4 messages each) to fill a receive queue of net.unix.max_dgram_qlen.
+STALL_ITEMS = max(12, int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text()) // 4 + 4)
 STALL_PLAYBOOK = """
 - hosts: all
   gather_facts: false
   tasks:
     - command: echo {{{{ item }}}}
-      loop: "{{{{ range(12) | list }}}}"
+      loop: "{{{{ range({items}) | list }}}}"
     - file:
         path: {marker}
         state: touch
@@ -166,8 +169,8 @@ STALL_PLAYBOOK = """
 
 
 def test_receiver_that_never_reads(tmp_path, receiver):
-    """The receive queue fills at once (net.unix.max_dgram_qlen); the run must not slow down."""
-    playbook = STALL_PLAYBOOK.format(marker=tmp_path / "marker")
+    """The receive queue fills soon; the run must not slow down."""
+    playbook = STALL_PLAYBOOK.format(items=STALL_ITEMS, marker=tmp_path / "marker")
     baseline = run_playbook(tmp_path, playbook, callback=False)
     run = run_playbook(tmp_path, playbook, socket_path=str(receiver.path))
     assert run.returncode == 0, run.stdout + run.stderr
@@ -186,8 +189,10 @@ def test_drops_are_counted(tmp_path, receiver):
             time.sleep(0.01)
         receiver.start_reading()
 
-    threading.Thread(target=stall_until_marker, daemon=True).start()
-    run = run_playbook(tmp_path, STALL_PLAYBOOK.format(marker=marker), socket_path=str(receiver.path))
+    staller = threading.Thread(target=stall_until_marker, daemon=True)
+    staller.start()
+    run = run_playbook(tmp_path, STALL_PLAYBOOK.format(items=STALL_ITEMS, marker=marker), socket_path=str(receiver.path))
+    staller.join()
     messages = receiver.close()
     assert run.returncode == 0, run.stdout + run.stderr
     main_pid = messages[0]["pid"]

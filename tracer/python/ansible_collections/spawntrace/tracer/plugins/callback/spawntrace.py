@@ -75,7 +75,12 @@ class _Sender:
                 "errors": self.errors,
             }
             msg.update(fields)
-            data = _encode(msg)
+            self._send(_encode(msg))
+        except Exception:
+            self.errors += 1
+
+    def _send(self, data):
+        try:
             if self.sock is None:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 # Connected, so that a full receiver queue can be waited for (poll sees it).
@@ -94,8 +99,6 @@ class _Sender:
             if e.errno not in (errno.EAGAIN, errno.ENOBUFS):
                 # Receiver gone or not there yet: reconnect on the next message.
                 self.close()
-        except Exception:
-            self.errors += 1
 
     def close(self):
         if self.sock is not None:

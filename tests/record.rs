@@ -330,3 +330,12 @@ fn non_root_gets_a_how_to_run_line() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
+
+/// `spawntrace run` needs no root: it only injects plugins and passes the status through.
+#[test]
+fn run_passes_the_command_status_through() {
+    let status = |args: &[&str]| spawntrace().arg("run").args(args).status().unwrap().code();
+    assert_eq!(status(&["--", "sh", "-c", "exit 3"]), Some(3));
+    assert_eq!(status(&["--", "sh", "-c", "kill -9 $$"]), Some(137));
+    assert_eq!(status(&["--", "no-such-command-xyz"]), Some(127));
+}

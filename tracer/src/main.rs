@@ -62,6 +62,15 @@ enum Cmd {
         #[arg(long)]
         diff: bool,
     },
+    /// Run COMMAND without tracing (no root needed), with spawntrace's Ansible plugins.
+    Run {
+        /// Run Ansible's local and ssh connections through spawntrace's persistent agents.
+        #[arg(long)]
+        persistent: bool,
+        /// The command, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Write a Chrome trace-event timeline (for Perfetto or chrome://tracing) of a trace.
     Timeline {
         trace: PathBuf,
@@ -153,6 +162,15 @@ fn main() -> ExitCode {
             done(runtime().and_then(|rt| rt.block_on(compare(opts))))
         }
         Some(Cmd::Timeline { trace, output }) => done(timeline(&trace, &output)),
+        Some(Cmd::Run { persistent, command }) => {
+            match runtime().and_then(|rt| rt.block_on(run(persistent, &command))) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => match e.downcast_ref::<record::LaunchFailed>() {
+                    Some(l) => fail(&e, l.0.exit_code() as u8),
+                    None => fail(&e, EXIT_TOOL_FAILURE),
+                },
+            }
+        }
         Some(Cmd::Check { trace, baseline, max_exec_increase }) => {
             match spawntrace::compare::check(&trace, &baseline, max_exec_increase) {
                 Ok(r) if r.is_empty() => {
@@ -286,4 +304,20 @@ fn timeline(trace: &std::path::Path, output: &std::path::Path) -> Result<()> {
     let l = report::Loaded::read(trace)?;
     let json = report::timeline::timeline(&l.trace.header, &l.model, l.ansible());
     spawntrace::output::write_file(output, |w| Ok(serde_json::to_writer(w, &json)?))
+}
+
+/// `spawntrace run`: the command with the plugins injected, untraced; returns its shell-style status.
+async fn run(persistent: bool, command: &[String]) -> Result<u8> {
+    use spawntrace::{ansible, record::launch};
+    launch::check_argv(command)?;
+    let inject = ansible::Inject { callback: false, persistent };
+    let session = match persistent {
+        true => Some(ansible::Session::start(None, inject)?.0),
+        false => None,
+    };
+    let env = session.as_ref().map(|s| s.env.clone()).unwrap_or_default();
+    let mut child = launch::spawn(command, None, &env, None).map_err(record::LaunchFailed)?;
+    let status = child.wait().await?;
+    use std::os::unix::process::ExitStatusExt as _;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)).clamp(0, 255) as u8)
 }

@@ -113,3 +113,133 @@ pub fn mean_sd(xs: &[Duration]) -> (f64, f64) {
     let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64;
     (m, var.sqrt())
 }
+
+/// A playbook with the benchmark's task count, every task a `debug`: Ansible's own floor.
+fn floor_playbook(count: usize) -> String {
+    format!(
+        "- name: Controller floor\n  hosts: benchmark_targets\n  gather_facts: false\n  tasks:\n\
+         \x20   - ansible.builtin.debug: {{msg: start}}\n\
+         \x20   - ansible.builtin.debug: {{msg: \"{{{{ item }}}}\"}}\n      loop: \"{{{{ range({count}) | list }}}}\"\n\
+         \x20   - ansible.builtin.debug: {{msg: \"{{{{ item }}}}\"}}\n      loop: \"{{{{ range({count}) | list }}}}\"\n\
+         \x20   - ansible.builtin.debug: {{msg: end}}\n"
+    )
+}
+
+/// `ansible_mitogen/plugins/strategy` in the environment, if Mitogen is installed there.
+fn mitogen_strategy(env: &Path) -> Option<std::path::PathBuf> {
+    let out = Command::new(env.join(".venv/bin/python"))
+        .args(["-c", "import os, ansible_mitogen; print(os.path.dirname(ansible_mitogen.__file__))"])
+        .output()
+        .ok()?;
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("plugins/strategy");
+    (out.status.success() && dir.is_dir()).then_some(dir)
+}
+
+/// The seed benchmark (`count` copy + `count` lineinfile) in each execution mode, interleaved
+/// `runs` times: classic, persistent, Mitogen, and the controller floor.
+pub fn runner(count: usize, runs: usize) -> Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "tracer"]).current_dir(root()))?;
+    let spawntrace = root().join("target/release/spawntrace");
+    let env = crate::setup::default_env()?;
+    let playbook = env.join(".venv/bin/ansible-playbook");
+    let tmp = std::env::temp_dir().join(format!("spawntrace-bench-runner-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let floor = tmp.join("floor.yml");
+    std::fs::write(&floor, floor_playbook(count))?;
+    let extra = format!("bench_count={count}");
+    let mut modes: Vec<(&str, Command)> = Vec::new();
+    let bench = |cmd: &mut Command, pb: &Path| {
+        cmd.arg(&playbook).arg(pb).args(["-e", &extra]).current_dir(root());
+    };
+    let mut classic = Command::new(&playbook);
+    classic.arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
+    modes.push(("classic", classic));
+    let mut persistent = Command::new(&spawntrace);
+    persistent.args(["run", "--persistent", "--"]);
+    bench(&mut persistent, Path::new("playbooks/bench.yml"));
+    modes.push(("persistent", persistent));
+    match mitogen_strategy(&env) {
+        Some(dir) => {
+            let mut m = Command::new(&playbook);
+            m.arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
+            m.env("ANSIBLE_STRATEGY_PLUGINS", dir).env("ANSIBLE_STRATEGY", "mitogen_linear");
+            modes.push(("mitogen", m));
+        }
+        None => eprintln!("bench runner: Mitogen not installed in {}: skipped", env.display()),
+    }
+    let mut f = Command::new(&playbook);
+    f.arg(&floor).current_dir(root());
+    modes.push(("floor", f));
+
+    let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); modes.len()];
+    let mut failed: Vec<Option<String>> = vec![None; modes.len()];
+    for r in 0..runs {
+        for (i, (name, cmd)) in modes.iter_mut().enumerate() {
+            if failed[i].is_some() {
+                continue;
+            }
+            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            match time(cmd) {
+                Ok(t) => {
+                    eprintln!("run {}/{runs}: {name} {:.2} s", r + 1, t.as_secs_f64());
+                    walls[i].push(t);
+                }
+                Err(e) => {
+                    eprintln!("bench runner: {name} failed, left out: {e:#}");
+                    failed[i] = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+    println!("bench runner: {count} copy + {count} lineinfile against localhost, {runs} interleaved run(s)");
+    let mean = |i: usize| (!walls[i].is_empty()).then(|| mean_sd(&walls[i]).0);
+    for (i, (name, _)) in modes.iter().enumerate() {
+        match (mean(i), &failed[i]) {
+            (Some(_), _) => {
+                let (m, s) = mean_sd(&walls[i]);
+                println!("  {name:<11} {m:8.2} ± {s:.2} s");
+            }
+            (None, Some(e)) => println!("  {name:<11} failed: {e}"),
+            (None, None) => {}
+        }
+    }
+    let by_name = |n: &str| modes.iter().position(|(m, _)| *m == n).and_then(mean);
+    let ratio = |a: &str, b: &str| match (by_name(a), by_name(b)) {
+        (Some(x), Some(y)) => format!("{:.2}", x / y),
+        _ => "n/a".into(),
+    };
+    println!(
+        "  persistent/mitogen {}   persistent/floor {}   classic/persistent {}",
+        ratio("persistent", "mitogen"),
+        ratio("persistent", "floor"),
+        ratio("classic", "persistent")
+    );
+    // Execs per module task in a persistent run, as the kernel saw them.
+    let trace = tmp.join("persistent.jsonl");
+    let traced = Command::new(&spawntrace)
+        .args(["-q", "--persistent", "-o"])
+        .arg(&trace)
+        .arg("--")
+        .arg(&playbook)
+        .args(["playbooks/bench.yml", "-e", &extra])
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .status();
+    if traced.is_ok_and(|s| s.success()) {
+        let out = Command::new(&spawntrace).args(["report", "--format", "json"]).arg(&trace).output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for t in v["tasks"].as_array().into_iter().flatten() {
+            println!(
+                "  persistent execs in {:?} ({}): {} over {} item(s)",
+                t["name"].as_str().unwrap_or(""),
+                t["action"].as_str().unwrap_or(""),
+                t["execs"],
+                t["items"]
+            );
+        }
+    } else {
+        println!("  persistent execs per task: the traced persistent run failed");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}

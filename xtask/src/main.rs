@@ -51,6 +51,14 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// The seed playbook in classic, persistent and Mitogen modes, and the controller floor.
+    Runner {
+        /// Files per loop in playbooks/bench.yml.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Exec/exit storm traced vs untraced: events/s, drops, wall ratio.
     Tracer {
         #[arg(long, default_value_t = 20000)]
@@ -66,6 +74,7 @@ fn main() -> ExitCode {
         Cmd::Test => test(),
         Cmd::Demo { runs, count } => demo(runs, count),
         Cmd::Bench { which: Bench::Tracer { count, rounds } } => bench::tracer(count, rounds),
+        Cmd::Bench { which: Bench::Runner { count, runs } } => bench::runner(count, runs),
         Cmd::Storm { count, threads } => bench::storm(count, threads),
     };
     match result {

@@ -66,7 +66,7 @@ pub fn bump(index: u32) {
 #[inline(always)]
 pub fn is_tracked(tgid: u32) -> bool {
     // SAFETY: the value is only read for presence.
-    unsafe { TRACKED.get(&tgid).is_some() }
+    unsafe { TRACKED.get(tgid).is_some() }
 }
 
 /// Current task's (pid_tgid, tid, tgid).

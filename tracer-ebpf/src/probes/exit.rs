@@ -36,7 +36,7 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
         rec.submit();
     }
     if group_dead {
-        let _ = TRACKED.remove(&tgid);
+        let _ = TRACKED.remove(tgid);
     }
     0
 }

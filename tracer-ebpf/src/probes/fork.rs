@@ -30,7 +30,7 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
         (false, true) => FORK_ROOT,
         (false, false) => 0,
     };
-    if !thread && TRACKED.insert(&child_tgid, &1, 0).is_err() {
+    if !thread && TRACKED.insert(child_tgid, 1, 0).is_err() {
         bump(counter::TRACK_FAILURES);
         warn!(&ctx, "tracked set full: pid {} and its descendants are lost", child_tgid);
     }

@@ -32,7 +32,7 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
         path: task::syscall_arg(regs, path_arg).unwrap_or(0),
         flags_or_how: flags_arg.and_then(|a| task::syscall_arg(regs, a)).unwrap_or(0),
     };
-    if PENDING.insert(&id, &pending, 0).is_err() {
+    if PENDING.insert(id, pending, 0).is_err() {
         bump(counter::STASH_FAILURES);
     }
     0
@@ -43,10 +43,10 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct pt_regs *regs, long ret)
     let (id, _, _) = current_ids();
     // SAFETY: value copied out before removal.
-    let Some(p) = (unsafe { PENDING.get(&id).copied() }) else {
+    let Some(p) = (unsafe { PENDING.get(id).copied() }) else {
         return 0;
     };
-    let _ = PENDING.remove(&id);
+    let _ = PENDING.remove(id);
     let ret = ctx.arg::<u64>(1) as i64;
     match p.nr {
         nr::EXECVE | nr::EXECVEAT => exec::failed(&p, ret),

@@ -1,0 +1,1017 @@
+# spawntrace persistent agent: one long-lived Python per (host, user, become user, interpreter,
+# agent version, controller), serving the spawntrace `local` and `ssh` connection plugins.
+#
+# Self-contained (standard library only, Python 3.6+, Linux/POSIX): the same file is imported by
+# the connection plugins (framing and the native shell-housekeeping ops) and shipped as the
+# agent's source (`python -c <this source> <config json>`, locally, under sudo and over ssh).
+# The protocol and the attribution messages are described in tracer/python/RUNNER.md.
+from __future__ import absolute_import
+
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+
+PROTOCOL = 1
+# frame: u32 json length, u32 blob length (big-endian), the JSON object (UTF-8), the blob.
+HEADER = struct.Struct("!II")
+MAX_JSON = 64 * 1024 * 1024
+MAX_BLOB = 4 * 1024 * 1024 * 1024 - 1
+BIG = 256 * 1024
+
+# The agent is started as `python -c <this file's source> <config json>`.
+
+
+class ProtocolError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# framing
+
+
+def send_frame(sock, obj, blob=b""):
+    data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    head = HEADER.pack(len(data), len(blob)) + data
+    if len(blob) <= BIG:
+        sock.sendall(head + bytes(blob))
+    else:
+        sock.sendall(head)
+        sock.sendall(blob)
+
+
+def recv_exact(sock, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ProtocolError("connection closed after %d of %d bytes" % (got, n))
+        got += k
+    return bytes(buf)
+
+
+def recv_frame(sock):
+    head = recv_exact(sock, HEADER.size)
+    jlen, blen = HEADER.unpack(head)
+    if jlen > MAX_JSON:
+        raise ProtocolError("frame too large")
+    obj = json.loads(recv_exact(sock, jlen).decode("utf-8")) if jlen else {}
+    blob = recv_exact(sock, blen) if blen else b""
+    return obj, blob
+
+
+class FrameReader(object):
+    """Incremental frame parser for a non-blocking socket."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.need = None  # (jlen, blen) once the header is in
+
+    def feed(self, data):
+        self.buf += data
+
+    def frame(self):
+        if self.need is None:
+            if len(self.buf) < HEADER.size:
+                return None
+            self.need = HEADER.unpack(bytes(self.buf[: HEADER.size]))
+            if self.need[0] > MAX_JSON:
+                raise ProtocolError("frame too large")
+        jlen, blen = self.need
+        total = HEADER.size + jlen + blen
+        if len(self.buf) < total:
+            return None
+        start = HEADER.size
+        obj = json.loads(bytes(self.buf[start : start + jlen]).decode("utf-8")) if jlen else {}
+        blob = bytes(self.buf[start + jlen : total])
+        del self.buf[:total]
+        self.need = None
+        return obj, blob
+
+
+# ---------------------------------------------------------------------------------------------
+# native shell housekeeping: each returns (rc, stdout, stderr) exactly as the /bin/sh command
+# the shell plugin built would, or None when the case is not handled natively (the caller then
+# runs the real command).
+
+
+def _enc(text):
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _strerror(e):
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+def op_expand_user(word, env, literal=False):
+    """`echo WORD` where WORD is `~` or `~user` (tilde-expanded), or a quoted path (literal)."""
+    if literal:
+        out = word
+    elif word == "~":
+        home = env.get("HOME")
+        if home is None:
+            return None
+        out = home
+    elif word.startswith("~"):
+        try:
+            import pwd
+
+            out = pwd.getpwnam(word[1:]).pw_dir
+        except KeyError:
+            out = word
+    else:
+        out = word
+    if "\\" in out:
+        return None  # dash's echo would interpret escapes
+    return 0, _enc(out) + b"\n", b""
+
+
+def _makedirs(path, mode):
+    """`mkdir -p`: every missing component with `mode` (the caller's umask 77 gives 0700)."""
+    parts = []
+    head = path.rstrip("/") or "/"
+    while head and head != "/" and not os.path.isdir(head):
+        parts.append(head)
+        head = os.path.dirname(head)
+    for p in reversed(parts):
+        try:
+            os.mkdir(p, mode)
+        except OSError as e:
+            if e.errno == errno.EEXIST and os.path.isdir(p):
+                continue
+            raise
+
+
+def op_mkdtemp(basetmpdir, basetmp, basefile, mode):
+    """`( umask U && mkdir -p BASETMPDIR && mkdir BASETMP && echo BASEFILE=BASETMP )`."""
+    for target, fn in ((basetmpdir, _makedirs), (basetmp, os.mkdir)):
+        try:
+            fn(target, mode)
+        except OSError as e:
+            msg = "mkdir: cannot create directory '%s': %s\n" % (target, _strerror(e))
+            return 1, b"", _enc(msg)
+    return 0, _enc("%s=%s\n" % (basefile, basetmp)), b""
+
+
+_WHO = {"u": 0o700, "g": 0o070, "o": 0o007}
+
+
+def parse_chmod(mode):
+    """Symbolic modes of the form [ugoa]+[-+=][rwxX]* (comma separated), else None."""
+    clauses = []
+    for clause in mode.split(","):
+        i = 0
+        while i < len(clause) and clause[i] in "ugoa":
+            i += 1
+        who, rest = clause[:i], clause[i:]
+        if not who or len(rest) < 1 or rest[0] not in "+-=" or any(c not in "rwxX" for c in rest[1:]):
+            return None
+        mask = 0
+        for c in who:
+            mask |= 0o777 if c == "a" else _WHO[c]
+        clauses.append((mask, rest[0], rest[1:]))
+    return clauses
+
+
+def _apply_chmod(cur, clauses, isdir):
+    for mask, op, perms in clauses:
+        bits = 0
+        for c in perms:
+            if c == "r":
+                bits |= 0o444
+            elif c == "w":
+                bits |= 0o222
+            elif c == "x":
+                bits |= 0o111
+            elif c == "X" and (isdir or cur & 0o111):
+                bits |= 0o111
+        bits &= mask
+        if op == "+":
+            cur |= bits
+        elif op == "-":
+            cur &= ~bits
+        else:
+            cur = (cur & ~mask) | bits
+    return cur
+
+
+def op_chmod(mode, paths):
+    """`chmod MODE PATH...` for the symbolic modes parse_chmod accepts."""
+    clauses = parse_chmod(mode)
+    if clauses is None:
+        return None
+    rc, err = 0, []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            rc = 1
+            err.append("chmod: cannot access '%s': %s\n" % (p, _strerror(e)))
+            continue
+        new = _apply_chmod(stat.S_IMODE(st.st_mode), clauses, stat.S_ISDIR(st.st_mode))
+        if new != stat.S_IMODE(st.st_mode):
+            try:
+                os.chmod(p, new)
+            except OSError as e:
+                rc = 1
+                err.append("chmod: changing permissions of '%s': %s\n" % (p, _strerror(e)))
+    return rc, b"", _enc("".join(err))
+
+
+def op_rm(path, recurse):
+    """`rm -f [-r] PATH > /dev/null 2>&1`."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return (0 if e.errno == errno.ENOENT else 1), b"", b""
+    if stat.S_ISDIR(st.st_mode):
+        if not recurse:
+            return 1, b"", b""
+        import shutil
+
+        failed = []
+        shutil.rmtree(path, onerror=lambda *a: failed.append(a))
+        return (1 if failed else 0), b"", b""
+    try:
+        os.unlink(path)
+    except OSError as e:
+        return (0 if e.errno == errno.ENOENT else 1), b"", b""
+    return 0, b"", b""
+
+
+def op_exists(path):
+    """`test -e PATH`."""
+    return (0 if os.path.exists(path) else 1), b"", b""
+
+
+def run_op(op, args, env):
+    if op == "expand_user":
+        return op_expand_user(args["word"], env, args.get("literal", False))
+    if op == "mkdtemp":
+        return op_mkdtemp(args["basetmpdir"], args["basetmp"], args["basefile"], args["mode"])
+    if op == "chmod":
+        return op_chmod(args["mode"], args["paths"])
+    if op == "rm":
+        return op_rm(args["path"], args["recurse"])
+    if op == "exists":
+        return op_exists(args["path"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# attribution datagrams (see tracer/python/PROTOCOL.md)
+
+
+class Reporter(object):
+    def __init__(self, path):
+        self.path = path
+        self.sock = None
+        self.dropped = 0
+        self.errors = 0
+        self.usable = bool(path)
+
+    def send(self, ev, **fields):
+        if not self.usable:
+            return False
+        try:
+            msg = {"v": 1, "ev": ev, "ts": time.monotonic_ns() if hasattr(time, "monotonic_ns") else int(time.monotonic() * 1e9)}
+            msg["pid"] = os.getpid()
+            msg["dropped"] = self.dropped
+            msg["errors"] = self.errors
+            msg.update(fields)
+            data = json.dumps(msg, separators=(",", ":"), default=str).encode("utf-8", "replace")
+            if self.sock is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    s.connect(self.path)
+                except OSError as e:
+                    s.close()
+                    if e.errno in (errno.EACCES, errno.EPERM):
+                        self.usable = False  # e.g. an agent running as another (become) user
+                    raise
+                s.settimeout(0.05)
+                self.sock = s
+            self.sock.send(data)
+            return True
+        except socket.timeout:
+            self.dropped += 1
+        except OSError as e:
+            self.dropped += 1
+            if e.errno not in (errno.EAGAIN, errno.ENOBUFS) and self.sock is not None:
+                self.sock.close()
+                self.sock = None
+        except Exception:
+            self.errors += 1
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the agent
+
+
+def _proc_start(pid):
+    """Start time of a process (clock ticks since boot), or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid, start):
+    if not pid:
+        return True
+    if os.path.isdir("/proc/self"):
+        return _proc_start(pid) == start if start is not None else _proc_start(pid) is not None
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True
+
+
+def _peer_uid(sock):
+    so_peercred = getattr(socket, "SO_PEERCRED", 17)
+    data = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
+    return struct.unpack("3i", data)[1]
+
+
+def _memfd(name):
+    if hasattr(os, "memfd_create"):
+        try:
+            return os.memfd_create(name, getattr(os, "MFD_CLOEXEC", 1))
+        except OSError:
+            pass
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="spawntrace-")
+    os.unlink(path)
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _read_all(fd):
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while True:
+        b = os.read(fd, 1 << 20)
+        if not b:
+            break
+        chunks.append(b)
+    return b"".join(chunks)
+
+
+class _DynPath(list):
+    """__path__ of a warm `ansible.*` package: the module_utils zips the current payload put on
+    sys.path first (so modules not yet imported come from this run's zip), then the warm zip."""
+
+    def __init__(self, rel, fixed, warm_zips):
+        list.__init__(self, fixed)
+        self.rel = rel
+        self.fixed = list(fixed)
+        self.warm_zips = warm_zips
+
+    def __iter__(self):
+        extra = [p + "/" + self.rel for p in sys.path if isinstance(p, str) and p.endswith(".zip") and p not in self.warm_zips]
+        return iter(extra + self.fixed)
+
+
+class Agent(object):
+    def __init__(self, cfg, listener):
+        self.cfg = cfg
+        self.listener = listener
+        self.idle = float(cfg.get("idle", 60))
+        self.controller = cfg.get("controller_pid")
+        self.controller_start = cfg.get("controller_start")
+        self.allowed = set([os.getuid(), int(cfg.get("client_uid", os.getuid()))])
+        self.reporter = Reporter(cfg.get("report"))
+        self.conns = {}  # fd -> [socket, FrameReader]
+        self.runners = {}  # pid -> (socket, out fd, err fd, request)
+        self.last = time.monotonic()
+        self.warm_version = None
+        self.warm_zips = set()
+        self.base_env = dict(os.environ)
+        self.base_cwd = os.getcwd()
+        self.base_umask = os.umask(0o022)
+        os.umask(self.base_umask)
+        self.base_path = list(sys.path)
+        self.stdio = [(s.encoding, s.errors) if s is not None else ("utf-8", "strict") for s in (sys.stdin, sys.stdout, sys.stderr)]
+        self.stopping = False
+        self.served = 0
+
+    # -- main loop --------------------------------------------------------------------------
+
+    def serve(self):
+        self.reporter.send("agent_start", host=self.cfg.get("host"), user=self.cfg.get("user"),
+                           become_user=self.cfg.get("become_user"), version=self.cfg.get("version"))
+        rfd, wfd = os.pipe()
+        for fd in (rfd, wfd):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        self.wakeup = (rfd, wfd)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.listener.setblocking(False)
+        poller = select.poll()
+        self.poller = poller
+        poller.register(self.listener.fileno(), select.POLLIN)
+        poller.register(rfd, select.POLLIN)
+        while True:
+            try:
+                events = poller.poll(1000)
+            except InterruptedError:
+                events = []
+            for fd, ev in events:
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif fd == rfd:
+                    try:
+                        while os.read(rfd, 512):
+                            pass
+                    except OSError:
+                        pass
+                    self._reap()
+                elif fd in self.conns:
+                    self._readable(fd)
+            self._reap()
+            if self._should_exit():
+                break
+        self._shutdown()
+
+    def _on_term(self, *a):
+        self.stopping = True
+
+    def _should_exit(self):
+        now = time.monotonic()
+        busy = self.conns or self.runners
+        if busy:
+            self.last = now
+        if self.stopping and not busy:
+            return True
+        if not _alive(self.controller, self.controller_start):
+            return not self.runners
+        return not busy and now - self.last > self.idle
+
+    def _shutdown(self):
+        path = self.cfg["socket"]
+        try:
+            st = os.lstat(path)
+            if (st.st_ino, st.st_dev) == tuple(self.cfg.get("_inode") or ()):
+                os.unlink(path)
+        except OSError:
+            pass
+        extra = []
+        if self.controller and not _alive(self.controller, self.controller_start):
+            # nobody of this controller can want this agent any more
+            extra = [path + ".lock", os.path.join(os.path.dirname(path), self.cfg.get("key", "-") + ".start.lock")]
+        log = self.cfg.get("log")
+        if log:
+            try:
+                if os.path.getsize(log) == 0:
+                    extra.append(log)
+            except OSError:
+                pass
+        for p in extra:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        for z in self.warm_zips:
+            try:
+                os.unlink(z)
+            except OSError:
+                pass
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            try:
+                if _peer_uid(conn) not in self.allowed:
+                    conn.close()
+                    continue
+            except OSError:
+                conn.close()
+                continue
+            try:
+                send_frame(conn, {"hello": PROTOCOL, "pid": os.getpid(), "version": self.cfg.get("version")})
+            except OSError:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.conns[conn.fileno()] = [conn, FrameReader()]
+            self.poller.register(conn.fileno(), select.POLLIN)
+            self.last = time.monotonic()
+
+    def _drop(self, fd, close=True):
+        entry = self.conns.pop(fd, None)
+        if entry is None:
+            return
+        try:
+            self.poller.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        if close:
+            entry[0].close()
+
+    def _readable(self, fd):
+        conn, reader = self.conns[fd]
+        try:
+            while True:
+                data = conn.recv(1 << 20)
+                if not data:
+                    self._drop(fd)
+                    return
+                reader.feed(data)
+                if len(data) < (1 << 20):
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop(fd)
+            return
+        try:
+            frame = reader.frame()
+        except (ProtocolError, ValueError):
+            self._drop(fd)
+            return
+        if frame is None:
+            return
+        self._drop(fd, close=False)
+        conn.setblocking(True)
+        conn.settimeout(60)
+        req, blob = frame
+        try:
+            keep = self._dispatch(conn, req, blob)
+        except Exception as e:  # report, never die
+            try:
+                send_frame(conn, {"ok": False, "error": "%s: %s" % (type(e).__name__, e)})
+            except OSError:
+                pass
+            keep = False
+        if not keep:
+            conn.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _reply(self, conn, rc, out, err, **extra):
+        resp = {"ok": True, "rc": rc, "out": len(out), "version": self.cfg.get("version")}
+        resp.update(extra)
+        send_frame(conn, resp, out + err)
+
+    def _dispatch(self, conn, req, blob):
+        op = req.get("op")
+        self.served += 1
+        if req.get("version") not in (None, self.cfg.get("version")):
+            send_frame(conn, {"ok": False, "unsupported": True, "error": "agent version %s" % self.cfg.get("version")})
+            return False
+        if op == "ping":
+            send_frame(conn, {"ok": True, "pid": os.getpid(), "version": self.cfg.get("version"),
+                              "reporting": self.reporter.usable, "served": self.served})
+            return False
+        if op == "quit":
+            self.stopping = True
+            send_frame(conn, {"ok": True})
+            return False
+        if op == "run":
+            return self._run(conn, req, blob)
+        if op == "put":
+            return self._put(conn, req, blob)
+        if op == "fetch":
+            return self._fetch(conn, req)
+        env = self.base_env if req.get("env") is None else req["env"]
+        res = run_op(op, req.get("args") or {}, env)
+        if res is None:
+            send_frame(conn, {"ok": False, "unsupported": True})
+        else:
+            self._reply(conn, *res)
+        return False
+
+    def _put(self, conn, req, blob):
+        path = req["path"]
+        try:
+            with open(path, "wb") as f:
+                f.write(blob)
+        except OSError as e:
+            send_frame(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
+            return False
+        send_frame(conn, {"ok": True})
+        return False
+
+    def _fetch(self, conn, req):
+        try:
+            with open(req["path"], "rb") as f:
+                data = f.read()
+        except OSError as e:
+            send_frame(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
+            return False
+        send_frame(conn, {"ok": True}, data)
+        return False
+
+    def _warm(self, req, payload):
+        version = req.get("ansible_version")
+        if self.warm_version is not None or not version or not req.get("warm", True):
+            return
+        self.warm_version = False  # one attempt
+        i = payload.rfind(b"zip_data='")
+        j = payload.find(b"'", i + 10) if i >= 0 else -1
+        if i < 0 or j < 0:
+            return
+        import base64
+
+        try:
+            data = base64.b64decode(payload[i + 10 : j])
+        except Exception:
+            return
+        d = self.cfg.get("dir") or os.path.dirname(self.cfg["socket"])
+        path = os.path.join(d, "warm-%d.zip" % os.getpid())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        self.warm_zips.add(path)
+        before = set(sys.modules)
+        sys.path.insert(0, path)
+        try:
+            import importlib
+
+            for name in ("ansible.module_utils.basic", "ansible.module_utils._internal._ansiballz._loader"):
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    pass
+        except Exception:
+            # a half-imported ansible is worse than none
+            for name in set(sys.modules) - before:
+                if name == "ansible" or name.startswith("ansible."):
+                    del sys.modules[name]
+            return
+        finally:
+            try:
+                sys.path.remove(path)
+            except ValueError:
+                pass
+        for name, mod in list(sys.modules.items()):
+            if (name == "ansible" or name.startswith("ansible.")) and isinstance(getattr(mod, "__path__", None), list):
+                mod.__path__ = _DynPath(name.replace(".", "/"), mod.__path__, self.warm_zips)
+        self.warm_version = version
+        import gc
+
+        gc.collect()
+        if hasattr(gc, "freeze"):
+            gc.freeze()
+
+    def _run(self, conn, req, payload):
+        path = req.get("path")
+        if path and not payload:
+            with open(path, "rb") as f:
+                payload = f.read()
+        if self.warm_version is None:
+            try:
+                self._warm(req, payload)
+            except Exception:
+                self.warm_version = False
+        out_fd, err_fd = _memfd("spawntrace-out"), _memfd("spawntrace-err")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self._runner(req, payload, path, out_fd, err_fd)
+            finally:
+                os._exit(1)
+        self.runners[pid] = (conn, out_fd, err_fd, req)
+        reported = False
+        if self.reporter.usable:
+            reported = self.reporter.send(
+                "runner_start", pid=pid, agent_pid=os.getpid(), task_uuid=req.get("task_uuid"),
+                host=req.get("host"), worker_pid=req.get("worker_pid"), item=req.get("item"),
+                module=req.get("module"))
+        try:
+            send_frame(conn, {"started": True, "pid": pid, "agent_pid": os.getpid(), "reported": reported})
+        except OSError:
+            pass
+        return True
+
+    def _reap(self):
+        while self.runners:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            entry = self.runners.pop(pid, None)
+            if entry is None:
+                continue
+            conn, out_fd, err_fd, req = entry
+            if os.WIFSIGNALED(status):
+                rc = 128 + os.WTERMSIG(status)
+            else:
+                rc = os.WEXITSTATUS(status)
+            try:
+                out, err = _read_all(out_fd), _read_all(err_fd)
+            finally:
+                os.close(out_fd)
+                os.close(err_fd)
+            try:
+                self._reply(conn, rc, out, err)
+            except OSError:
+                pass
+            conn.close()
+            self.last = time.monotonic()
+
+    # -- the runner (forked child) ----------------------------------------------------------
+
+    def _runner(self, req, payload, path, out_fd, err_fd):
+        import atexit
+
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        atexit._clear()
+        # process state the classic command would have had
+        env = dict(self.base_env if req.get("env") is None else req["env"])
+        env.update(req.get("assign") or {})
+        os.environ.clear()
+        os.environ.update(env)
+        if "TZ" in env or "TZ" in self.base_env:
+            try:
+                time.tzset()
+            except AttributeError:
+                pass
+        cwd = req.get("cwd")
+        try:
+            os.chdir(cwd if cwd else self.base_cwd)
+        except OSError:
+            try:
+                os.chdir(self.base_cwd)
+            except OSError:
+                pass
+        umask = req.get("umask")
+        os.umask(self.base_umask if umask is None else umask)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        for fd in self._open_fds():
+            if fd > 2:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        import io
+
+        def stream(fd, mode, enc_err):
+            enc, errs = enc_err
+            f = io.open(fd, mode + "b", closefd=False)
+            return io.TextIOWrapper(f, encoding=enc, errors=errs, line_buffering=False)
+
+        sys.stdin = sys.__stdin__ = stream(0, "r", self.stdio[0])
+        sys.stdout = sys.__stdout__ = stream(1, "w", self.stdio[1])
+        sys.stderr = sys.__stderr__ = stream(2, "w", ("utf-8" if self.stdio[2][0] is None else self.stdio[2][0], "backslashreplace"))
+        if req.get("ansible_version") != self.warm_version:
+            for name in list(sys.modules):
+                if name == "ansible" or name.startswith("ansible."):
+                    del sys.modules[name]
+        code = 0
+        try:
+            import types
+
+            main = types.ModuleType("__main__")
+            main.__dict__["__builtins__"] = __builtins__
+            if path:
+                main.__file__ = path
+                sys.argv = [path]
+                sys.path = [os.path.dirname(path)] + self.base_path
+            else:
+                sys.argv = [""]
+                sys.path = [""] + self.base_path
+            sys.modules["__main__"] = main
+            compiled = compile(payload, path or "<stdin>", "exec", dont_inherit=True)
+            exec(compiled, main.__dict__)
+        except SystemExit as e:
+            code = e.code
+            if code is None:
+                code = 0
+            elif not isinstance(code, int):
+                try:
+                    sys.stderr.write("%s\n" % (code,))
+                except Exception:
+                    pass
+                code = 1
+        except BaseException:
+            import traceback
+
+            try:
+                traceback.print_exc()
+            except Exception:
+                pass
+            code = 1
+        try:
+            import threading
+
+            threading._shutdown()
+        except Exception:
+            pass
+        try:
+            atexit._run_exitfuncs()
+        except Exception:
+            pass
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except Exception:
+                pass
+        os._exit(code & 0xFF)
+
+    @staticmethod
+    def _open_fds():
+        try:
+            return [int(x) for x in os.listdir("/proc/self/fd")]
+        except OSError:
+            return list(range(3, 256))
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap: bind, daemonize, report READY on stdout
+
+
+def _ensure_dir(path, owner):
+    """A 0700 directory owned by `owner` (created, and chowned when we are root)."""
+    try:
+        os.mkdir(path, 0o700)
+        if owner != os.getuid():
+            os.chown(path, owner, -1)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner:
+        raise RuntimeError("%s is not a directory owned by uid %d" % (path, owner))
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _uid_of(spec):
+    """'self' -> our uid; 'sudo' -> the uid that ran sudo (SUDO_UID) or ours; an int."""
+    if spec is None or spec == "self":
+        return os.getuid()
+    if spec == "sudo":
+        v = os.environ.get("SUDO_UID")
+        return int(v) if v and v.isdigit() else os.getuid()
+    return int(spec)
+
+
+def _ping(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        send_frame(s, {"op": "ping"})
+        return recv_frame(s)[0]
+    finally:
+        s.close()
+
+
+def bootstrap(cfg):
+    """Runs in the freshly started interpreter (as the agent's user). Prints one JSON line."""
+    import fcntl
+
+    owner = _uid_of(cfg.get("dir_owner"))
+    cfg["client_uid"] = _uid_of(cfg.get("client_uid"))
+    if owner != os.getuid() and os.getuid() != 0:
+        raise RuntimeError("cannot place a socket in uid %d's directory as uid %d" % (owner, os.getuid()))
+    path = cfg.get("socket")
+    if not path:
+        path = cfg["socket"] = os.path.join(cfg.get("dir_base") or "/tmp", "spawntrace-%d" % owner, cfg["key"] + ".sock")
+    d = cfg["dir"] = os.path.dirname(path)
+    _ensure_dir(d, owner)
+    if cfg.get("log") is True:
+        cfg["log"] = path + ".log"
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        try:
+            info = _ping(path)
+            if info.get("ok") and info.get("version") == cfg.get("version"):
+                sys.stdout.write(json.dumps({"ok": True, "pid": info["pid"], "reused": True, "socket": path, "reporting": info.get("reporting")}) + "\n")
+                return 0
+        except (OSError, ProtocolError, ValueError):
+            pass
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        old = os.umask(0o077)
+        try:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        if os.getuid() == 0 and cfg["client_uid"] != 0:
+            os.chown(path, cfg["client_uid"], -1)
+        listener.listen(128)
+        st = os.lstat(path)
+        cfg["_inode"] = (st.st_ino, st.st_dev)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(rfd)
+            try:
+                os.setsid()
+                if os.fork():
+                    os._exit(0)
+                os.write(wfd, str(os.getpid()).encode())
+                os.close(wfd)
+                _daemon_main(cfg, listener, lock)
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        os.waitpid(pid, 0)
+        agent_pid = b""
+        while True:
+            b = os.read(rfd, 64)
+            if not b:
+                break
+            agent_pid += b
+        listener.close()
+        if not agent_pid:
+            sys.stdout.write(json.dumps({"ok": False, "error": "agent did not start"}) + "\n")
+            return 1
+        sys.stdout.write(json.dumps({"ok": True, "pid": int(agent_pid), "reused": False, "socket": path}) + "\n")
+        return 0
+    finally:
+        os.close(lock)
+
+
+def _daemon_main(cfg, listener, lock):
+    os.close(lock)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    log = cfg.get("log")
+    if log:
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(fd, 2)
+            os.close(fd)
+        except OSError:
+            os.dup2(devnull, 2)
+    else:
+        os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        os.chdir(cfg.get("cwd") or os.getcwd())
+    except OSError:
+        pass
+    # the interpreter's own sys.path, without the '' of `python -c`
+    if sys.path and sys.path[0] == "":
+        del sys.path[0]
+    for k in cfg.get("unset_env") or ():
+        os.environ.pop(k, None)
+    agent = Agent(cfg, listener)
+    try:
+        agent.serve()
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+
+
+def main(argv):
+    cfg = json.loads(argv[0])
+    if cfg.get("report") is None:
+        cfg["report"] = os.environ.get("SPAWNTRACE_SOCKET")
+    try:
+        return bootstrap(cfg)
+    except Exception as e:
+        sys.stdout.write(json.dumps({"ok": False, "error": "%s: %s" % (type(e).__name__, e)}) + "\n")
+        return 1
+
+
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[0] == "-c":
+    _rc = main(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(_rc)

@@ -1,0 +1,658 @@
+# The connection-plugin side of the spawntrace persistent agent: recognising the commands Ansible's
+# action plugins build, finding (or starting) the agent for a target, and talking to it.
+# Loaded by plugins/connection/{local,ssh}.py with importlib (it is not on any plugin path).
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import re
+import shlex
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.realpath(__file__))
+AGENT_PATH = os.path.join(_HERE, "agent.py")
+
+
+def _load_agent():
+    name = "spawntrace_agent_protocol"
+    mod = sys.modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(name, AGENT_PATH)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+agent = _load_agent()
+with open(AGENT_PATH, "rb") as _f:
+    AGENT_SOURCE = _f.read()
+# Agents of another version are never reused: the version is part of the socket's name, and the
+# agent refuses requests that name another version.
+VERSION = "%d-%s" % (agent.PROTOCOL, hashlib.sha256(AGENT_SOURCE).hexdigest()[:16])
+
+try:
+    from ansible.release import __version__ as ANSIBLE_VERSION
+except Exception:  # pragma: no cover
+    ANSIBLE_VERSION = None
+
+
+def enabled():
+    return os.environ.get("SPAWNTRACE_AGENT", "1").lower() not in ("0", "false", "no", "off")
+
+
+def idle_timeout():
+    try:
+        return float(os.environ.get("SPAWNTRACE_AGENT_IDLE", "60"))
+    except ValueError:
+        return 60.0
+
+
+def agent_dir(uid=None):
+    """The 0700 directory holding a user's agent sockets."""
+    base = os.environ.get("SPAWNTRACE_AGENT_DIR") or "/tmp"
+    return os.path.join(base, "spawntrace-%d" % (os.getuid() if uid is None else uid))
+
+
+def ensure_private_dir(path):
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise AgentUnavailable("%s is not a directory owned by uid %d" % (path, os.getuid()))
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def key_name(key):
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class AgentUnavailable(Exception):
+    """Nothing was run: the caller may safely fall back to the classic path."""
+
+
+class AgentFailed(Exception):
+    """The agent took the request but did not answer: the outcome is unknown."""
+
+
+# ---------------------------------------------------------------------------------------------
+# process-wide state (each WorkerProcess is a fresh fork: nothing leaks between tasks)
+
+_state = {"pid": None}
+
+
+def _proc_state():
+    if _state["pid"] != os.getpid():
+        _state.clear()
+        _state.update(pid=os.getpid(), endpoints={}, failed=set(), reporter=None, umask=None)
+    return _state
+
+
+def reporter():
+    st = _proc_state()
+    if st["reporter"] is None:
+        st["reporter"] = agent.Reporter(os.environ.get("SPAWNTRACE_SOCKET"))
+    return st["reporter"]
+
+
+def current_umask():
+    st = _proc_state()
+    if st["umask"] is None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("Umask:"):
+                        st["umask"] = int(line.split()[1], 8)
+                        break
+        except OSError:
+            pass
+        if st["umask"] is None:
+            old = os.umask(0o022)
+            os.umask(old)
+            st["umask"] = old
+    return st["umask"]
+
+
+def proc_start(pid):
+    return agent._proc_start(pid)
+
+
+# ---------------------------------------------------------------------------------------------
+# attribution context of the current worker
+
+
+def worker_info():
+    """(task uuid, host name) of the WorkerProcess this code runs in, if any."""
+    proc = multiprocessing.current_process()
+    task = getattr(proc, "_task", None)
+    host = getattr(proc, "_host", None)
+    try:
+        return (getattr(task, "_uuid", None), host.get_name() if host is not None else None)
+    except Exception:
+        return (getattr(task, "_uuid", None), None)
+
+
+def current_item():
+    """Index of the loop item being executed in this worker (TaskExecutor._run_loop's local
+    `item_index` on 2.19, `_item_index` on 2.21), or None outside loops."""
+    f = sys._getframe(1)
+    while f is not None:
+        co = f.f_code
+        if co.co_name == "_run_loop" and co.co_filename.endswith("task_executor.py"):
+            loc = f.f_locals
+            for k in ("item_index", "_item_index"):
+                v = loc.get(k)
+                if isinstance(v, int):
+                    return v
+            return None
+        f = f.f_back
+    return None
+
+
+def module_name(payload, path):
+    if path:
+        base = os.path.basename(path)
+        if base.startswith("AnsiballZ_") and base.endswith(".py"):
+            return base[len("AnsiballZ_") : -3]
+    if payload:
+        i = payload.rfind(b"_ansiballz_main(")
+        if i >= 0:
+            m = re.search(rb"ansible_module='([^']*)'", payload[i : i + 4096])
+            if m:
+                return m.group(1).decode("utf-8", "replace")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# recognising commands
+
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9_.,:@%+=/-]*$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_USER_HOME = re.compile(r"^~[_.A-Za-z0-9][-_.A-Za-z0-9]*$")
+_MKDTEMP = re.compile(
+    r'^\( umask ([0-7]+) && mkdir -p "` echo (\S+) `"&& mkdir "` echo (\S+) `" && echo (\S+?)="` echo (\S+) `" \)$'
+)
+# Variables read when the interpreter starts: a different value needs a different agent.
+_STARTUP_ENV = re.compile(r"^(PYTHON\w*|LD_\w+|LC_\w+|LANG|LANGUAGE)$")
+
+
+def startup_env(env):
+    return {k: v for k, v in env.items() if _STARTUP_ENV.match(k)}
+
+
+class Recorder:
+    """Wraps a POSIX shell plugin instance's command builders so that each command string it
+    returns is remembered with its meaning. exec_command then looks its command up: strings
+    nobody recorded (raw, script, discovery, anything unusual) go the classic way."""
+
+    LIMIT = 512
+
+    def __init__(self):
+        self.ops = {}
+        self.env = {"": {}}
+        self.become = {}
+
+    def _put(self, table, k, v):
+        if len(table) > self.LIMIT:
+            table.clear()
+            if table is self.env:
+                table[""] = {}
+        table[k] = v
+
+    def wrap_shell(self, shell):
+        try:
+            from ansible.plugins.shell.sh import ShellModule
+        except Exception:
+            return shell
+        if shell is None or not isinstance(shell, ShellModule) or getattr(shell, "_spawntrace_recorder", None) is self:
+            return shell
+        shell._spawntrace_recorder = self
+        rec = self
+        orig = {n: getattr(shell, n) for n in ("expand_user", "mkdtemp", "chmod", "remove", "exists", "env_prefix", "build_module_command")}
+
+        def expand_user(user_home_path, username=""):
+            cmd = orig["expand_user"](user_home_path, username=username)
+            word = user_home_path + username if user_home_path == "~" else user_home_path
+            if cmd == "echo " + word and (word == "~" or _USER_HOME.match(word)):
+                rec._put(rec.ops, cmd, ("expand_user", {"word": word}))
+            elif cmd == "echo " + shlex.quote(word) and word.startswith("/"):
+                rec._put(rec.ops, cmd, ("expand_user", {"word": word, "literal": True}))
+            return cmd
+
+        def mkdtemp(*args, **kwargs):
+            cmd = orig["mkdtemp"](*args, **kwargs)
+            m = _MKDTEMP.match(cmd)
+            if m:
+                umask, tmpdir, tmp, basefile, tmp2 = m.groups()
+                if tmp == tmp2 and _SAFE_PATH.match(tmpdir) and _SAFE_PATH.match(tmp) and re.match(r"^[\w.-]+$", basefile):
+                    args_ = {"basetmpdir": tmpdir, "basetmp": tmp, "basefile": basefile, "mode": 0o777 & ~int(umask, 8)}
+                    rec._put(rec.ops, cmd, ("mkdtemp", args_))
+            return cmd
+
+        def chmod(paths, mode):
+            cmd = orig["chmod"](paths, mode)
+            paths = list(paths)
+            if agent.parse_chmod(mode) is not None and paths and all(p.startswith("/") for p in paths):
+                rec._put(rec.ops, cmd, ("chmod", {"mode": mode, "paths": paths}))
+            return cmd
+
+        def remove(path, recurse=False):
+            cmd = orig["remove"](path, recurse=recurse)
+            if path.startswith("/"):
+                rec._put(rec.ops, cmd, ("rm", {"path": path, "recurse": bool(recurse)}))
+            return cmd
+
+        def exists(path):
+            cmd = orig["exists"](path)
+            if path.startswith("/"):
+                rec._put(rec.ops, cmd, ("exists", {"path": path}))
+            return cmd
+
+        def env_prefix(**kwargs):
+            cmd = orig["env_prefix"](**kwargs)
+            if all(_NAME.match(k) for k in kwargs):
+                rec._put(rec.env, cmd.strip(), {k: str(v) for k, v in kwargs.items()})
+            return cmd
+
+        def build_module_command(env_string, shebang, cmd, arg_path=None):
+            res = orig["build_module_command"](env_string, shebang, cmd, arg_path=arg_path)
+            env = rec.env.get((env_string or "").strip())
+            interp = (shebang or "").strip()
+            interp = interp[2:].strip() if interp.startswith("#!") else None
+            path = (cmd or "").strip()
+            if env is not None and interp and _SAFE_PATH.match(interp) and arg_path is None and (not path or _SAFE_PATH.match(path)):
+                rec._put(rec.ops, res, ("module", {"env": env, "interpreter": interp, "path": path or None}))
+            return res
+
+        shell.expand_user = expand_user
+        shell.mkdtemp = mkdtemp
+        shell.chmod = chmod
+        shell.remove = remove
+        shell.exists = exists
+        shell.env_prefix = env_prefix
+        shell.build_module_command = build_module_command
+        return shell
+
+    def wrap_become(self, plugin):
+        if plugin is None or getattr(plugin, "_spawntrace_recorder", None) is self:
+            return plugin
+        plugin._spawntrace_recorder = self
+        orig = plugin.build_become_command
+        rec = self
+
+        def build_become_command(cmd, shell):
+            res = orig(cmd, shell)
+            if res and res != cmd:
+                rec._put(rec.become, res, cmd)
+            return res
+
+        plugin.build_become_command = build_become_command
+        return plugin
+
+    def plan(self, cmd, executable, sudoable):
+        """(op, args, become) for a command exec_command received, or None."""
+        if not isinstance(cmd, str):
+            return None
+        inner = cmd
+        if executable:
+            prefix = executable + " -c "
+            if not cmd.startswith(prefix):
+                return None
+            rest = cmd[len(prefix) :]
+            try:
+                parts = shlex.split(rest)
+            except ValueError:
+                return None
+            if len(parts) != 1 or shlex.quote(parts[0]) != rest:
+                return None
+            inner = parts[0]
+        if inner.endswith(" && sleep 0"):  # ansible-core < 2.20 appends it to every command
+            inner = inner[: -len(" && sleep 0")]
+        become = False
+        if inner in self.become:
+            if not sudoable:
+                return None
+            inner = self.become[inner]
+            become = True
+        op = self.ops.get(inner)
+        if op is None:
+            return None
+        return op[0], op[1], become
+
+
+# ---------------------------------------------------------------------------------------------
+# talking to an agent
+
+
+class Endpoint:
+    """An agent's socket as seen from this worker."""
+
+    def __init__(self, path, peer_uid, remote=False):
+        self.path = path
+        self.peer_uid = peer_uid
+        self.remote = remote
+        self.reporting = None
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.path)
+        except OSError as e:
+            s.close()
+            raise AgentUnavailable("connect %s: %s" % (self.path, e))
+        if self.peer_uid is not None:
+            data = s.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PEERCRED", 17), struct.calcsize("3i"))
+            uid = struct.unpack("3i", data)[1]
+            if uid != self.peer_uid:
+                s.close()
+                raise AgentUnavailable("agent socket %s belongs to uid %d, expected %d" % (self.path, uid, self.peer_uid))
+        return s
+
+    def request(self, req, blob=b"", on_started=None):
+        """Sends one request; returns (response, blob). Raises AgentUnavailable when the agent
+        certainly did not act on it, AgentFailed when it may have."""
+        req["version"] = VERSION
+        s = self.connect()
+        try:
+            try:
+                agent.send_frame(s, req, blob)
+            except OSError as e:
+                raise AgentUnavailable("send: %s" % e)
+            try:
+                hello, _ = agent.recv_frame(s)
+            except (OSError, agent.ProtocolError, ValueError) as e:
+                raise AgentUnavailable("no agent behind %s: %s" % (self.path, e))
+            if hello.get("version") != VERSION:
+                raise AgentUnavailable("agent version %s, expected %s" % (hello.get("version"), VERSION))
+            try:
+                resp, rblob = agent.recv_frame(s)
+                if resp.get("started"):
+                    if on_started is not None:
+                        on_started(resp)
+                    resp, rblob = agent.recv_frame(s)
+            except (OSError, agent.ProtocolError, ValueError) as e:
+                raise AgentFailed("agent at %s did not answer: %s" % (self.path, e))
+            if resp.get("unsupported"):
+                raise AgentUnavailable("unsupported by the agent")
+            return resp, rblob
+        finally:
+            s.close()
+
+
+def locked(path, timeout=120.0):
+    """An exclusive flock on `path` (a context manager)."""
+
+    class _Lock:
+        def __enter__(self):
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return self
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        os.close(self.fd)
+                        raise AgentUnavailable("timed out waiting for %s" % path)
+                    time.sleep(0.01)
+
+        def __exit__(self, *a):
+            os.close(self.fd)
+
+    return _Lock()
+
+
+def parse_ready(out):
+    text = out.decode("utf-8", "replace") if isinstance(out, bytes) else out
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def controller():
+    """(pid, start time) of ansible-playbook: the parent of this worker."""
+    pid = os.getppid()
+    return pid, proc_start(pid)
+
+
+def base_config(key, socket_path, host, user):
+    ctl, ctl_start = controller()
+    cfg = {
+        "socket": socket_path,
+        "version": VERSION,
+        "idle": idle_timeout(),
+        "controller_pid": ctl,
+        "controller_start": ctl_start,
+        "host": host,
+        "user": user,
+        "key": key_name(key),
+    }
+    if os.environ.get("SPAWNTRACE_AGENT_LOG"):
+        cfg["log"] = socket_path + ".log" if socket_path else True
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# the connection mixin shared by plugins/connection/local.py and ssh.py
+
+from ansible.errors import AnsibleConnectionFailure, AnsibleError  # noqa: E402
+from ansible.utils.display import Display  # noqa: E402
+
+display = Display()
+
+
+def _text(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "surrogateescape")
+    return v
+
+
+class AgentConnectionMixin:
+    """Routes module runs, shell housekeeping and file transfers to a persistent agent; every
+    command it does not recognise goes to the parent plugin's classic path."""
+
+    # -- recording ------------------------------------------------------------------------------
+
+    @property
+    def _shell(self):
+        return self.__dict__.get("_st_shell")
+
+    @_shell.setter
+    def _shell(self, shell):
+        rec = self.__dict__.get("_st_rec")
+        if rec is None:
+            rec = self.__dict__["_st_rec"] = Recorder()
+        self.__dict__["_st_shell"] = rec.wrap_shell(shell) if enabled() else shell
+
+    def set_become_plugin(self, plugin):
+        rec = self.__dict__.get("_st_rec")
+        if rec is None:
+            rec = self.__dict__["_st_rec"] = Recorder()
+        if enabled():
+            rec.wrap_become(plugin)
+        super().set_become_plugin(plugin)
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def exec_command(self, cmd, in_data=None, sudoable=True):
+        if enabled():
+            try:
+                res = self._st_exec(cmd, in_data, sudoable)
+            except AgentFailed as e:
+                raise AnsibleConnectionFailure("spawntrace agent: %s" % e)
+            if res is not None:
+                return res
+        return super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
+
+    def _st_exec(self, cmd, in_data, sudoable):
+        rec = self.__dict__.get("_st_rec")
+        if rec is None:
+            return None
+        executable = self._play_context.executable if self.allow_executable else None
+        plan = rec.plan(cmd, executable, sudoable)
+        if plan is None:
+            return None
+        op, args, become = plan
+        if become and not self._st_become_ok():
+            return None
+        if not self._connected:
+            self._connect()
+        if op == "module":
+            return self._st_module(cmd, args, in_data, become)
+        if become or in_data:
+            return None
+        return self._st_housekeeping(cmd, op, args)
+
+    def _st_become_ok(self):
+        b = self.become
+        if b is None or getattr(b, "name", None) not in ("sudo", "ansible.builtin.sudo"):
+            return False
+        try:
+            if b.get_option("sudo_chdir"):
+                return False
+        except KeyError:
+            pass
+        except Exception:
+            return False
+        return True
+
+    def _st_become_key(self):
+        b = self.become
+        opt = {}
+        for name in ("become_user", "become_exe", "become_flags"):
+            try:
+                opt[name] = b.get_option(name)
+            except Exception:
+                opt[name] = None
+        return {"method": "sudo", "user": opt["become_user"] or "root", "exe": opt["become_exe"], "flags": opt["become_flags"]}
+
+    def _st_attribution(self):
+        task_uuid, host = worker_info()
+        if task_uuid is None:
+            task_uuid = self.__dict__.get("_st_task_uuid")
+        return {
+            "task_uuid": task_uuid,
+            "host": host or self._play_context.remote_addr,
+            "worker_pid": os.getpid(),
+            "item": current_item(),
+        }
+
+    def _st_module(self, cmd, args, in_data, become):
+        path = args["path"]
+        if path:
+            if in_data or not os.path.basename(path).startswith("AnsiballZ_"):
+                return None
+        elif not in_data or b"_ANSIBALLZ_WRAPPER = True" not in in_data[:4096]:
+            return None
+        endpoint, base = self._st_module_endpoint(args, become)
+        if endpoint is None:
+            return None
+        req = dict(base)
+        req.update(self._st_attribution())
+        req.update(
+            op="run",
+            assign=args["env"],
+            path=path,
+            module=module_name(in_data, path),
+            ansible_version=ANSIBLE_VERSION,
+            warm=os.environ.get("SPAWNTRACE_AGENT_WARM", "1") != "0",
+        )
+        display.vvv("EXEC (spawntrace agent %s) %s" % (endpoint.path, cmd), host=self._play_context.remote_addr)
+        notify = self._st_on_started(endpoint, req)
+        try:
+            resp, blob = endpoint.request(req, in_data or b"", on_started=notify)
+        except AgentUnavailable as e:
+            display.vvv("spawntrace agent unavailable (%s); running classic" % e, host=self._play_context.remote_addr)
+            return None
+        if not resp.get("ok"):
+            raise AnsibleConnectionFailure("spawntrace agent: %s" % resp.get("error"))
+        n = resp["out"]
+        return resp["rc"], blob[:n], blob[n:]
+
+    def _st_on_started(self, endpoint, req):
+        def started(resp):
+            if endpoint.remote or not resp.get("reported"):
+                fields = {k: req.get(k) for k in ("task_uuid", "host", "worker_pid", "item", "module")}
+                fields.update(pid=resp.get("pid"), runner_pid=resp.get("pid"), agent_pid=resp.get("agent_pid"))
+                if endpoint.remote:
+                    fields["remote"] = True
+                reporter().send("runner_start", **fields)
+
+        return started
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def _st_endpoint(self, key, make_endpoint, start):
+        """The agent for `key`: cached in this worker, else connected to, else started (once per
+        key and worker; a failure to start makes this worker use the classic path for it)."""
+        st = _proc_state()
+        name = key_name(key)
+        ep = st["endpoints"].get(name)
+        if ep is not None:
+            return ep
+        if name in st["failed"]:
+            return None
+        ep = make_endpoint(name)
+        try:
+            alive = self._st_ping(ep)
+            if not alive:
+                ensure_private_dir(agent_dir())
+                with locked(os.path.join(agent_dir(), name + ".start.lock")):
+                    alive = self._st_ping(ep) or start(name, ep)
+        except (AgentUnavailable, AnsibleError, OSError) as e:
+            display.vvv("spawntrace agent for %s could not start: %s" % (key.get("host"), e), host=self._play_context.remote_addr)
+            alive = False
+        if not alive:
+            st["failed"].add(name)
+            return None
+        st["endpoints"][name] = ep
+        return ep
+
+    @staticmethod
+    def _st_ping(ep):
+        try:
+            resp, _ = ep.request({"op": "ping"})
+        except (AgentUnavailable, AgentFailed):
+            return False
+        ep.reporting = resp.get("reporting")
+        return bool(resp.get("ok"))
+
+    def _st_bootstrap_command(self, cfg, assign):
+        """`K=V... <python> -c <agent source> <cfg>` for a shell."""
+        argv = [cfg.pop("_interpreter"), "-c", AGENT_SOURCE.decode("utf-8"), json.dumps(cfg, separators=(",", ":"))]
+        prefix = " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in sorted(assign.items()))
+        return (prefix + " " if prefix else "") + shlex.join(argv)
+
+    def _st_run_bootstrap_shell(self, cfg, assign, become):
+        """Starts an agent with a shell command through the parent plugin (so that sudo prompts,
+        ssh and its ControlMaster are handled as for any command). Returns the READY object."""
+        cmd = self._st_bootstrap_command(cfg, assign)
+        if become:
+            cmd = self.become.build_become_command(cmd, self._shell)
+        executable = self._play_context.executable if self.allow_executable else None
+        if executable:
+            cmd = executable + " -c " + shlex.quote(cmd)
+        rc, out, err = super().exec_command(cmd, in_data=None, sudoable=become)
+        ready = parse_ready(out)
+        if rc != 0 or not ready or not ready.get("ok"):
+            raise AgentUnavailable("agent bootstrap failed (rc=%s): %s %s" % (rc, _text(out)[-500:], _text(err)[-500:]))
+        return ready

@@ -1,0 +1,139 @@
+# spawntrace `local` connection: ansible-core's local connection, with module runs handed to a
+# persistent agent (a warm Python that forks one runner per module) and the shell
+# housekeeping (echo ~, mkdtemp, chmod, rm) done in-process. Anything it does not recognise runs
+# exactly as with ansible.builtin.local. See tracer/python/RUNNER.md.
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+
+
+def _builtin(name):
+    """ansible-core's own plugin module. Not imported by its name: Ansible loads plugins found on
+    a configured path under the builtin's module name, so `ansible.plugins.connection.local`
+    is this very file while it loads."""
+    import ansible.plugins.connection as pkg
+
+    alias = "ansible.plugins.connection._spawntrace_builtin_" + name
+    mod = sys.modules.get(alias)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(alias, os.path.join(os.path.dirname(pkg.__file__), name + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[alias]
+            raise
+    return mod
+
+
+_builtin_local = _builtin("local")
+_LocalConnection = _builtin_local.Connection
+
+# Same options as the builtin (the loader reads this attribute from the imported module).
+DOCUMENTATION = _builtin_local.DOCUMENTATION.replace(
+    "short_description: execute on controller",
+    "short_description: execute on controller (spawntrace persistent agent)",
+    1,
+)
+
+
+def _client():
+    name = "spawntrace_agent_client"
+    mod = sys.modules.get(name)
+    if mod is None:
+        here = os.path.dirname(os.path.realpath(__file__))
+        path = os.path.join(here, "..", "..", "agent", "client.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return mod
+
+
+_c = _client()
+
+
+class Connection(_c.AgentConnectionMixin, _LocalConnection):
+    """Local connection through the spawntrace persistent agent."""
+
+    def _st_cwd(self):
+        cwd = _c._text(self.cwd) if self.cwd else None
+        return cwd or os.getcwd()
+
+    def _st_module_endpoint(self, args, become):
+        c = _c
+        interp = args["interpreter"]
+        assign = args["env"]
+        uid = os.getuid()
+        host = self._play_context.remote_addr
+        user = self._play_context.remote_user or self.default_user
+        ctl = list(c.controller())
+        if not become:
+            sens = c.startup_env({**os.environ, **assign})
+            key = {"kind": "local", "host": host, "user": user, "become": None, "interp": interp, "env": sens,
+                   "version": c.VERSION, "controller": ctl}
+
+            def make(name):
+                return c.Endpoint(os.path.join(c.agent_dir(), name + ".sock"), uid)
+
+            def start(name, ep):
+                cfg = c.base_config(key, ep.path, host, user)
+                cfg.update(dir_owner=uid, client_uid=uid)
+                env = dict(os.environ)
+                env.update(sens)
+                argv = [interp, "-c", c.AGENT_SOURCE.decode("utf-8"), c.json.dumps(cfg, separators=(",", ":"))]
+                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=env, close_fds=True)
+                out, err = p.communicate(timeout=120)
+                ready = c.parse_ready(out)
+                if p.returncode != 0 or not ready or not ready.get("ok"):
+                    raise c.AgentUnavailable("agent start failed: %r %r" % (out[-300:], err[-300:]))
+                return self._st_ping(ep)
+
+            ep = self._st_endpoint(key, make, start)
+            return ep, {"env": dict(os.environ), "cwd": self._st_cwd(), "umask": c.current_umask()}
+
+        import pwd
+
+        bkey = self._st_become_key()
+        try:
+            buid = pwd.getpwnam(bkey["user"]).pw_uid
+        except KeyError:
+            return None, None
+        if buid == uid or uid == 0:
+            owner = buid
+        elif buid == 0:
+            owner = uid
+        else:
+            return None, None  # unprivileged to another unprivileged user: classic
+        sens = c.startup_env(assign)
+        key = {"kind": "local", "host": host, "user": user, "become": bkey, "interp": interp, "env": sens,
+               "version": c.VERSION, "controller": ctl}
+
+        def make(name):
+            return c.Endpoint(os.path.join(c.agent_dir(owner), name + ".sock"), buid)
+
+        def start(name, ep):
+            cfg = c.base_config(key, ep.path, host, user)
+            cfg.update(dir_owner=owner, client_uid=uid, become_user=bkey["user"], _interpreter=interp,
+                       report=os.environ.get("SPAWNTRACE_SOCKET") or "")
+            self._st_run_bootstrap_shell(cfg, sens, True)
+            return self._st_ping(ep)
+
+        ep = self._st_endpoint(key, make, start)
+        return ep, {"env": None, "cwd": self._st_cwd(), "umask": None}
+
+    def _st_housekeeping(self, cmd, op, args):
+        res = _c.agent.run_op(op, args, os.environ)
+        if res is not None:
+            _c.display.vvv("EXEC (spawntrace, in-process) %s" % cmd, host=self._play_context.remote_addr)
+        return res

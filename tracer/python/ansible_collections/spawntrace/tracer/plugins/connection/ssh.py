@@ -1,0 +1,189 @@
+# spawntrace `ssh` connection: ansible-core's ssh connection, with module runs, shell
+# housekeeping and file transfers handed to a persistent agent on the target, reached through the
+# ControlMaster (`ssh -O forward -L local.sock:remote.sock`): no ssh exec per task once the agent
+# runs. Anything it does not recognise runs exactly as with ansible.builtin.ssh.
+# See tracer/python/RUNNER.md.
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+from ansible.errors import AnsibleError, AnsibleFileNotFound
+
+
+def _load(name, path):
+    mod = sys.modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return mod
+
+
+def _builtin(name):
+    """ansible-core's own plugin module, under an alias: Ansible loads plugins found on a
+    configured path under the builtin's module name (this file is `ansible.plugins.connection.ssh`
+    while it loads)."""
+    import ansible.plugins.connection as pkg
+
+    return _load("ansible.plugins.connection._spawntrace_builtin_" + name, os.path.join(os.path.dirname(pkg.__file__), name + ".py"))
+
+
+_c = _load("spawntrace_agent_client", os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "agent", "client.py"))
+_builtin_ssh = _builtin("ssh")
+_SSHConnection = _builtin_ssh.Connection
+
+DOCUMENTATION = _builtin_ssh.DOCUMENTATION.replace(
+    "short_description: connect via SSH client binary",
+    "short_description: connect via SSH client binary (spawntrace persistent agent)",
+    1,
+)
+
+
+class Connection(_c.AgentConnectionMixin, _SSHConnection):
+    """ssh connection through a spawntrace persistent agent on the target."""
+
+    def _st_target(self):
+        self.host = self.get_option("host") or self._play_context.remote_addr
+        port = self.get_option("port")
+        user = self.get_option("remote_user")
+        return self.host, port, user
+
+    def _st_forwardable(self):
+        """Whether the ssh arguments give a ControlMaster (ControlPersist) to forward through."""
+        if getattr(self._shell, "_IS_WINDOWS", False):
+            return False
+        if self.__dict__.get("_st_fwd_ok") is None:
+            self._build_command(self.get_option("ssh_executable"), "ssh", self.host)
+            self.__dict__["_st_fwd_ok"] = bool(getattr(self, "_persistent", False))
+        return self.__dict__["_st_fwd_ok"]
+
+    def _st_pointer(self, host, port, user):
+        ctl = list(_c.controller())
+        return os.path.join(_c.agent_dir(), "d-" + _c.key_name({"host": host, "port": port, "user": user, "controller": ctl}))
+
+    def _st_module_endpoint(self, args, become):
+        c = _c
+        host, port, user = self._st_target()
+        if not self._st_forwardable():
+            return None, None
+        interp = args["interpreter"]
+        sens = c.startup_env(args["env"])
+        bkey = self._st_become_key() if become else None
+        key = {"kind": "ssh", "host": host, "port": port, "user": user, "become": bkey, "interp": interp, "env": sens,
+               "version": c.VERSION, "controller": list(c.controller())}
+
+        def make(name):
+            return c.Endpoint(os.path.join(c.agent_dir(), "f-" + name + ".sock"), os.getuid(), remote=True)
+
+        def start(name, ep):
+            cfg = c.base_config(key, None, host, user)
+            cfg.update(socket=None, key=name, controller_pid=None, controller_start=None, report="", _interpreter=interp,
+                       log=bool(cfg.get("log")))
+            if become:
+                cfg.update(become_user=bkey["user"], client_uid="sudo", dir_owner="self" if user == "root" else "sudo")
+            ready = self._st_run_bootstrap_shell(cfg, sens, become)
+            self._st_forward(ep.path, ready["socket"])
+            return self._st_ping(ep)
+
+        ep = self._st_endpoint(key, make, start)
+        if ep is not None and not become:
+            self._st_set_default(ep, host, port, user)
+        return ep, {"env": None, "cwd": None, "umask": None}
+
+    def _st_forward(self, local, remote):
+        try:
+            os.unlink(local)
+        except FileNotFoundError:
+            pass
+        cmd = self._build_command(self.get_option("ssh_executable"), "ssh", "-O", "forward", "-L", "%s:%s" % (local, remote), self.host)
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
+        if p.returncode != 0:
+            raise _c.AgentUnavailable("ssh -O forward failed: %s" % p.stderr.decode("utf-8", "replace")[-500:])
+
+    def _st_set_default(self, ep, host, port, user):
+        st = _c._proc_state()
+        st.setdefault("default", {})[(host, port, user)] = ep
+        pointer = self._st_pointer(host, port, user)
+        if not os.path.exists(pointer):
+            tmp = "%s.%d" % (pointer, os.getpid())
+            with open(tmp, "w") as f:
+                f.write(ep.path)
+            os.replace(tmp, pointer)
+
+    def _st_default_endpoint(self):
+        """The plain (no become) agent of this host and user, for housekeeping and transfers, if
+        one was started already in this run."""
+        host, port, user = self._st_target()
+        st = _c._proc_state()
+        ep = st.setdefault("default", {}).get((host, port, user))
+        if ep is None:
+            try:
+                with open(self._st_pointer(host, port, user)) as f:
+                    path = f.read().strip()
+            except OSError:
+                return None
+            ep = _c.Endpoint(path, os.getuid(), remote=True)
+            st["default"][(host, port, user)] = ep
+        return ep
+
+    def _st_housekeeping(self, cmd, op, args):
+        ep = self._st_default_endpoint()
+        if ep is None:
+            return None
+        try:
+            resp, blob = ep.request({"op": op, "args": args, "env": None})
+        except _c.AgentUnavailable:
+            return None
+        if not resp.get("ok"):
+            return None
+        _c.display.vvv("EXEC (spawntrace agent %s) %s" % (ep.path, cmd), host=self.host)
+        n = resp["out"]
+        return resp["rc"], blob[:n], blob[n:]
+
+    def put_file(self, in_path, out_path):
+        ep = self._st_default_endpoint() if _c.enabled() else None
+        if ep is None:
+            return super().put_file(in_path, out_path)
+        if not self._connected:
+            self._connect()
+        if not os.path.exists(in_path):
+            raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
+        with open(in_path, "rb") as f:
+            data = f.read()
+        try:
+            resp, _ = ep.request({"op": "put", "path": out_path}, data)
+        except _c.AgentUnavailable:
+            return super().put_file(in_path, out_path)
+        except _c.AgentFailed as e:
+            raise AnsibleError("failed to transfer file to %s: %s" % (out_path, e))
+        if not resp.get("ok"):
+            raise AnsibleError("failed to transfer file to %s: %s" % (out_path, resp.get("error")))
+        _c.display.vvv("PUT (spawntrace agent) %s TO %s" % (in_path, out_path), host=self.host)
+        return 0, b"", b""
+
+    def fetch_file(self, in_path, out_path):
+        ep = self._st_default_endpoint() if _c.enabled() else None
+        if ep is None:
+            return super().fetch_file(in_path, out_path)
+        if not self._connected:
+            self._connect()
+        try:
+            resp, data = ep.request({"op": "fetch", "path": in_path})
+        except _c.AgentUnavailable:
+            return super().fetch_file(in_path, out_path)
+        except _c.AgentFailed as e:
+            raise AnsibleError("failed to transfer file from %s: %s" % (in_path, e))
+        if not resp.get("ok"):
+            raise AnsibleError("failed to transfer file from %s: %s" % (in_path, resp.get("error")))
+        with open(out_path, "wb") as f:
+            f.write(data)
+        _c.display.vvv("FETCH (spawntrace agent) %s TO %s" % (in_path, out_path), host=self.host)
+        return 0, b"", b""

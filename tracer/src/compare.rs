@@ -215,6 +215,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
                 env: env.clone(),
                 log: Some(opts.out.join("logs").join(format!("{}-{}.log", m.name(), r + 1))),
                 progress: Some(progress.clone()),
+                probe_stats: false,
             })
             .await?;
             if rec.footer.status != crate::trace::Status::Exited(0) {

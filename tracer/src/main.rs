@@ -134,6 +134,10 @@ struct RecordArgs {
     /// Ring-buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     ring_buffer_mib: u32,
+    /// Also measure the probes' own CPU time (kernel BPF statistics: two clock reads per probe
+    /// run, on every syscall of the machine).
+    #[arg(long)]
+    probe_stats: bool,
     /// The command to trace, after `--`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -228,6 +232,7 @@ fn run_record(args: RecordArgs) -> ExitCode {
         env: Vec::new(),
         log: None,
         progress: None,
+        probe_stats: args.probe_stats,
     };
     match runtime.block_on(record::record(opts)) {
         Ok(rec) => {

@@ -42,6 +42,8 @@ pub struct Options {
     pub log: Option<PathBuf>,
     /// Live counters for a progress display.
     pub progress: Option<std::sync::Arc<Progress>>,
+    /// Measure the probes' own CPU time (costs two clock reads per probe run, machine-wide).
+    pub probe_stats: bool,
 }
 
 /// What a recording has seen so far, for progress displays.
@@ -114,7 +116,7 @@ async fn record_into(
         .filter(|b| b.is_power_of_two())
         .context("--ring-buffer-mib must be a power of two below 4096")?;
 
-    let mut probes = Probes::load(std::process::id(), offsets, ring_bytes)?;
+    let mut probes = Probes::load(std::process::id(), offsets, ring_bytes, opts.probe_stats)?;
     if let Some(logger) = probes.logger() {
         spawn_logger(logger)?;
     }

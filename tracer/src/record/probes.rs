@@ -27,7 +27,9 @@ pub struct Probes {
 impl Probes {
     /// Loads the embedded object with the tracer's tgid and the kernel offsets, attaches every
     /// tracepoint. `ring_bytes` must be a power-of-two multiple of the page size.
-    pub fn load(tracer_tgid: u32, offsets: KernelOffsets, ring_bytes: u32) -> Result<Self> {
+    /// With `stats`, the kernel times every probe run (two clock reads each) so that
+    /// [`Probes::cpu_ns`] can report the probes' own CPU time.
+    pub fn load(tracer_tgid: u32, offsets: KernelOffsets, ring_bytes: u32, stats: bool) -> Result<Self> {
         // Older kernels charge BPF memory to RLIMIT_MEMLOCK; 6.x uses memcg. Best effort only.
         let _ = nix::sys::resource::setrlimit(
             nix::sys::resource::Resource::RLIMIT_MEMLOCK,
@@ -35,7 +37,7 @@ impl Probes {
             nix::sys::resource::RLIM_INFINITY,
         );
         let start = std::time::Instant::now();
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let stats = stats.then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).ok()).flatten();
         let mut ebpf = EbpfLoader::new()
             .override_global("TRACER_TGID", &tracer_tgid, true)
             .override_global("OFFSETS", &offsets, true)

@@ -268,3 +268,32 @@ fn a_silent_channel_is_reported_not_hidden() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Ansible attribution unavailable"), "{err}");
 }
+
+#[test]
+#[file_serial(ebpf)]
+fn persistent_runs_exec_nothing_per_module_task_and_stay_attributed() {
+    require_root!();
+    for env in envs() {
+        let dir = tempfile::tempdir().unwrap();
+        let pb = common::ansible::playbook_with(
+            &["--persistent"],
+            &env,
+            SHAPES_PLAYBOOK,
+            &local_inventory(&env, &["localhost"]),
+            &[("SHAPES_DIR", dir.path().to_str().unwrap())],
+            &[],
+        );
+        let what = env_name(&env);
+        let a = &pb.attribution;
+        assert_eq!(a.unattributed(), 0, "{what}");
+        assert!(a.owners.contains(&Owner::Agent), "{what}: the agent is classified");
+        let report = TaskReport::new(&pb.run.model, a, By::Task);
+        for row in &report.tasks {
+            // `command` execs the program it runs (`true`); the other modules exec nothing.
+            let want = if row.name == "command" { 3 } else { 0 };
+            assert_eq!(row.execs, want, "{what}: {} execs {:?}", row.name, row.execs_by_exe);
+            assert_eq!(row.items, 3, "{what}: {} runner processes carry their loop item", row.name);
+        }
+        assert_eq!(std::fs::read_to_string(dir.path().join("f2")).unwrap(), "file 2\nedit 2\n", "{what}");
+    }
+}

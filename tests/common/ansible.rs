@@ -40,6 +40,18 @@ pub fn playbook(
     vars: &[(&str, &str)],
     args: &[&str],
 ) -> PlaybookRun {
+    playbook_with(&[], env, playbook, inventory, vars, args)
+}
+
+/// As [`playbook`], with extra spawntrace options (e.g. `--persistent`).
+pub fn playbook_with(
+    spawntrace_args: &[&str],
+    env: &Path,
+    playbook: &str,
+    inventory: &str,
+    vars: &[(&str, &str)],
+    args: &[&str],
+) -> PlaybookRun {
     let dir = tempfile::tempdir().unwrap();
     let pb = dir.path().join("playbook.yml");
     std::fs::write(&pb, playbook).unwrap();
@@ -64,7 +76,9 @@ pub fn playbook(
         ("ANSIBLE_LOCAL_TEMP", "/tmp/spawntrace-test-ansible-local"),
     ];
     all_vars.extend_from_slice(vars);
-    let run = record_with(&["-q"], &all_vars, &argv);
+    let mut opts = vec!["-q"];
+    opts.extend_from_slice(spawntrace_args);
+    let run = record_with(&opts, &all_vars, &argv);
     assert_eq!(run.code(), Some(0), "ansible-playbook failed:\n{}\n{}", run.stdout(), run.stderr());
     let attribution = Attribution::new(&run.model, &run.trace.ansible);
     PlaybookRun { run, attribution }

@@ -213,6 +213,20 @@ impl Attribution {
         }
         let worker_at: HashMap<usize, usize> =
             a.workers.iter().enumerate().map(|(w, wk)| (wk.proc, w)).collect();
+        // The launchers between a worker and the agent it started (the `python -c` exec, the
+        // double fork) exist only to become the agent: they are the agent's too.
+        let agents: Vec<usize> =
+            stated.iter().filter(|(_, o)| **o == Owner::Agent).map(|(p, _)| *p).collect();
+        for agent in agents {
+            let mut cur = model.processes[agent].parent;
+            while let Some(p) = cur.filter(|p| !worker_at.contains_key(p) && !stated.contains_key(p)) {
+                if Some(p) == controller {
+                    break;
+                }
+                stated.insert(p, Owner::Agent);
+                cur = model.processes[p].parent;
+            }
+        }
         for i in 0..model.processes.len() {
             a.owners[i] = a.classify(model, i, &worker_at, &stated, controller);
         }
@@ -413,7 +427,9 @@ mod tests {
         let events = vec![
             fork(1, 10, 1, true),
             fork(10, 20, 10, false), // worker
-            fork(11, 30, 20, false), // the agent it starts (daemonised, outlives it)
+            fork(11, 29, 20, false), // the launcher that execs the agent's Python
+            exec(11, 29, "/usr/bin/python3"),
+            fork(11, 30, 29, false), // the agent (daemonised, outlives the worker)
             fork(12, 31, 30, false), // a runner for the worker's item 1
             fork(13, 32, 30, false), // agent housekeeping, no task
             exit(20, 20),
@@ -441,6 +457,8 @@ mod tests {
         let a = Attribution::new(&model, &records);
         let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
         assert_eq!(owner(30), Owner::Agent);
+        assert_eq!(owner(29), Owner::Agent, "the agent's launcher");
+        assert_eq!(owner(20), Owner::Task { worker: 0, item: None });
         assert_eq!(owner(32), Owner::Agent);
         assert_eq!(owner(31), Owner::Task { worker: 0, item: Some(1) });
         assert_eq!(owner(33), Owner::Task { worker: 1, item: None });

@@ -317,6 +317,10 @@ class Reporter(object):
 # the agent
 
 
+def _now():
+    return time.monotonic_ns() if hasattr(time, "monotonic_ns") else int(time.monotonic() * 1e9)
+
+
 def _proc_start(pid):
     """Start time of a process (clock ticks since boot), or None if it is gone."""
     try:
@@ -359,6 +363,27 @@ def _memfd(name):
     return fd
 
 
+def _rc_of(status):
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _recv_fds(sock, maxfds=8):
+    """One SEQPACKET message: (JSON object or None at EOF, list of received fds)."""
+    data, anc, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(maxfds * 4))
+    fds = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(payload) // 4
+            fds.extend(struct.unpack("%di" % n, payload[: n * 4]))
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data.decode("utf-8")), fds
+
+
 def _read_all(fd):
     os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
@@ -368,6 +393,117 @@ def _read_all(fd):
             break
         chunks.append(b)
     return b"".join(chunks)
+
+
+_MAIN_MARK = b'\nif __name__ == "__main__":\n'
+_ZIP_MARK = b"zip_data='"
+
+
+def split_payload(payload):
+    """An AnsiballZ wrapper as (head source, tail source with the zip literal replaced by a name,
+    the zip's base64 text, head line count), or None. The head (the wrapper's code, identical for
+    every task of an ansible-core version) can then be compiled once, and the 100+ KB literal need
+    not be tokenized per task."""
+    i = payload.rfind(_MAIN_MARK)
+    if i < 0:
+        return None
+    j = payload.find(_ZIP_MARK, i)
+    if j < 0 or payload.find(_ZIP_MARK, j + 1) >= 0:
+        return None
+    k = payload.find(b"'", j + len(_ZIP_MARK))
+    if k < 0:
+        return None
+    data = payload[j + len(_ZIP_MARK) : k]
+    if b"\\" in data or b"\n" in data:
+        return None
+    head = payload[:i]
+    tail = payload[i:j] + b"zip_data=__spawntrace_zip_data" + payload[k + 1 :]
+    return head, tail, data, head.count(b"\n")
+
+
+# Compiled code shared with forked runners: ("head", sha1) -> an AnsiballZ wrapper's code;
+# ("zip", path inside the zip, sha1 of the source) -> code of a module a payload's zip provides
+# (zipimport compiles from source each time, twice per import on 3.11/3.12).
+CODE_CACHE = {}
+
+
+def _with_filename(code, filename):
+    """`code` with co_filename set to `filename`, nested code objects included."""
+    try:
+        consts = tuple(_with_filename(c, filename) if hasattr(c, "co_filename") else c for c in code.co_consts)
+        return code.replace(co_filename=filename, co_consts=consts)
+    except Exception:
+        return code
+
+
+def _zip_inner(pathname):
+    i = pathname.find(".zip/")
+    return pathname[i + 5 :] if i >= 0 else None
+
+
+def _install_code_cache():
+    import hashlib
+    import zipimport
+
+    orig = getattr(zipimport, "_compile_source", None)
+    if orig is None or getattr(zipimport, "_spawntrace_orig_compile_source", None) is not None:
+        return
+
+    def _compile_source(pathname, source):
+        if CODE_CACHE:
+            inner = _zip_inner(pathname)
+            if inner is not None:
+                code = CODE_CACHE.get(("zip", inner, hashlib.sha1(source).hexdigest()))
+                if code is not None:
+                    return _with_filename(code, pathname)
+        return orig(pathname, source)
+
+    zipimport._spawntrace_orig_compile_source = orig
+    zipimport._compile_source = _compile_source
+
+
+def _cache_zip_source(inner, source):
+    import hashlib
+    import zipimport
+
+    key = ("zip", inner, hashlib.sha1(source).hexdigest())
+    if key not in CODE_CACHE:
+        compile_source = getattr(zipimport, "_spawntrace_orig_compile_source", None)
+        if compile_source is not None:
+            try:
+                CODE_CACHE[key] = compile_source("<zip>/" + inner, source)
+            except SyntaxError:
+                pass
+
+
+def prefault():
+    """Copies this (freshly forked) process's private writable memory now, with
+    madvise(MADV_POPULATE_WRITE) (Linux 5.14+), so that the module run that follows does not take
+    a copy-on-write fault per page it writes (about a thousand for a small module: milliseconds
+    on some VMs). A spare runner does this while it waits for work."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        budget = 512 << 20
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                perms = parts[1]
+                if perms[1] != "w" or perms[3] != "p" or (len(parts) > 5 and parts[5].startswith("[")):
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if hi - lo > budget:
+                    break
+                if madvise(lo, hi - lo, 23) != 0:  # MADV_POPULATE_WRITE
+                    if ctypes.get_errno() == errno.EINVAL:
+                        return  # kernel without it
+                    continue
+                budget -= hi - lo
+    except Exception:
+        pass
 
 
 class _DynPath(list):
@@ -406,7 +542,17 @@ class Agent(object):
         self.base_path = list(sys.path)
         self.stdio = [(s.encoding, s.errors) if s is not None else ("utf-8", "strict") for s in (sys.stdin, sys.stdout, sys.stderr)]
         self.stopping = False
+        self.t_accept = None
         self.served = 0
+        self.learned = set()
+        self.unwarmable = set()
+        self.spare = None
+        self.spare_pending = False
+        self.zsock = None  # the zygote's socket (see _zygote_start)
+        self.zpid = None
+        self.epoch = 0
+        self.by_done = {}  # done pipe fd -> runner pid
+        self.exited = {}  # runner pid -> wait status (from the zygote)
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -444,6 +590,10 @@ class Agent(object):
                     self._reap()
                 elif fd in self.conns:
                     self._readable(fd)
+                elif fd in self.by_done:
+                    self._done_readable(fd)
+                elif self.zsock is not None and fd == self.zsock.fileno():
+                    self._zreadable()
             self._reap()
             if self._should_exit():
                 break
@@ -518,7 +668,7 @@ class Agent(object):
                 conn.close()
                 continue
             conn.setblocking(False)
-            self.conns[conn.fileno()] = [conn, FrameReader()]
+            self.conns[conn.fileno()] = [conn, FrameReader(), _now()]
             self.poller.register(conn.fileno(), select.POLLIN)
             self.last = time.monotonic()
 
@@ -534,27 +684,43 @@ class Agent(object):
             entry[0].close()
 
     def _readable(self, fd):
-        conn, reader = self.conns[fd]
+        """A request's first bytes are in: read the rest of its frame at once (clients send a
+        whole request without waiting), with a timeout against a stalled client."""
+        conn, reader, self.t_accept = self.conns[fd]
         try:
-            while True:
-                data = conn.recv(1 << 20)
-                if not data:
-                    self._drop(fd)
-                    return
-                reader.feed(data)
-                if len(data) < (1 << 20):
-                    break
+            data = conn.recv(1 << 16)
         except (BlockingIOError, InterruptedError):
-            pass
+            return
         except OSError:
             self._drop(fd)
             return
-        try:
-            frame = reader.frame()
-        except (ProtocolError, ValueError):
+        if not data:
             self._drop(fd)
             return
-        if frame is None:
+        reader.feed(data)
+        try:
+            frame = reader.frame()
+            if frame is None and reader.need is None and len(reader.buf) < HEADER.size:
+                return  # not even a header yet
+            if frame is None:
+                jlen, blen = reader.need
+                total = HEADER.size + jlen + blen
+                buf = bytearray(total)
+                have = len(reader.buf)
+                buf[:have] = reader.buf
+                view = memoryview(buf)
+                conn.settimeout(30)
+                while have < total:
+                    k = conn.recv_into(view[have:], total - have)
+                    if k == 0:
+                        raise ProtocolError("short frame")
+                    have += k
+                start = HEADER.size
+                req = json.loads(bytes(view[start : start + jlen]).decode("utf-8")) if jlen else {}
+                frame = req, bytes(view[start + jlen :])
+                del view
+        except (ProtocolError, ValueError, OSError):
+            self._drop(fd)
             return
         self._drop(fd, close=False)
         conn.setblocking(True)
@@ -669,34 +835,237 @@ class Agent(object):
                 sys.path.remove(path)
             except ValueError:
                 pass
-        for name, mod in list(sys.modules.items()):
-            if (name == "ansible" or name.startswith("ansible.")) and isinstance(getattr(mod, "__path__", None), list):
-                mod.__path__ = _DynPath(name.replace(".", "/"), mod.__path__, self.warm_zips)
+        self._dynamic_paths()
+        _install_code_cache()
+        # tempfile finds its directory by creating a test file, once per process: do it here for
+        # runners whose environment names the same candidates (see _runner_main)
+        import tempfile
+
+        try:
+            tempfile.gettempdir()
+        except Exception:
+            pass
         self.warm_version = version
+        self.epoch += 1
         import gc
 
         gc.collect()
         if hasattr(gc, "freeze"):
             gc.freeze()
 
+    def _learn(self, req, payload):
+        """After a reply (off the critical path): compile this payload's wrapper and module once,
+        and import the module_utils its zip carries that are not warm yet, so that the next
+        runners fork with them."""
+        if not self.warm_version or req.get("ansible_version") != self.warm_version:
+            return
+        if req.get("path"):
+            return
+        module = req.get("module")
+        if not module or module in self.learned:
+            return
+        self.learned.add(module)
+        parts = split_payload(payload)
+        if parts is None:
+            return
+        import base64
+        import hashlib
+        import io
+        import zipfile
+
+        head, _, data, _ = parts
+        key = ("head", hashlib.sha1(head).hexdigest())
+        if key not in CODE_CACHE:
+            CODE_CACHE[key] = compile(head, "<stdin>", "exec", dont_inherit=True)
+        raw = base64.b64decode(data)
+        zf = zipfile.ZipFile(io.BytesIO(raw))
+        utils = []
+        for name in zf.namelist():
+            if not name.endswith(".py"):
+                continue
+            mod = name[:-3].replace("/", ".")
+            if mod.endswith(".__init__"):
+                mod = mod[: -len(".__init__")]
+            if mod.startswith("ansible.module_utils.") or mod == "ansible.module_utils":
+                if mod not in sys.modules and mod not in self.unwarmable:
+                    utils.append(mod)
+            elif mod == "ansible.modules" or mod.startswith("ansible.modules.") or mod.startswith("ansible_collections."):
+                _cache_zip_source(name, zf.read(name))
+        if utils:
+            self._import_from_zip(raw, sorted(utils))
+        self.epoch += 1
+        import gc
+
+        if hasattr(gc, "freeze"):
+            gc.freeze()
+
+    def _import_from_zip(self, raw, names):
+        d = self.cfg.get("dir") or os.path.dirname(self.cfg["socket"])
+        path = os.path.join(d, "warm-%d-%d.zip" % (os.getpid(), len(self.warm_zips)))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        self.warm_zips.add(path)
+        import importlib
+
+        sys.path.insert(0, path)
+        try:
+            for name in names:
+                if name in sys.modules:
+                    continue
+                before = set(sys.modules)
+                try:
+                    importlib.import_module(name)
+                except BaseException:
+                    self.unwarmable.add(name)
+                    for n in set(sys.modules) - before:
+                        del sys.modules[n]
+        finally:
+            try:
+                sys.path.remove(path)
+            except ValueError:
+                pass
+        self._dynamic_paths()
+
+    def _dynamic_paths(self):
+        for name, mod in list(sys.modules.items()):
+            if (name == "ansible" or name.startswith("ansible.")) and type(getattr(mod, "__path__", None)) is list:
+                mod.__path__ = _DynPath(name.replace(".", "/"), mod.__path__, self.warm_zips)
+
+    # -- module runs ----------------------------------------------------------------------
+    #
+    # The agent itself stays small and never forks runners: a "zygote" (forked once, at the first
+    # module run) holds the warm state (module_utils imported, code compiled) and forks runners on
+    # request, ahead of time. A spare runner copies its memory (prefault) and waits for a request
+    # on a pipe; it runs the AnsiballZ payload in-process with stdout/stderr on memfds, reports its
+    # exit code on a second pipe once its output is complete, then exits. The agent replies as soon
+    # as that code arrives, or, if the runner dies without one, when the zygote reports its status.
+    # Forking, copying memory and reaping thus happen between tasks, not during them (fork costs
+    # milliseconds on some VMs, and so do the copy-on-write faults of a fresh fork).
+
+    def _zygote_start(self):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            a.close()
+            try:
+                Zygote(self, b).serve()
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(0)
+        b.close()
+        self.zsock = a
+        self.zpid = pid
+        self.poller.register(a.fileno(), select.POLLIN)
+
+    def _zsend(self, msg, fds=()):
+        data = json.dumps(msg, separators=(",", ":")).encode("utf-8")
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))] if fds else []
+        self.zsock.sendmsg([data], anc)
+
+    def _zreadable(self, block=False):
+        """Handles one message from the zygote; returns it (None if none was waiting)."""
+        self.zsock.setblocking(block)
+        try:
+            msg, fds = _recv_fds(self.zsock)
+        except (BlockingIOError, InterruptedError):
+            return None
+        finally:
+            self.zsock.setblocking(True)
+        if msg is None:
+            raise RuntimeError("the zygote exited")
+        kind = msg.get("ev")
+        if kind == "spare":
+            self.spare_pending = False
+            if len(fds) == 5:
+                runner = {"pid": msg["pid"], "req_w": fds[0], "done_r": fds[1], "out": fds[2], "err": fds[3], "in": fds[4]}
+                if self.spare is not None or self.stopping:
+                    self._discard(runner)
+                else:
+                    self.spare = runner
+        elif kind == "exit":
+            pid = msg["pid"]
+            if pid in self.runners:
+                self.exited[pid] = msg["status"]
+                runner = self.runners[pid]
+                if runner.get("eof"):
+                    self._finish(pid, _rc_of(msg["status"]))
+        elif kind == "warmed":
+            self.warm_version = msg.get("version") or False
+        return msg
+
+    def _zwait(self, kind):
+        while True:
+            msg = self._zreadable(block=True)
+            if msg is not None and msg.get("ev") == kind:
+                return msg
+
+    def _with_payload_fd(self, payload):
+        fd = _memfd("spawntrace-payload")
+        view = memoryview(payload)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def _want_spare(self):
+        if self.spare is None and not self.spare_pending and self.zsock is not None and not self.stopping:
+            self.spare_pending = True
+            self._zsend({"op": "spare"})
+
+    def _discard(self, runner):
+        for k in ("req_w", "done_r", "out", "err", "in"):
+            fd = runner.get(k)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                runner[k] = None
+
     def _run(self, conn, req, payload):
+        t_recv = _now()
         path = req.get("path")
         if path and not payload:
             with open(path, "rb") as f:
                 payload = f.read()
-        if self.warm_version is None:
+        if self.zsock is None:
+            self._zygote_start()
+            fd = self._with_payload_fd(payload)
             try:
-                self._warm(req, payload)
-            except Exception:
-                self.warm_version = False
-        out_fd, err_fd = _memfd("spawntrace-out"), _memfd("spawntrace-err")
-        pid = os.fork()
-        if pid == 0:
-            try:
-                self._runner(req, payload, path, out_fd, err_fd)
+                self._zsend({"op": "warm", "req": req}, [fd])
             finally:
-                os._exit(1)
-        self.runners[pid] = (conn, out_fd, err_fd, req)
+                os.close(fd)
+            self._zwait("warmed")
+        if self.spare is None:
+            self._want_spare()
+            self._zwait("spare")
+        runner, self.spare = self.spare, None
+        if runner is None:
+            raise RuntimeError("no runner")
+        data = json.dumps(req, separators=(",", ":")).encode("utf-8")
+        try:
+            # the request in the runner's memfd, then one byte on its pipe to start it
+            os.write(runner["in"], HEADER.pack(len(data), len(payload)) + data)
+            view = memoryview(payload)
+            while view:
+                n = os.write(runner["in"], view)
+                view = view[n:]
+            os.write(runner["req_w"], b"!")
+        finally:
+            os.close(runner["req_w"])
+            os.close(runner["in"])
+            runner["req_w"] = runner["in"] = None
+        pid = runner["pid"]
+        os.set_blocking(runner["done_r"], False)
+        runner.update(conn=conn, req=req, payload=payload, done=b"", t_recv=t_recv, t_accept=self.t_accept)
+        self.runners[pid] = runner
+        self.by_done[runner["done_r"]] = pid
+        self.poller.register(runner["done_r"], select.POLLIN)
         reported = False
         if self.reporter.usable:
             reported = self.reporter.send(
@@ -709,8 +1078,77 @@ class Agent(object):
             pass
         return True
 
+    def _done_readable(self, fd):
+        pid = self.by_done.get(fd)
+        runner = self.runners.get(pid)
+        if runner is None:
+            return
+        eof = False
+        try:
+            while True:
+                b = os.read(fd, 64)
+                if not b:
+                    eof = True
+                    break
+                runner["done"] += b
+        except (BlockingIOError, InterruptedError):
+            pass
+        if runner["done"].endswith(b"\n"):
+            fields = runner["done"].split()
+            runner["times"] = [int(x) for x in fields[1:3]]
+            self._finish(pid, int(fields[0]))
+        elif eof:
+            # no exit code: the runner died (a signal, os._exit in the module); the zygote
+            # reports its status
+            runner["eof"] = True
+            try:
+                self.poller.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            if pid in self.exited:
+                self._finish(pid, _rc_of(self.exited[pid]))
+
+    def _finish(self, pid, rc):
+        runner = self.runners.pop(pid)
+        self.exited.pop(pid, None)
+        fd = runner["done_r"]
+        self.by_done.pop(fd, None)
+        try:
+            self.poller.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            out, err = _read_all(runner["out"]), _read_all(runner["err"])
+        finally:
+            self._discard(runner)
+        conn = runner["conn"]
+        times = runner.get("times") or [None, None]
+        try:
+            self._reply(conn, rc, out, err, t=[runner["t_recv"]] + times + [_now(), runner["t_accept"]])
+        except OSError:
+            pass
+        conn.close()
+        req = runner["req"]
+        module = req.get("module")
+        if module and module not in self.learned and not req.get("path") and self.warm_version and req.get("ansible_version") == self.warm_version:
+            # new to the zygote: let it compile and import what this payload brings, and replace
+            # the spare made before that
+            self.learned.add(module)
+            fd = self._with_payload_fd(runner["payload"])
+            try:
+                self._zsend({"op": "learn", "req": req}, [fd])
+            finally:
+                os.close(fd)
+            if self.spare is not None:
+                self._discard(self.spare)
+                self.spare = None
+        self._want_spare()
+        self.last = time.monotonic()
+
+    # -- the runner (forked child) ----------------------------------------------------------
+
     def _reap(self):
-        while self.runners:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -719,29 +1157,25 @@ class Agent(object):
                 continue
             if pid == 0:
                 return
-            entry = self.runners.pop(pid, None)
-            if entry is None:
-                continue
-            conn, out_fd, err_fd, req = entry
-            if os.WIFSIGNALED(status):
-                rc = 128 + os.WTERMSIG(status)
-            else:
-                rc = os.WEXITSTATUS(status)
-            try:
-                out, err = _read_all(out_fd), _read_all(err_fd)
-            finally:
-                os.close(out_fd)
-                os.close(err_fd)
-            try:
-                self._reply(conn, rc, out, err)
-            except OSError:
-                pass
-            conn.close()
-            self.last = time.monotonic()
+            if pid == self.zpid:
+                # the zygote died: runners in flight report through their done pipes; start anew
+                try:
+                    self.poller.unregister(self.zsock.fileno())
+                except (KeyError, ValueError):
+                    pass
+                self.zsock.close()
+                self.zsock = self.zpid = None
+                self.warm_version = None
+                self.spare_pending = False
+                self.learned = set()
+                if self.spare is not None:
+                    self._discard(self.spare)
+                    self.spare = None
+                for pid2, runner in list(self.runners.items()):
+                    if runner.get("eof"):
+                        self._finish(pid2, 1)
 
-    # -- the runner (forked child) ----------------------------------------------------------
-
-    def _runner(self, req, payload, path, out_fd, err_fd):
+    def _runner_main(self, req_r, done_w, out_fd, err_fd, in_fd):
         import atexit
 
         signal.set_wakeup_fd(-1)
@@ -750,11 +1184,34 @@ class Agent(object):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         atexit._clear()
+        keep = (req_r, done_w, out_fd, err_fd, in_fd)
+        for fd in self._open_fds():
+            if fd > 2 and fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self.cfg.get("prefault", True):
+            prefault()
+        # wait for the request: one byte on the pipe (EOF: this spare was discarded), the request
+        # itself in the memfd
+        if not os.read(req_r, 1):
+            os._exit(0)
+        os.close(req_r)
+        t_start = _now()
+        buf = _read_all(in_fd)
+        os.close(in_fd)
+        head = HEADER.unpack(buf[: HEADER.size])
+        req = json.loads(bytes(buf[HEADER.size : HEADER.size + head[0]]).decode("utf-8"))
+        payload = bytes(buf[HEADER.size + head[0] :])
+        del buf
         # process state the classic command would have had
         env = dict(self.base_env if req.get("env") is None else req["env"])
         env.update(req.get("assign") or {})
         os.environ.clear()
         os.environ.update(env)
+        if "tempfile" in sys.modules and any(env.get(k) != self.base_env.get(k) for k in ("TMPDIR", "TEMP", "TMP")):
+            sys.modules["tempfile"].tempdir = None  # computed for another environment
         if "TZ" in env or "TZ" in self.base_env:
             try:
                 time.tzset()
@@ -772,14 +1229,11 @@ class Agent(object):
         os.umask(self.base_umask if umask is None else umask)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
+        os.close(devnull)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
-        for fd in self._open_fds():
-            if fd > 2:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        os.close(out_fd)
+        os.close(err_fd)
         import io
 
         def stream(fd, mode, enc_err):
@@ -794,7 +1248,8 @@ class Agent(object):
             for name in list(sys.modules):
                 if name == "ansible" or name.startswith("ansible."):
                     del sys.modules[name]
-        code = 0
+        path = req.get("path")
+        rc = 0
         try:
             import types
 
@@ -808,18 +1263,37 @@ class Agent(object):
                 sys.argv = [""]
                 sys.path = [""] + self.base_path
             sys.modules["__main__"] = main
-            compiled = compile(payload, path or "<stdin>", "exec", dont_inherit=True)
-            exec(compiled, main.__dict__)
+            prof = self.cfg.get("profile")
+            if prof:  # diagnostics: a cProfile of each runner, written to that directory
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+                atexit.register(lambda: (profiler.disable(), profiler.dump_stats(os.path.join(prof, "runner-%d.prof" % os.getpid()))))
+            parts = split_payload(payload) if not path else None
+            if parts is None:
+                exec(compile(payload, path or "<stdin>", "exec", dont_inherit=True), main.__dict__)
+            else:
+                import hashlib
+
+                head_src, tail, data, lines = parts
+                head_code = CODE_CACHE.get(("head", hashlib.sha1(head_src).hexdigest()))
+                if head_code is None:
+                    head_code = compile(head_src, "<stdin>", "exec", dont_inherit=True)
+                exec(head_code, main.__dict__)
+                main.__dict__["__spawntrace_zip_data"] = data.decode("ascii")
+                del payload, parts, data
+                exec(compile(b"\n" * lines + tail, "<stdin>", "exec", dont_inherit=True), main.__dict__)
         except SystemExit as e:
-            code = e.code
-            if code is None:
-                code = 0
-            elif not isinstance(code, int):
+            rc = e.code
+            if rc is None:
+                rc = 0
+            elif not isinstance(rc, int):
                 try:
-                    sys.stderr.write("%s\n" % (code,))
+                    sys.stderr.write("%s\n" % (rc,))
                 except Exception:
                     pass
-                code = 1
+                rc = 1
         except BaseException:
             import traceback
 
@@ -827,7 +1301,7 @@ class Agent(object):
                 traceback.print_exc()
             except Exception:
                 pass
-            code = 1
+            rc = 1
         try:
             import threading
 
@@ -838,12 +1312,17 @@ class Agent(object):
             atexit._run_exitfuncs()
         except Exception:
             pass
-        for s in (sys.stdout, sys.stderr):
+        for f in (sys.stdout, sys.stderr):
             try:
-                s.flush()
+                f.flush()
             except Exception:
                 pass
-        os._exit(code & 0xFF)
+        rc &= 0xFF
+        try:
+            os.write(done_w, b"%d %d %d\n" % (rc, t_start, _now()))
+        except OSError:
+            pass
+        os._exit(rc)
 
     @staticmethod
     def _open_fds():
@@ -851,6 +1330,133 @@ class Agent(object):
             return [int(x) for x in os.listdir("/proc/self/fd")]
         except OSError:
             return list(range(3, 256))
+
+
+class Zygote(object):
+    """The agent's fork that keeps the warm state and forks runners (see Agent._zygote_start).
+    Messages from the agent: warm / learn (with the payload in a memfd), spare; to the agent:
+    warmed, spare (with the runner's request pipe, done pipe and output memfds), exit."""
+
+    def __init__(self, agent, sock):
+        self.agent = agent
+        self.sock = sock
+
+    def _send(self, msg, fds=()):
+        data = json.dumps(msg, separators=(",", ":")).encode("utf-8")
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))] if fds else []
+        self.sock.sendmsg([data], anc)
+
+    def serve(self):
+        a = self.agent
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        keep = (0, 1, 2, self.sock.fileno())
+        for fd in a._open_fds():
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        rfd, wfd = os.pipe()
+        for fd in (rfd, wfd):
+            os.set_blocking(fd, False)
+        signal.signal(signal.SIGCHLD, lambda *x: None)
+        signal.set_wakeup_fd(wfd)
+        self.wakeup = (rfd, wfd)
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(rfd, select.POLLIN)
+        try:
+            while True:
+                try:
+                    events = poller.poll(5000)
+                except InterruptedError:
+                    events = []
+                for fd, ev in events:
+                    if fd == self.sock.fileno():
+                        try:
+                            msg, fds = _recv_fds(self.sock)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        if msg is None:
+                            return  # the agent is gone
+                        self._handle(msg, fds)
+                    elif fd == rfd:
+                        try:
+                            while os.read(rfd, 512):
+                                pass
+                        except OSError:
+                            pass
+                self._reap()
+        finally:
+            for z in a.warm_zips:
+                try:
+                    os.unlink(z)
+                except OSError:
+                    pass
+
+    def _handle(self, msg, fds):
+        a = self.agent
+        op = msg.get("op")
+        payload = b""
+        if fds:
+            try:
+                payload = _read_all(fds[0])
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        if op == "warm":
+            try:
+                a._warm(msg["req"], payload)
+            except Exception:
+                import traceback
+
+                traceback.print_exc()
+                a.warm_version = False
+            self._send({"ev": "warmed", "version": a.warm_version or None})
+        elif op == "learn":
+            try:
+                a._learn(msg["req"], payload)
+            except Exception:
+                import traceback
+
+                traceback.print_exc()
+        elif op == "spare":
+            pid, rfds = self._fork_runner()
+            try:
+                self._send({"ev": "spare", "pid": pid}, rfds)
+            finally:
+                for fd in rfds:
+                    os.close(fd)
+
+    def _fork_runner(self):
+        out_fd, err_fd, in_fd = _memfd("spawntrace-out"), _memfd("spawntrace-err"), _memfd("spawntrace-in")
+        req_r, req_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.agent._runner_main(req_r, done_w, out_fd, err_fd, in_fd)
+            finally:
+                os._exit(1)
+        os.close(req_r)
+        os.close(done_w)
+        return pid, [req_w, done_r, out_fd, err_fd, in_fd]
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            try:
+                self._send({"ev": "exit", "pid": pid, "status": status})
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,10 @@ def _load_agent():
     name = "spawntrace_agent_protocol"
     mod = sys.modules.get(name)
     if mod is None:
-        spec = importlib.util.spec_from_file_location(name, AGENT_PATH)
+        # the plugins' caching loader (compiled code kept in the agent directory)
+        loader_cls = type(getattr(sys.modules.get("spawntrace_agent_client"), "__loader__", None))
+        loader = loader_cls(name, AGENT_PATH) if loader_cls.__name__ == "_Loader" else None
+        spec = importlib.util.spec_from_file_location(name, AGENT_PATH, loader=loader)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
@@ -338,10 +341,15 @@ class Recorder:
 # talking to an agent
 
 
+def key_name_of(endpoint):
+    return getattr(endpoint, "name", None)
+
+
 class Endpoint:
     """An agent's socket as seen from this worker."""
 
     def __init__(self, path, peer_uid, remote=False):
+        self.name = None
         self.path = path
         self.peer_uid = peer_uid
         self.remote = remote
@@ -430,8 +438,12 @@ def parse_ready(out):
 
 def controller():
     """(pid, start time) of ansible-playbook: the parent of this worker."""
-    pid = os.getppid()
-    return pid, proc_start(pid)
+    st = _proc_state()
+    ctl = st.get("controller")
+    if ctl is None:
+        pid = os.getppid()
+        ctl = st["controller"] = (pid, proc_start(pid))
+    return ctl
 
 
 def base_config(key, socket_path, host, user):
@@ -563,9 +575,20 @@ class AgentConnectionMixin:
                 return None
         elif not in_data or b"_ANSIBALLZ_WRAPPER = True" not in in_data[:4096]:
             return None
-        endpoint, base = self._st_module_endpoint(args, become)
-        if endpoint is None:
-            return None
+        for retry in (False, True):
+            endpoint, base = self._st_module_endpoint(args, become, retry)
+            if endpoint is None:
+                return None
+            try:
+                return self._st_module_request(cmd, args, in_data, path, endpoint, base)
+            except AgentUnavailable as e:
+                # a stale socket, an agent that just timed out: start one (once)
+                _proc_state()["endpoints"].pop(key_name_of(endpoint), None)
+                _proc_state().pop("fast", None)
+                display.vvv("spawntrace agent unavailable (%s)" % e, host=self._play_context.remote_addr)
+        return None
+
+    def _st_module_request(self, cmd, args, in_data, path, endpoint, base):
         req = dict(base)
         req.update(self._st_attribution())
         req.update(
@@ -578,11 +601,17 @@ class AgentConnectionMixin:
         )
         display.vvv("EXEC (spawntrace agent %s) %s" % (endpoint.path, cmd), host=self._play_context.remote_addr)
         notify = self._st_on_started(endpoint, req)
-        try:
-            resp, blob = endpoint.request(req, in_data or b"", on_started=notify)
-        except AgentUnavailable as e:
-            display.vvv("spawntrace agent unavailable (%s); running classic" % e, host=self._play_context.remote_addr)
-            return None
+        t0 = time.monotonic_ns()
+        resp, blob = endpoint.request(req, in_data or b"", on_started=notify)
+        timing = os.environ.get("SPAWNTRACE_AGENT_TIMING")
+        if timing and resp.get("t"):
+            # diagnostics: where a module run's time went (monotonic ns): request sent, agent
+            # accepted, request read, runner started, runner done, reply sent, reply received
+            t = resp["t"]
+            rec = {"module": req["module"], "sent": t0, "accepted": t[4] if len(t) > 4 else None, "read": t[0],
+                   "runner_start": t[1], "runner_done": t[2], "replied": t[3], "received": time.monotonic_ns()}
+            with open(timing, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         if not resp.get("ok"):
             raise AnsibleConnectionFailure("spawntrace agent: %s" % resp.get("error"))
         n = resp["out"]
@@ -601,17 +630,22 @@ class AgentConnectionMixin:
 
     # -- endpoints ------------------------------------------------------------------------------
 
-    def _st_endpoint(self, key, make_endpoint, start):
-        """The agent for `key`: cached in this worker, else connected to, else started (once per
-        key and worker; a failure to start makes this worker use the classic path for it)."""
+    def _st_endpoint(self, key, make_endpoint, start, retry=False):
+        """The agent for `key`: cached in this worker, else its socket if it exists (not checked:
+        the request will tell), else started (`retry`: the socket did not answer). A failure to
+        start makes this worker use the classic path for that key."""
         st = _proc_state()
         name = key_name(key)
         ep = st["endpoints"].get(name)
-        if ep is not None:
+        if ep is not None and not retry:
             return ep
         if name in st["failed"]:
             return None
         ep = make_endpoint(name)
+        ep.name = name
+        if not retry and os.path.exists(ep.path):
+            st["endpoints"][name] = ep
+            return ep
         try:
             alive = self._st_ping(ep)
             if not alive:
@@ -656,3 +690,28 @@ class AgentConnectionMixin:
         if rc != 0 or not ready or not ready.get("ok"):
             raise AgentUnavailable("agent bootstrap failed (rc=%s): %s %s" % (rc, _text(out)[-500:], _text(err)[-500:]))
         return ready
+
+
+def preload_in_controller():
+    """Imports, once in ansible-playbook itself (connection plugins are loaded there before the
+    workers fork), the module_utils every worker imports to encode module arguments and decode
+    results, so that each forked worker does not import (and compile) them again. These are
+    ansible-core internals, not plugins: importing them early cannot shadow anything."""
+    if multiprocessing.current_process().name != "MainProcess":
+        return
+    import importlib
+
+    for name in (
+        "ansible.module_utils._internal._json._profiles._module_legacy_m2c",
+        "ansible.module_utils._internal._json._profiles._module_legacy_c2m",
+        "ansible.module_utils._internal._json._profiles._module_modern_m2c",
+        "ansible.module_utils._internal._json._profiles._module_modern_c2m",
+    ):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+
+
+if enabled():
+    preload_in_controller()

@@ -10,25 +10,63 @@ import subprocess
 import sys
 
 
+def _load(name, path):
+    """Imports `path` as module `name` once per process, with its compiled code cached in the
+    user's spawntrace agent directory (workers are fresh forks: without a cache each would
+    compile it again, PYTHONDONTWRITEBYTECODE or not)."""
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    import hashlib
+    import importlib.machinery
+    import marshal
+
+    class _Loader(importlib.machinery.SourceFileLoader):
+        def get_code(self, fullname):
+            source = self.get_data(self.path)
+            d = os.path.join(os.environ.get("SPAWNTRACE_AGENT_DIR") or "/tmp", "spawntrace-%d" % os.getuid(), "code")
+            tag = hashlib.sha1(source + importlib.util.MAGIC_NUMBER + self.path.encode("utf-8", "surrogateescape")).hexdigest()
+            cache = os.path.join(d, "%s-%s.bin" % (fullname, tag))
+            try:
+                with open(cache, "rb") as f:
+                    return marshal.loads(f.read())
+            except (OSError, ValueError, EOFError, TypeError):
+                pass
+            code = compile(source, self.path, "exec", dont_inherit=True)
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                st = os.lstat(os.path.dirname(d))
+                if st.st_uid == os.getuid() and not (st.st_mode & 0o077):
+                    tmp = "%s.%d" % (cache, os.getpid())
+                    with open(tmp, "wb") as f:
+                        f.write(marshal.dumps(code))
+                    os.replace(tmp, cache)
+            except OSError:
+                pass
+            return code
+
+    spec = importlib.util.spec_from_file_location(name, path, loader=_Loader(name, path))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
 
 def _builtin(name):
-    """ansible-core's own plugin module. Not imported by its name: Ansible loads plugins found on
-    a configured path under the builtin's module name, so `ansible.plugins.connection.local`
-    is this very file while it loads."""
+    """ansible-core's own plugin module, under an alias: Ansible loads plugins found on a
+    configured path under the builtin's module name (this file is `ansible.plugins.connection.local`
+    while it loads)."""
     import ansible.plugins.connection as pkg
 
-    alias = "ansible.plugins.connection._spawntrace_builtin_" + name
-    mod = sys.modules.get(alias)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(alias, os.path.join(os.path.dirname(pkg.__file__), name + ".py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[alias] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[alias]
-            raise
-    return mod
+    return _load("ansible.plugins.connection._spawntrace_builtin_" + name, os.path.join(os.path.dirname(pkg.__file__), name + ".py"))
+
+
+_c = _load("spawntrace_agent_client", os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "agent", "client.py"))
+
 
 
 _builtin_local = _builtin("local")
@@ -42,26 +80,6 @@ DOCUMENTATION = _builtin_local.DOCUMENTATION.replace(
 )
 
 
-def _client():
-    name = "spawntrace_agent_client"
-    mod = sys.modules.get(name)
-    if mod is None:
-        here = os.path.dirname(os.path.realpath(__file__))
-        path = os.path.join(here, "..", "..", "agent", "client.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return mod
-
-
-_c = _client()
-
-
 class Connection(_c.AgentConnectionMixin, _LocalConnection):
     """Local connection through the spawntrace persistent agent."""
 
@@ -69,7 +87,7 @@ class Connection(_c.AgentConnectionMixin, _LocalConnection):
         cwd = _c._text(self.cwd) if self.cwd else None
         return cwd or os.getcwd()
 
-    def _st_module_endpoint(self, args, become):
+    def _st_module_endpoint(self, args, become, retry=False):
         c = _c
         interp = args["interpreter"]
         assign = args["env"]
@@ -79,6 +97,11 @@ class Connection(_c.AgentConnectionMixin, _LocalConnection):
         ctl = list(c.controller())
         if not become:
             sens = c.startup_env({**os.environ, **assign})
+            st = c._proc_state()
+            fast = ("local", host, user, interp, tuple(sorted(sens.items())))
+            ep = st.get("fast", {}).get(fast) if not retry else None
+            if ep is not None:
+                return ep, {"env": dict(os.environ), "cwd": self._st_cwd(), "umask": c.current_umask()}
             key = {"kind": "local", "host": host, "user": user, "become": None, "interp": interp, "env": sens,
                    "version": c.VERSION, "controller": ctl}
 
@@ -99,7 +122,9 @@ class Connection(_c.AgentConnectionMixin, _LocalConnection):
                     raise c.AgentUnavailable("agent start failed: %r %r" % (out[-300:], err[-300:]))
                 return self._st_ping(ep)
 
-            ep = self._st_endpoint(key, make, start)
+            ep = self._st_endpoint(key, make, start, retry)
+            if ep is not None:
+                st.setdefault("fast", {})[fast] = ep
             return ep, {"env": dict(os.environ), "cwd": self._st_cwd(), "umask": c.current_umask()}
 
         import pwd
@@ -129,7 +154,7 @@ class Connection(_c.AgentConnectionMixin, _LocalConnection):
             self._st_run_bootstrap_shell(cfg, sens, True)
             return self._st_ping(ep)
 
-        ep = self._st_endpoint(key, make, start)
+        ep = self._st_endpoint(key, make, start, retry)
         return ep, {"env": None, "cwd": self._st_cwd(), "umask": None}
 
     def _st_housekeeping(self, cmd, op, args):

@@ -14,16 +14,48 @@ from ansible.errors import AnsibleError, AnsibleFileNotFound
 
 
 def _load(name, path):
+    """Imports `path` as module `name` once per process, with its compiled code cached in the
+    user's spawntrace agent directory (workers are fresh forks: without a cache each would
+    compile it again, PYTHONDONTWRITEBYTECODE or not)."""
     mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[name]
-            raise
+    if mod is not None:
+        return mod
+    import hashlib
+    import importlib.machinery
+    import marshal
+
+    class _Loader(importlib.machinery.SourceFileLoader):
+        def get_code(self, fullname):
+            source = self.get_data(self.path)
+            d = os.path.join(os.environ.get("SPAWNTRACE_AGENT_DIR") or "/tmp", "spawntrace-%d" % os.getuid(), "code")
+            tag = hashlib.sha1(source + importlib.util.MAGIC_NUMBER + self.path.encode("utf-8", "surrogateescape")).hexdigest()
+            cache = os.path.join(d, "%s-%s.bin" % (fullname, tag))
+            try:
+                with open(cache, "rb") as f:
+                    return marshal.loads(f.read())
+            except (OSError, ValueError, EOFError, TypeError):
+                pass
+            code = compile(source, self.path, "exec", dont_inherit=True)
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                st = os.lstat(os.path.dirname(d))
+                if st.st_uid == os.getuid() and not (st.st_mode & 0o077):
+                    tmp = "%s.%d" % (cache, os.getpid())
+                    with open(tmp, "wb") as f:
+                        f.write(marshal.dumps(code))
+                    os.replace(tmp, cache)
+            except OSError:
+                pass
+            return code
+
+    spec = importlib.util.spec_from_file_location(name, path, loader=_Loader(name, path))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return mod
 
 
@@ -69,7 +101,7 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
         ctl = list(_c.controller())
         return os.path.join(_c.agent_dir(), "d-" + _c.key_name({"host": host, "port": port, "user": user, "controller": ctl}))
 
-    def _st_module_endpoint(self, args, become):
+    def _st_module_endpoint(self, args, become, retry=False):
         c = _c
         host, port, user = self._st_target()
         if not self._st_forwardable():
@@ -93,7 +125,7 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
             self._st_forward(ep.path, ready["socket"])
             return self._st_ping(ep)
 
-        ep = self._st_endpoint(key, make, start)
+        ep = self._st_endpoint(key, make, start, retry)
         if ep is not None and not become:
             self._st_set_default(ep, host, port, user)
         return ep, {"env": None, "cwd": None, "umask": None}

@@ -91,8 +91,11 @@ pub fn folded(model: &Model, attribution: Option<&Attribution>, weight: Weight, 
                     FlameBy::Task => frames.extend([t, h]),
                     FlameBy::Host => frames.extend([h, t]),
                 }
-                let depth = chain.iter().position(|&c| c == wk.proc).map_or(chain.len(), |d| d + 1);
-                frames.extend(below(depth));
+                match chain.iter().position(|&c| c == wk.proc) {
+                    Some(d) => frames.extend(below(d + 1)),
+                    // Work done for this task by a persistent agent's runner.
+                    None => frames.extend(["(agent runner)".to_owned(), labels::label(model, i)]),
+                }
             }
             Some((_, owner)) => {
                 frames.push(playbook.clone());
@@ -125,8 +128,9 @@ pub fn svg(header: &Header, lines: &[String], weight: Weight, out: impl Write) -
         .context("drawing the flamegraph")
 }
 
-/// Writes a differential flamegraph: shapes of `after`, coloured by the change from `before`
-/// (red grew, blue shrank), with frames that disappeared drawn from `before` too.
+/// Writes a differential flamegraph in the shape of `before`, coloured by the change to
+/// `after` (inferno's diff-folded semantics, drawn negated): blue frames are what `after`
+/// removed or shrank, red frames what it grew.
 pub fn diff_svg(
     before: &[String],
     after: &[String],
@@ -136,16 +140,20 @@ pub fn diff_svg(
 ) -> Result<()> {
     let join = |l: &[String]| l.join("\n").into_bytes();
     let mut diff = Vec::new();
+    // Folded with the traces swapped, the graph takes the first trace's shape; negating the hues
+    // then shows a drop from first to second in blue.
     inferno::differential::from_readers(
         inferno::differential::Options::default(),
-        join(before).as_slice(),
         join(after).as_slice(),
+        join(before).as_slice(),
         &mut diff,
     )
     .context("diffing folded stacks")?;
     let diff = String::from_utf8(diff).context("folded stacks are not UTF-8")?;
-    let subtitle = format!("{}; red grew, blue shrank from the first trace to the second", weight.meaning());
+    let subtitle =
+        format!("{} in the first trace; blue: removed or shrunk in the second, red: grown", weight.meaning());
     let mut opts = options(title.to_owned(), subtitle, weight.unit());
+    opts.negate_differentials = true;
     inferno::flamegraph::from_lines(&mut opts, diff.lines(), out)
         .context("drawing the differential flamegraph")
 }

@@ -6,9 +6,19 @@ use tracer_common::KernelOffsets;
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
-/// Offsets of every field the probes read. A field that cannot be found is an error: running
-/// with a wrong offset would record garbage.
+/// Offsets of every field the probes read, looked up once per process (the kernel does not
+/// change under us; `compare` records many times). A field that cannot be found is an error:
+/// running with a wrong offset would record garbage.
 pub fn kernel_offsets() -> Result<KernelOffsets> {
+    static CACHE: std::sync::OnceLock<KernelOffsets> = std::sync::OnceLock::new();
+    if let Some(o) = CACHE.get() {
+        return Ok(*o);
+    }
+    let o = lookup()?;
+    Ok(*CACHE.get_or_init(|| o))
+}
+
+fn lookup() -> Result<KernelOffsets> {
     let start = std::time::Instant::now();
     let btf = Btf::from_file(VMLINUX).with_context(|| format!("reading kernel BTF {VMLINUX}"))?;
     let task = find_struct(&btf, "task_struct")?;

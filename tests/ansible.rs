@@ -112,8 +112,10 @@ fn loop_items_hosts_and_handlers_are_attributed_exactly() {
             assert_eq!((first.hosts.len(), first.items), (2, 6), "{what}");
             // Per-item rows split the loop task by host and item.
             let by_item = TaskReport::new(&pb.run.model, a, By::Item);
-            let rows = by_item.tasks.iter().filter(|r| r.name == "first" && r.item.is_some()).count();
-            assert_eq!(rows, 6, "{what}");
+            let rows: Vec<_> =
+                by_item.tasks.iter().filter(|r| r.name == "first" && r.item.is_some()).collect();
+            assert_eq!(rows.len(), 6, "{what}");
+            assert!(rows.iter().all(|r| r.wall_ms > 0.0), "{what}: an item row's wall is its window");
         }
     }
 }

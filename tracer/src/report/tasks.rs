@@ -151,15 +151,20 @@ impl TaskReport {
             .into_iter()
             .map(|((t, host, item), acc)| {
                 let task = &a.tasks[t];
-                let label = item.and_then(|it| {
+                let window = item.and_then(|it| {
                     a.workers
                         .iter()
                         .filter(|w| w.task == t && Some(&w.host) == host.as_ref())
                         .flat_map(|w| &w.items)
                         .find(|win| win.index == it)
-                        .map(|win| win.label.clone())
                 });
                 let mut row = acc.finish();
+                // An item row's wall time is its window inside the worker.
+                if let Some(win) = window {
+                    let end = win.end_ns.unwrap_or(win.start_ns);
+                    row.wall_ms = (end.saturating_sub(win.start_ns) as f64 / 1e4).round() / 100.0;
+                }
+                let label = window.map(|win| win.label.clone());
                 row.play = task.play.clone();
                 row.name = task.name.clone();
                 row.action = task.action.clone();

@@ -283,15 +283,6 @@ impl Attribution {
         Owner::Controller
     }
 
-    /// Processes per category.
-    pub fn counts(&self) -> HashMap<&'static str, u64> {
-        let mut m = HashMap::new();
-        for o in &self.owners {
-            *m.entry(o.category()).or_insert(0) += 1;
-        }
-        m
-    }
-
     pub fn unattributed(&self) -> u64 {
         self.owners.iter().filter(|o| **o == Owner::Unattributed).count() as u64
     }

@@ -72,6 +72,8 @@ pub struct TaskReport {
     /// Plugin messages lost on the way (the plugins count what they could not send).
     pub dropped_messages: u64,
     pub pid_mismatches: u64,
+    /// Worker announcements whose pid matched no traced process.
+    pub unmatched_workers: u64,
 }
 
 #[derive(Default)]
@@ -186,6 +188,7 @@ impl TaskReport {
             other,
             dropped_messages: a.dropped_messages,
             pid_mismatches: a.pid_mismatches,
+            unmatched_workers: a.unmatched_workers,
         }
     }
 
@@ -265,11 +268,11 @@ impl TaskReport {
             );
         }
         let _ = writeln!(o, "{}", self.other_line());
-        if self.dropped_messages > 0 || self.pid_mismatches > 0 {
+        if self.dropped_messages > 0 || self.pid_mismatches > 0 || self.unmatched_workers > 0 {
             let _ = writeln!(
                 o,
-                "plugin messages lost: {}, pid mismatches: {}",
-                self.dropped_messages, self.pid_mismatches
+                "plugin messages lost: {}, pid mismatches: {}, workers not seen by the kernel: {}",
+                self.dropped_messages, self.pid_mismatches, self.unmatched_workers
             );
         }
         if top_n > 0 && self.tasks.len() > top_n {

@@ -199,7 +199,7 @@ fn users_own_callbacks_keep_working() {
     let pb = playbook(
         &env,
         TAG_PLAYBOOK,
-        &local_inventory(&env, &["h1"]),
+        &local_inventory(&env, &["h1", "h2"]),
         &[("ANSIBLE_CALLBACKS_ENABLED", "junit"), ("JUNIT_OUTPUT_DIR", junit.path().to_str().unwrap())],
         &[],
     );

@@ -1495,6 +1495,7 @@ def _ping(path):
     try:
         s.connect(path)
         send_frame(s, {"op": "ping"})
+        recv_frame(s)  # hello
         return recv_frame(s)[0]
     finally:
         s.close()

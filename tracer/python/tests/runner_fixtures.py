@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import pwd
 import shutil
 import signal
@@ -143,7 +144,7 @@ def run_playbook(
 VOLATILE = {
     "start", "end", "delta", "invocation", "src", "backup_file", "ansible_job_id", "results_file",
     "started", "finished", "_ansible_no_log", "pid", "uid", "gid", "atime", "mtime", "ctime",
-    "inode", "dev", "tmpdir", "path_tmp", "ansible_facts", "deprecations", "warnings", "_ansible_verbose_always",
+    "inode", "dev", "version", "erased", "tmpdir", "path_tmp", "ansible_facts", "deprecations", "warnings", "_ansible_verbose_always",
 }
 
 
@@ -155,6 +156,9 @@ def normalize(value, tmp_paths=()):
     if isinstance(value, str):
         for t in tmp_paths:
             value = value.replace(t, "<TMP>")
+        # controller and target temporary names
+        value = re.sub(r"ansible-local-[^/\s]+/tmp[^/\s]+", "ansible-local-X/tmpX", value)
+        value = re.sub(r"ansible-tmp-[\d.]+-\d+-\d+", "ansible-tmp-X", value)
         return value
     return value
 

@@ -176,7 +176,11 @@ def module_name(payload, path):
         if i >= 0:
             m = re.search(rb"ansible_module='([^']*)'", payload[i : i + 4096])
             if m:
-                return m.group(1).decode("utf-8", "replace")
+                name = m.group(1).decode("utf-8", "replace")
+                for prefix in ("ansible.legacy.", "ansible.builtin."):
+                    if name.startswith(prefix):
+                        return name[len(prefix) :]
+                return name
     return None
 
 

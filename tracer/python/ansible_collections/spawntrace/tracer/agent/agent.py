@@ -775,7 +775,9 @@ class Agent(object):
     def _put(self, conn, req, blob):
         path = req["path"]
         try:
-            with open(path, "wb") as f:
+            # like sftp's put: a new file gets the controller file's permissions (umask applies)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, int(req.get("mode", 0o666)) & 0o777)
+            with os.fdopen(fd, "wb") as f:
                 f.write(blob)
         except OSError as e:
             send_frame(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
@@ -787,10 +789,11 @@ class Agent(object):
         try:
             with open(req["path"], "rb") as f:
                 data = f.read()
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
         except OSError as e:
             send_frame(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
             return False
-        send_frame(conn, {"ok": True}, data)
+        send_frame(conn, {"ok": True, "mode": mode}, data)
         return False
 
     def _warm(self, req, payload):

@@ -684,12 +684,20 @@ class AgentConnectionMixin:
         """Starts an agent with a shell command through the parent plugin (so that sudo prompts,
         ssh and its ControlMaster are handled as for any command). Returns the READY object."""
         cmd = self._st_bootstrap_command(cfg, assign)
+        saved = None
         if become:
+            # build_become_command draws a new success marker (and prompt): the command this
+            # start interrupts was built with the old ones, which must be back for its own run
+            saved = {k: getattr(self.become, k) for k in ("_id", "success", "prompt") if hasattr(self.become, k)}
             cmd = self.become.build_become_command(cmd, self._shell)
         executable = self._play_context.executable if self.allow_executable else None
         if executable:
             cmd = executable + " -c " + shlex.quote(cmd)
-        rc, out, err = super().exec_command(cmd, in_data=None, sudoable=become)
+        try:
+            rc, out, err = super().exec_command(cmd, in_data=None, sudoable=become)
+        finally:
+            for k, v in (saved or {}).items():
+                setattr(self.become, k, v)
         ready = parse_ready(out)
         if rc != 0 or not ready or not ready.get("ok"):
             raise AgentUnavailable("agent bootstrap failed (rc=%s): %s %s" % (rc, _text(out)[-500:], _text(err)[-500:]))

@@ -109,6 +109,9 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
         interp = args["interpreter"]
         sens = c.startup_env(args["env"])
         bkey = self._st_become_key() if become else None
+        if become and user != "root" and bkey["user"] not in ("root", user):
+            # an agent of one unprivileged user cannot hand its socket to another: classic
+            return None, None
         key = {"kind": "ssh", "host": host, "port": port, "user": user, "become": bkey, "interp": interp, "env": sens,
                "version": c.VERSION, "controller": list(c.controller())}
 
@@ -190,8 +193,9 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
             raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
         with open(in_path, "rb") as f:
             data = f.read()
+            mode = os.fstat(f.fileno()).st_mode & 0o777
         try:
-            resp, _ = ep.request({"op": "put", "path": out_path}, data)
+            resp, _ = ep.request({"op": "put", "path": out_path, "mode": mode}, data)
         except _c.AgentUnavailable:
             return super().put_file(in_path, out_path)
         except _c.AgentFailed as e:
@@ -215,7 +219,9 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
             raise AnsibleError("failed to transfer file from %s: %s" % (in_path, e))
         if not resp.get("ok"):
             raise AnsibleError("failed to transfer file from %s: %s" % (in_path, resp.get("error")))
-        with open(out_path, "wb") as f:
+        # like sftp's get: a new local file gets the remote file's permissions (umask applies)
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, (resp.get("mode", 0o644) & 0o777) | 0o200)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
         _c.display.vvv("FETCH (spawntrace agent) %s TO %s" % (in_path, out_path), host=self.host)
         return 0, b"", b""

@@ -140,8 +140,10 @@ def run_playbook(
     return Run(p.returncode, p.stdout, p.stderr, secs, recs)
 
 
-# Keys whose values legitimately differ between two runs (times, temp paths, job ids).
+# Keys whose values legitimately differ between two runs (times, temp paths, job ids, and the
+# number of `until` attempts a background job needed, which depends on scheduling).
 VOLATILE = {
+    "attempts",
     "start", "end", "delta", "invocation", "src", "backup_file", "ansible_job_id", "results_file",
     "started", "finished", "_ansible_no_log", "pid", "uid", "gid", "atime", "mtime", "ctime",
     "inode", "dev", "version", "erased", "tmpdir", "path_tmp", "ansible_facts", "deprecations", "warnings", "_ansible_verbose_always",

@@ -506,6 +506,58 @@ def prefault():
         pass
 
 
+_WRAPPER_ARGS = ("zip_data", "ansible_module", "module_fqn", "params", "profile", "date_time", "extensions", "rlimit_nofile")
+
+
+def _fast_ansiballz_main(ns, modlib_path):
+    """Replaces the `_ansiballz_main` an AnsiballZ wrapper (ansible-core 2.19+) just defined in
+    `ns` with one that runs the module from `modlib_path`, the same zip the payload carries
+    already written out with the wrapper's sitecustomize (see Agent._keep_payload_zip), instead
+    of decoding and writing it to a fresh temporary directory each time. Every other step is the
+    wrapper's own: working directory check, RLIMIT_NOFILE, sys.path cleaning, then
+    `_loader.run_module`. The wrapper's debug subcommands (explode/execute) and wrappers of any
+    other shape keep the original."""
+    orig = ns.get("_ansiballz_main")
+    code = getattr(orig, "__code__", None)
+    if code is None or code.co_varnames[: code.co_argcount] != _WRAPPER_ARGS or code.co_kwonlyargcount:
+        return
+
+    def _ansiballz_main(zip_data, ansible_module, module_fqn, params, profile, date_time, extensions, rlimit_nofile):
+        if len(sys.argv) == 2:
+            return orig(zip_data, ansible_module, module_fqn, params, profile, date_time, extensions, rlimit_nofile)
+        try:
+            os.getcwd()
+        except OSError:
+            try:
+                os.chdir(os.path.expanduser("~"))
+            except OSError:
+                os.chdir("/")
+        if rlimit_nofile:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = min(hard, rlimit_nofile)
+            if want != soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                except ValueError:
+                    pass
+        scriptdir = None
+        try:
+            scriptdir = os.path.dirname(os.path.realpath(sys.modules["__main__"].__file__))
+        except (AttributeError, OSError):
+            pass
+        excludes = {"", ".", scriptdir}
+        sys.path = [p for p in sys.path if p not in excludes]
+        sys.path.insert(0, modlib_path)
+        from ansible.module_utils._internal._ansiballz import _loader
+
+        _loader.run_module(json_params=params.encode(), profile=profile, module_fqn=module_fqn,
+                           modlib_path=modlib_path, extensions=extensions)
+
+    ns["_ansiballz_main"] = _ansiballz_main
+
+
 class _DynPath(list):
     """__path__ of a warm `ansible.*` package: the module_utils zips the current payload put on
     sys.path first (so modules not yet imported come from this run's zip), then the warm zip."""
@@ -535,6 +587,7 @@ class Agent(object):
         self.last = time.monotonic()
         self.warm_version = None
         self.warm_zips = set()
+        self.payload_zips = set()  # see _keep_payload_zip (written by the zygote)
         self.base_env = dict(os.environ)
         self.base_cwd = os.getcwd()
         self.base_umask = os.umask(0o022)
@@ -546,8 +599,13 @@ class Agent(object):
         self.served = 0
         self.learned = set()
         self.unwarmable = set()
-        self.spare = None
-        self.spare_pending = False
+        # spare runners, oldest first: a module run takes the oldest, whose memory copy
+        # (prefault) has had the most time to finish; two cover a module run that follows
+        # another at once (copy's stat then copy)
+        self.spares = []
+        self.spare_pending = 0  # asked of the zygote, not arrived yet
+        self.spare_stale = 0  # of those, asked before a learn: discarded on arrival
+        self.pool = max(1, int(cfg.get("spares", 2)))
         self.zsock = None  # the zygote's socket (see _zygote_start)
         self.zpid = None
         self.epoch = 0
@@ -822,6 +880,13 @@ class Agent(object):
         try:
             import importlib
 
+            # what every AnsiballZ wrapper imports from the standard library (zipfile decodes
+            # member names with cp437), then ansible's own entry points
+            for name in ("base64", "shutil", "tempfile", "zipfile", "runpy", "encodings.cp437", "resource"):
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    pass
             for name in ("ansible.module_utils.basic", "ansible.module_utils._internal._ansiballz._loader"):
                 try:
                     importlib.import_module(name)
@@ -862,8 +927,6 @@ class Agent(object):
         runners fork with them."""
         if not self.warm_version or req.get("ansible_version") != self.warm_version:
             return
-        if req.get("path"):
-            return
         module = req.get("module")
         if not module or module in self.learned:
             return
@@ -896,11 +959,39 @@ class Agent(object):
                 _cache_zip_source(name, zf.read(name))
         if utils:
             self._import_from_zip(raw, sorted(utils))
+        self._keep_payload_zip(module, data, raw)
         self.epoch += 1
         import gc
 
         if hasattr(gc, "freeze"):
             gc.freeze()
+
+    def _keep_payload_zip(self, module, data, raw):
+        """Writes this payload's zip once, as the AnsiballZ wrapper would (with its sitecustomize),
+        at a path that lasts as long as the agent, and reads its directory now: runners of later
+        payloads carrying the same zip run from it (see _fast_ansiballz_main)."""
+        import hashlib
+        import zipfile
+        import zipimport
+
+        d = self.cfg.get("dir") or os.path.dirname(self.cfg["socket"])
+        sha = hashlib.sha1(data).hexdigest()
+        short = "".join(c if c.isalnum() or c == "_" else "_" for c in module.rsplit(".", 1)[-1])[:40]
+        path = os.path.join(d, "ansible_%s_payload-%d-%s.zip" % (short, os.getpid(), sha[:16]))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            self.payload_zips.add(path)
+            with zipfile.ZipFile(path, mode="a") as z:
+                zinfo = zipfile.ZipInfo()
+                zinfo.filename = "sitecustomize.py"
+                zinfo.date_time = time.gmtime()[:6]
+                z.writestr(zinfo, ('import sys\nsys.path.insert(0, "%s")\n' % path).encode("utf-8"))
+            sys.path_importer_cache[path] = zipimport.zipimporter(path)
+        except Exception:
+            return
+        CODE_CACHE[("payload", sha)] = path
 
     def _import_from_zip(self, raw, names):
         d = self.cfg.get("dir") or os.path.dirname(self.cfg["socket"])
@@ -982,13 +1073,15 @@ class Agent(object):
             raise RuntimeError("the zygote exited")
         kind = msg.get("ev")
         if kind == "spare":
-            self.spare_pending = False
+            self.spare_pending = max(0, self.spare_pending - 1)
+            stale = self.spare_stale > 0
+            self.spare_stale = max(0, self.spare_stale - 1)
             if len(fds) == 5:
                 runner = {"pid": msg["pid"], "req_w": fds[0], "done_r": fds[1], "out": fds[2], "err": fds[3], "in": fds[4]}
-                if self.spare is not None or self.stopping:
+                if stale or len(self.spares) >= self.pool:
                     self._discard(runner)
                 else:
-                    self.spare = runner
+                    self.spares.append(runner)
         elif kind == "exit":
             pid = msg["pid"]
             if pid in self.runners:
@@ -1015,10 +1108,17 @@ class Agent(object):
         os.lseek(fd, 0, os.SEEK_SET)
         return fd
 
-    def _want_spare(self):
-        if self.spare is None and not self.spare_pending and self.zsock is not None and not self.stopping:
-            self.spare_pending = True
+    def _want_spare(self, needed=False):
+        """Asks the zygote for spares up to the pool size (`needed`: one for a run at hand, even
+        while stopping)."""
+        while self.zsock is not None and (needed or not self.stopping) and len(self.spares) + self.spare_pending - self.spare_stale < (self.pool if not self.stopping else 1):
+            self.spare_pending += 1
             self._zsend({"op": "spare"})
+
+    def _discard_spares(self):
+        for runner in self.spares:
+            self._discard(runner)
+        self.spares = []
 
     def _discard(self, runner):
         for k in ("req_w", "done_r", "out", "err", "in"):
@@ -1044,12 +1144,10 @@ class Agent(object):
             finally:
                 os.close(fd)
             self._zwait("warmed")
-        if self.spare is None:
-            self._want_spare()
+        while not self.spares:
+            self._want_spare(needed=True)
             self._zwait("spare")
-        runner, self.spare = self.spare, None
-        if runner is None:
-            raise RuntimeError("no runner")
+        runner = self.spares.pop(0)
         data = json.dumps(req, separators=(",", ":")).encode("utf-8")
         try:
             # the request in the runner's memfd, then one byte on its pipe to start it
@@ -1133,7 +1231,7 @@ class Agent(object):
         conn.close()
         req = runner["req"]
         module = req.get("module")
-        if module and module not in self.learned and not req.get("path") and self.warm_version and req.get("ansible_version") == self.warm_version:
+        if module and module not in self.learned and self.warm_version and req.get("ansible_version") == self.warm_version:
             # new to the zygote: let it compile and import what this payload brings, and replace
             # the spare made before that
             self.learned.add(module)
@@ -1142,9 +1240,8 @@ class Agent(object):
                 self._zsend({"op": "learn", "req": req}, [fd])
             finally:
                 os.close(fd)
-            if self.spare is not None:
-                self._discard(self.spare)
-                self.spare = None
+            self._discard_spares()
+            self.spare_stale = self.spare_pending
         self._want_spare()
         self.last = time.monotonic()
 
@@ -1169,11 +1266,9 @@ class Agent(object):
                 self.zsock.close()
                 self.zsock = self.zpid = None
                 self.warm_version = None
-                self.spare_pending = False
+                self.spare_pending = self.spare_stale = 0
                 self.learned = set()
-                if self.spare is not None:
-                    self._discard(self.spare)
-                    self.spare = None
+                self._discard_spares()
                 for pid2, runner in list(self.runners.items()):
                     if runner.get("eof"):
                         self._finish(pid2, 1)
@@ -1273,20 +1368,27 @@ class Agent(object):
                 profiler = cProfile.Profile()
                 profiler.enable()
                 atexit.register(lambda: (profiler.disable(), profiler.dump_stats(os.path.join(prof, "runner-%d.prof" % os.getpid()))))
-            parts = split_payload(payload) if not path else None
+            # pipelined payloads run as "<stdin>", file-based ones (no pipelining) as their file
+            filename = path or "<stdin>"
+            parts = split_payload(payload)
             if parts is None:
-                exec(compile(payload, path or "<stdin>", "exec", dont_inherit=True), main.__dict__)
+                exec(compile(payload, filename, "exec", dont_inherit=True), main.__dict__)
             else:
                 import hashlib
 
                 head_src, tail, data, lines = parts
                 head_code = CODE_CACHE.get(("head", hashlib.sha1(head_src).hexdigest()))
                 if head_code is None:
-                    head_code = compile(head_src, "<stdin>", "exec", dont_inherit=True)
+                    head_code = compile(head_src, filename, "exec", dont_inherit=True)
+                elif path:
+                    head_code = _with_filename(head_code, filename)
                 exec(head_code, main.__dict__)
+                kept = CODE_CACHE.get(("payload", hashlib.sha1(data).hexdigest())) if CODE_CACHE else None
+                if kept and os.path.exists(kept):
+                    _fast_ansiballz_main(main.__dict__, kept)
                 main.__dict__["__spawntrace_zip_data"] = data.decode("ascii")
                 del payload, parts, data
-                exec(compile(b"\n" * lines + tail, "<stdin>", "exec", dont_inherit=True), main.__dict__)
+                exec(compile(b"\n" * lines + tail, filename, "exec", dont_inherit=True), main.__dict__)
         except SystemExit as e:
             rc = e.code
             if rc is None:
@@ -1392,7 +1494,7 @@ class Zygote(object):
                             pass
                 self._reap()
         finally:
-            for z in a.warm_zips:
+            for z in a.warm_zips | a.payload_zips:
                 try:
                     os.unlink(z)
                 except OSError:

@@ -464,6 +464,8 @@ def base_config(key, socket_path, host, user):
     }
     if os.environ.get("SPAWNTRACE_AGENT_LOG"):
         cfg["log"] = socket_path + ".log" if socket_path else True
+    if os.environ.get("SPAWNTRACE_AGENT_PROFILE"):  # diagnostics: a cProfile per runner, there
+        cfg["profile"] = os.environ["SPAWNTRACE_AGENT_PROFILE"]
     return cfg
 
 

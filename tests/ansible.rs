@@ -275,27 +275,40 @@ fn a_silent_channel_is_reported_not_hidden() {
 #[file_serial(ebpf)]
 fn persistent_runs_exec_nothing_per_module_task_and_stay_attributed() {
     require_root!();
-    for env in envs() {
-        let dir = tempfile::tempdir().unwrap();
-        let pb = common::ansible::playbook_with(
-            &["--persistent"],
-            &env,
-            SHAPES_PLAYBOOK,
-            &local_inventory(&env, &["localhost"]),
-            &[("SHAPES_DIR", dir.path().to_str().unwrap())],
-            &[],
-        );
-        let what = env_name(&env);
-        let a = &pb.attribution;
-        assert_eq!(a.unattributed(), 0, "{what}");
-        assert!(a.owners.contains(&Owner::Agent), "{what}: the agent is classified");
-        let report = TaskReport::new(&pb.run.model, a, By::Task);
-        for row in &report.tasks {
-            // `command` execs the program it runs (`true`); the other modules exec nothing.
-            let want = if row.name == "command" { 3 } else { 0 };
-            assert_eq!(row.execs, want, "{what}: {} execs {:?}", row.name, row.execs_by_exe);
-            assert_eq!(row.items, 3, "{what}: {} runner processes carry their loop item", row.name);
+    for (args, in_process) in [(&["--persistent"][..], false), (&["--persistent", "--in-process"][..], true)]
+    {
+        for env in envs() {
+            let dir = tempfile::tempdir().unwrap();
+            let pb = common::ansible::playbook_with(
+                args,
+                &env,
+                SHAPES_PLAYBOOK,
+                &local_inventory(&env, &["localhost"]),
+                &[("SHAPES_DIR", dir.path().to_str().unwrap())],
+                &[],
+            );
+            let what = format!("{} {args:?}", env_name(&env));
+            let a = &pb.attribution;
+            assert_eq!(a.unattributed(), 0, "{what}");
+            assert!(a.owners.contains(&Owner::Agent), "{what}: the agent is classified");
+            let mut runners = std::collections::HashMap::new();
+            for r in pb.run.trace.ansible.iter().filter(|r| r.ev() == "runner_start") {
+                *runners.entry(r.u64("pid")).or_insert(0) += 1;
+            }
+            let most = runners.values().copied().max().unwrap_or(0);
+            assert_eq!(most > 1, in_process, "{what}: module runs per runner process {runners:?}");
+            let report = TaskReport::new(&pb.run.model, a, By::Task);
+            for row in &report.tasks {
+                // `command` execs the program it runs (`true`); the other modules exec nothing.
+                let want = if row.name == "command" { 3 } else { 0 };
+                assert_eq!(row.execs, want, "{what}: {} execs {:?}", row.name, row.execs_by_exe);
+                // a runner process per module carries its loop item; in-process, one runner
+                // serves many modules and what it starts carries the item of its time
+                if !in_process || row.name == "command" {
+                    assert_eq!(row.items, 3, "{what}: {} processes carry their loop item", row.name);
+                }
+            }
+            assert_eq!(std::fs::read_to_string(dir.path().join("f2")).unwrap(), "file 2\nedit 2\n", "{what}");
         }
-        assert_eq!(std::fs::read_to_string(dir.path().join("f2")).unwrap(), "file 2\nedit 2\n", "{what}");
     }
 }

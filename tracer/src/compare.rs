@@ -32,15 +32,23 @@ pub enum Mode {
     Classic,
     /// spawntrace's persistent-agent connection plugins.
     Persistent,
+    /// The same, running modules in-process (a runner runs many modules instead of one).
+    InProcess,
     /// Mitogen's strategy plugin (when Mitogen is installed next to ansible-playbook).
     Mitogen,
 }
 
 impl Mode {
+    /// Whether the mode uses the persistent-agent connection plugins.
+    pub fn persistent(self) -> bool {
+        matches!(self, Mode::Persistent | Mode::InProcess)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Mode::Classic => "classic",
             Mode::Persistent => "persistent",
+            Mode::InProcess => "in-process",
             Mode::Mitogen => "mitogen",
         }
     }
@@ -125,6 +133,10 @@ pub struct CompareReport {
 fn mode_env(mode: Mode, command: &[String]) -> Result<Vec<(OsString, OsString)>, String> {
     match mode {
         Mode::Classic | Mode::Persistent => Ok(Vec::new()),
+        Mode::InProcess => {
+            let (k, v) = ansible::IN_PROCESS_ENV;
+            Ok(vec![(k.into(), v.into())])
+        }
         Mode::Mitogen => {
             let strategy =
                 mitogen_strategy_dir(command).ok_or("Mitogen is not installed next to ansible-playbook")?;
@@ -173,9 +185,9 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     let mut modes = Vec::new();
     for &m in &opts.modes {
         let available = match m {
-            Mode::Persistent => ansible::has_persistent_plugins()
-                .then_some(Vec::new())
-                .ok_or_else(|| "this spawntrace has no persistent-agent plugins".to_owned()),
+            Mode::Persistent | Mode::InProcess if !ansible::has_persistent_plugins() => {
+                Err("this spawntrace has no persistent-agent plugins".to_owned())
+            }
             _ => mode_env(m, &opts.command),
         };
         match available {
@@ -211,7 +223,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
                 as_root: opts.as_root,
                 ring_mib: opts.ring_mib,
                 ansible: ansible::Mode::Always,
-                persistent: *m == Mode::Persistent,
+                persistent: m.persistent(),
                 env: env.clone(),
                 log: Some(opts.out.join("logs").join(format!("{}-{}.log", m.name(), r + 1))),
                 progress: Some(progress.clone()),
@@ -347,7 +359,7 @@ async fn untraced(
     run_as: Option<&launch::RunAs>,
     tag: &str,
 ) -> Result<f64> {
-    let inject = ansible::Inject { callback: false, persistent: m == Mode::Persistent };
+    let inject = ansible::Inject { callback: false, persistent: m.persistent() };
     let session = match inject.persistent {
         true => Some(ansible::Session::start(run_as, inject)?.0),
         false => None,

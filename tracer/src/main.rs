@@ -67,6 +67,10 @@ enum Cmd {
         /// Run Ansible's local and ssh connections through spawntrace's persistent agents.
         #[arg(long)]
         persistent: bool,
+        /// With --persistent: run modules in-process (one runner runs many modules; faster,
+        /// less isolated).
+        #[arg(long, requires = "persistent")]
+        in_process: bool,
         /// The command, after `--`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
@@ -131,6 +135,10 @@ struct RecordArgs {
     /// Run Ansible's local and ssh connections through spawntrace's persistent agents.
     #[arg(long)]
     persistent: bool,
+    /// With --persistent: run modules in-process (one runner runs many modules; faster, less
+    /// isolated).
+    #[arg(long, requires = "persistent")]
+    in_process: bool,
     /// Ring-buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     ring_buffer_mib: u32,
@@ -166,8 +174,8 @@ fn main() -> ExitCode {
             done(runtime().and_then(|rt| rt.block_on(compare(opts))))
         }
         Some(Cmd::Timeline { trace, output }) => done(timeline(&trace, &output)),
-        Some(Cmd::Run { persistent, command }) => {
-            match runtime().and_then(|rt| rt.block_on(run(persistent, &command))) {
+        Some(Cmd::Run { persistent, in_process, command }) => {
+            match runtime().and_then(|rt| rt.block_on(run(persistent, in_process, &command))) {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => match e.downcast_ref::<record::LaunchFailed>() {
                     Some(l) => fail(&e, l.0.exit_code() as u8),
@@ -229,7 +237,7 @@ fn run_record(args: RecordArgs) -> ExitCode {
         ring_mib: args.ring_buffer_mib,
         ansible: args.ansible,
         persistent: args.persistent,
-        env: Vec::new(),
+        env: in_process_env(args.in_process),
         log: None,
         progress: None,
         probe_stats: args.probe_stats,
@@ -311,8 +319,17 @@ fn timeline(trace: &std::path::Path, output: &std::path::Path) -> Result<()> {
     spawntrace::output::write_file(output, |w| Ok(serde_json::to_writer(w, &json)?))
 }
 
+/// The agents' in-process setting, unless the environment already has one.
+fn in_process_env(in_process: bool) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let (k, v) = spawntrace::ansible::IN_PROCESS_ENV;
+    match in_process && std::env::var_os(k).is_none() {
+        true => vec![(k.into(), v.into())],
+        false => Vec::new(),
+    }
+}
+
 /// `spawntrace run`: the command with the plugins injected, untraced; returns its shell-style status.
-async fn run(persistent: bool, command: &[String]) -> Result<u8> {
+async fn run(persistent: bool, in_process: bool, command: &[String]) -> Result<u8> {
     use spawntrace::{ansible, record::launch};
     launch::check_argv(command)?;
     let inject = ansible::Inject { callback: false, persistent };
@@ -320,7 +337,8 @@ async fn run(persistent: bool, command: &[String]) -> Result<u8> {
         true => Some(ansible::Session::start(None, inject)?.0),
         false => None,
     };
-    let env = session.as_ref().map(|s| s.env.clone()).unwrap_or_default();
+    let mut env = session.as_ref().map(|s| s.env.clone()).unwrap_or_default();
+    env.extend(in_process_env(in_process));
     let mut child = launch::spawn(command, None, &env, None).map_err(record::LaunchFailed)?;
     let status = child.wait().await?;
     use std::os::unix::process::ExitStatusExt as _;

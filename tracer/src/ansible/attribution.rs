@@ -105,6 +105,9 @@ impl Attribution {
         let mut controller = None;
         // Processes whose owner a message states outright (persistent agents and their runners).
         let mut stated: HashMap<usize, Owner> = HashMap::new();
+        // Runners that ran several modules (in-process runs): (start, owner) of each, in order;
+        // the runner itself keeps its first owner, processes it starts get the one of their time.
+        let mut runs: HashMap<usize, Vec<(u64, Owner)>> = HashMap::new();
         for r in records {
             a.dropped_messages = a.dropped_messages.max(r.u64("dropped").unwrap_or(0));
             let pid = if r.sender_pid != 0 { r.sender_pid } else { r.u64("pid").unwrap_or(0) as u32 };
@@ -197,8 +200,9 @@ impl Attribution {
                             worker_by_host_task.get(&(r.str("host")?.to_owned(), task)).copied()
                         });
                     if let (Some(w), Some(proc)) = (worker, find_process(model, runner, r.ts())) {
-                        let item = r.u64("item").map(|i| i as u32);
-                        stated.insert(proc, Owner::Task { worker: w, item });
+                        let owner = Owner::Task { worker: w, item: r.u64("item").map(|i| i as u32) };
+                        stated.entry(proc).or_insert(owner);
+                        runs.entry(proc).or_default().push((r.ts(), owner));
                     }
                 }
                 "runner_end" => {
@@ -228,7 +232,7 @@ impl Attribution {
             }
         }
         for i in 0..model.processes.len() {
-            a.owners[i] = a.classify(model, i, &worker_at, &stated, controller);
+            a.owners[i] = a.classify(model, i, &worker_at, &stated, &runs, controller);
         }
         a
     }
@@ -239,13 +243,22 @@ impl Attribution {
         i: usize,
         worker_at: &HashMap<usize, usize>,
         stated: &HashMap<usize, Owner>,
+        runs: &HashMap<usize, Vec<(u64, Owner)>>,
         controller: Option<usize>,
     ) -> Owner {
         let chain = model.ancestry(i);
+        let start = model.processes[i].start_ns;
         // The nearest ancestor (the process itself included) that is a worker or whose owner a
-        // message stated decides.
+        // message stated decides; below a runner that ran several modules, the module running
+        // when the process started.
         let nearest = chain.iter().enumerate().rev().find_map(|(d, p)| {
-            stated.get(p).map(|o| (d, Err(*o))).or_else(|| worker_at.get(p).map(|&w| (d, Ok(w))))
+            let owner = match runs.get(p) {
+                Some(r) if r.len() > 1 && *p != i => {
+                    r.iter().rev().find(|(ts, _)| *ts <= start).or(r.first()).map(|(_, o)| *o)
+                }
+                _ => stated.get(p).copied(),
+            };
+            owner.map(|o| (d, Err(o))).or_else(|| worker_at.get(p).map(|&w| (d, Ok(w))))
         });
         if let Some((_, Err(owner))) = nearest {
             return owner;
@@ -258,7 +271,6 @@ impl Attribution {
             if i == worker.proc {
                 return Owner::Task { worker: w, item: None };
             }
-            let start = model.processes[i].start_ns;
             let item = worker
                 .items
                 .iter()
@@ -454,6 +466,36 @@ mod tests {
         assert_eq!(owner(31), Owner::Task { worker: 0, item: Some(1) });
         assert_eq!(owner(33), Owner::Task { worker: 1, item: None });
         assert_eq!(a.unattributed(), 0);
+    }
+
+    #[test]
+    fn a_runner_reused_for_several_modules_splits_its_children_by_time() {
+        let events = vec![
+            fork(1, 10, 1, true),
+            fork(10, 20, 10, false), // worker of task 1
+            fork(11, 30, 1, false),  // the agent
+            fork(12, 31, 30, false), // one runner, reused (in-process runs)
+            fork(14, 32, 31, false), // a command run by the module of task 1
+            exit(20, 20),
+            fork(30, 40, 10, false), // worker of task 2
+            fork(32, 33, 31, false), // a command run by the module of task 2
+        ];
+        let model = Model::from_events(&events);
+        let records = vec![
+            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 2})),
+            rec(10, serde_json::json!({"ev": "task_start", "ts": 3, "uuid": "t1", "name": "a"})),
+            rec(10, serde_json::json!({"ev": "task_start", "ts": 4, "uuid": "t2", "name": "b"})),
+            rec(20, serde_json::json!({"ev": "worker_start", "ts": 10, "host": "h", "task_uuid": "t1"})),
+            rec(30, serde_json::json!({"ev": "agent_start", "ts": 11, "pid": 30})),
+            rec(30, serde_json::json!({"ev": "runner_start", "ts": 13, "pid": 31, "worker_pid": 20})),
+            rec(40, serde_json::json!({"ev": "worker_start", "ts": 30, "host": "h", "task_uuid": "t2"})),
+            rec(30, serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 31, "worker_pid": 40})),
+        ];
+        let a = Attribution::new(&model, &records);
+        let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
+        assert_eq!(owner(31), Owner::Task { worker: 0, item: None }, "the runner keeps its first task");
+        assert_eq!(owner(32), Owner::Task { worker: 0, item: None });
+        assert_eq!(owner(33), Owner::Task { worker: 1, item: None });
     }
 
     #[test]

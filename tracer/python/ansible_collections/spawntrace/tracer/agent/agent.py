@@ -606,6 +606,7 @@ class Agent(object):
         self.spare_pending = 0  # asked of the zygote, not arrived yet
         self.spare_stale = 0  # of those, asked before a learn: discarded on arrival
         self.pool = max(1, int(cfg.get("spares", 2)))
+        self.reuse = int(cfg.get("reuse", 0) or 0)  # modules per runner (opt-in; see _Reuse)
         self.zsock = None  # the zygote's socket (see _zygote_start)
         self.zpid = None
         self.epoch = 0
@@ -1149,18 +1150,27 @@ class Agent(object):
             self._zwait("spare")
         runner = self.spares.pop(0)
         data = json.dumps(req, separators=(",", ":")).encode("utf-8")
+        reusable = self.reuse > 1
         try:
             # the request in the runner's memfd, then one byte on its pipe to start it
+            if runner.get("runs"):
+                os.ftruncate(runner["in"], 0)
+                os.lseek(runner["in"], 0, os.SEEK_SET)
             os.write(runner["in"], HEADER.pack(len(data), len(payload)) + data)
             view = memoryview(payload)
             while view:
                 n = os.write(runner["in"], view)
                 view = view[n:]
             os.write(runner["req_w"], b"!")
+        except OSError:
+            reusable = False
+            raise
         finally:
-            os.close(runner["req_w"])
-            os.close(runner["in"])
-            runner["req_w"] = runner["in"] = None
+            if not reusable:
+                os.close(runner["req_w"])
+                os.close(runner["in"])
+                runner["req_w"] = runner["in"] = None
+        runner["runs"] = runner.get("runs", 0) + 1
         pid = runner["pid"]
         os.set_blocking(runner["done_r"], False)
         runner.update(conn=conn, req=req, payload=payload, done=b"", t_recv=t_recv, t_accept=self.t_accept)
@@ -1197,6 +1207,8 @@ class Agent(object):
         if runner["done"].endswith(b"\n"):
             fields = runner["done"].split()
             runner["times"] = [int(x) for x in fields[1:3]]
+            runner["again"] = len(fields) > 3 and fields[3] == b"1" and runner.get("req_w") is not None
+            runner["done"] = b""
             self._finish(pid, int(fields[0]))
         elif eof:
             # no exit code: the runner died (a signal, os._exit in the module); the zygote
@@ -1218,24 +1230,41 @@ class Agent(object):
             self.poller.unregister(fd)
         except (KeyError, ValueError):
             pass
+        again = runner.pop("again", False) and not self.stopping
         try:
             out, err = _read_all(runner["out"]), _read_all(runner["err"])
+            if again:
+                for fd in (runner["out"], runner["err"]):
+                    os.ftruncate(fd, 0)
+                    os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            again = False
+            raise
         finally:
-            self._discard(runner)
-        conn = runner["conn"]
+            if not again:
+                self._discard(runner)
+        conn = runner.pop("conn")
+        payload = runner.get("payload")
         times = runner.get("times") or [None, None]
         try:
             self._reply(conn, rc, out, err, t=[runner["t_recv"]] + times + [_now(), runner["t_accept"]])
         except OSError:
             pass
         conn.close()
-        req = runner["req"]
+        req = runner.pop("req")
+        if again:
+            # in-process reuse (opt-in): this runner is warm and has its memory; it goes first
+            for k in ("payload", "done", "times", "t_recv", "t_accept", "eof"):
+                runner.pop(k, None)
+            if len(self.spares) >= self.pool:
+                self._discard(self.spares.pop())
+            self.spares.insert(0, runner)
         module = req.get("module")
         if module and module not in self.learned and self.warm_version and req.get("ansible_version") == self.warm_version:
             # new to the zygote: let it compile and import what this payload brings, and replace
             # the spare made before that
             self.learned.add(module)
-            fd = self._with_payload_fd(runner["payload"])
+            fd = self._with_payload_fd(payload)
             try:
                 self._zsend({"op": "learn", "req": req}, [fd])
             finally:
@@ -1274,6 +1303,9 @@ class Agent(object):
                         self._finish(pid2, 1)
 
     def _runner_main(self, req_r, done_w, out_fd, err_fd, in_fd):
+        """A spare runner: waits for a request, runs it, reports "rc t_start t_end reuse" on the
+        done pipe. It then exits, unless the agent runs modules in-process (cfg "reuse": opt-in)
+        and the run left nothing behind that could leak into the next one (see _Reuse)."""
         import atexit
 
         signal.set_wakeup_fd(-1)
@@ -1291,24 +1323,38 @@ class Agent(object):
                     pass
         if self.cfg.get("prefault", True):
             prefault()
-        # wait for the request: one byte on the pipe (EOF: this spare was discarded), the request
-        # itself in the memfd
-        if not os.read(req_r, 1):
-            os._exit(0)
-        os.close(req_r)
-        t_start = _now()
-        buf = _read_all(in_fd)
-        os.close(in_fd)
-        head = HEADER.unpack(buf[: HEADER.size])
-        req = json.loads(bytes(buf[HEADER.size : HEADER.size + head[0]]).decode("utf-8"))
-        payload = bytes(buf[HEADER.size + head[0] :])
-        del buf
+        reuse = _Reuse(int(self.cfg.get("reuse", 0) or 0))
+        while True:
+            # wait for the request: one byte on the pipe (EOF: this spare was discarded), the
+            # request itself in the memfd
+            if not os.read(req_r, 1):
+                os._exit(0)
+            t_start = _now()
+            buf = _read_all(in_fd)
+            head = HEADER.unpack(buf[: HEADER.size])
+            req = json.loads(bytes(buf[HEADER.size : HEADER.size + head[0]]).decode("utf-8"))
+            payload = bytes(buf[HEADER.size + head[0] :])
+            del buf
+            reuse.before()
+            rc = self._run_one(req, payload, out_fd, err_fd, reuse)
+            again = reuse.after()
+            try:
+                os.write(done_w, b"%d %d %d %d\n" % (rc, t_start, _now(), 1 if again else 0))
+            except OSError:
+                again = False
+            if not again:
+                os._exit(rc)
+
+    def _run_one(self, req, payload, out_fd, err_fd, reuse):
+        """Runs one module request in this process; returns its exit code (0-255)."""
+        import atexit
+
         # process state the classic command would have had
         env = dict(self.base_env if req.get("env") is None else req["env"])
         env.update(req.get("assign") or {})
         os.environ.clear()
         os.environ.update(env)
-        if "tempfile" in sys.modules and any(env.get(k) != self.base_env.get(k) for k in ("TMPDIR", "TEMP", "TMP")):
+        if "tempfile" in sys.modules and (reuse.runs or any(env.get(k) != self.base_env.get(k) for k in ("TMPDIR", "TEMP", "TMP"))):
             sys.modules["tempfile"].tempdir = None  # computed for another environment
         if "TZ" in env or "TZ" in self.base_env:
             try:
@@ -1330,8 +1376,6 @@ class Agent(object):
         os.close(devnull)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
-        os.close(out_fd)
-        os.close(err_fd)
         import io
 
         def stream(fd, mode, enc_err):
@@ -1343,6 +1387,7 @@ class Agent(object):
         sys.stdout = sys.__stdout__ = stream(1, "w", self.stdio[1])
         sys.stderr = sys.__stderr__ = stream(2, "w", ("utf-8" if self.stdio[2][0] is None else self.stdio[2][0], "backslashreplace"))
         if req.get("ansible_version") != self.warm_version:
+            reuse.dirty = True
             for name in list(sys.modules):
                 if name == "ansible" or name.startswith("ansible."):
                     del sys.modules[name]
@@ -1367,7 +1412,8 @@ class Agent(object):
 
                 profiler = cProfile.Profile()
                 profiler.enable()
-                atexit.register(lambda: (profiler.disable(), profiler.dump_stats(os.path.join(prof, "runner-%d.prof" % os.getpid()))))
+                n = reuse.runs
+                atexit.register(lambda: (profiler.disable(), profiler.dump_stats(os.path.join(prof, "runner-%d-%d.prof" % (os.getpid(), n)))))
             # pipelined payloads run as "<stdin>", file-based ones (no pipelining) as their file
             filename = path or "<stdin>"
             parts = split_payload(payload)
@@ -1386,6 +1432,8 @@ class Agent(object):
                 kept = CODE_CACHE.get(("payload", hashlib.sha1(data).hexdigest())) if CODE_CACHE else None
                 if kept and os.path.exists(kept):
                     _fast_ansiballz_main(main.__dict__, kept)
+                else:
+                    reuse.dirty = True  # imports from a zip that is removed after the run
                 main.__dict__["__spawntrace_zip_data"] = data.decode("ascii")
                 del payload, parts, data
                 exec(compile(b"\n" * lines + tail, filename, "exec", dont_inherit=True), main.__dict__)
@@ -1407,27 +1455,26 @@ class Agent(object):
             except Exception:
                 pass
             rc = 1
+            reuse.dirty = True
         try:
             import threading
 
-            threading._shutdown()
+            if threading.active_count() > 1 or not reuse.enabled:
+                reuse.dirty = True
+                threading._shutdown()
         except Exception:
-            pass
+            reuse.dirty = True
         try:
             atexit._run_exitfuncs()
         except Exception:
             pass
+        atexit._clear()
         for f in (sys.stdout, sys.stderr):
             try:
                 f.flush()
             except Exception:
                 pass
-        rc &= 0xFF
-        try:
-            os.write(done_w, b"%d %d %d\n" % (rc, t_start, _now()))
-        except OSError:
-            pass
-        os._exit(rc)
+        return rc & 0xFF
 
     @staticmethod
     def _open_fds():
@@ -1435,6 +1482,90 @@ class Agent(object):
             return [int(x) for x in os.listdir("/proc/self/fd")]
         except OSError:
             return list(range(3, 256))
+
+
+class _Reuse(object):
+    """In-process runs (cfg "reuse" = how many modules one runner may run; 0, the default: one,
+    then exit). Before each run it notes the process state a module may change; after it, it puts
+    back what can be put back (signal handlers, alarms, RLIMIT_NOFILE, sys.meta_path/path_hooks,
+    excepthook, the module_utils warning registries, `ansible*` modules the run imported) and says
+    whether the runner may take another request: not after an exception, a fork, a thread left
+    running, a payload whose zip is not kept, or `limit` runs."""
+
+    SIGNALS = [s for s in (getattr(signal, n, None) for n in ("SIGALRM", "SIGCHLD", "SIGTERM", "SIGHUP", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGQUIT")) if s]
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.enabled = limit > 1
+        self.runs = 0
+        self.dirty = False
+        self.forked = False
+        if self.enabled:
+            self._orig_fork = os.fork
+            reuse = self
+
+            def fork():
+                reuse.forked = True
+                return reuse._orig_fork()
+
+            os.fork = fork
+
+    def before(self):
+        self.dirty = False
+        self.forked = False
+        if not self.enabled:
+            return
+        self.modules = set(sys.modules)
+        self.handlers = dict((s, signal.getsignal(s)) for s in self.SIGNALS)
+        self.meta_path = list(sys.meta_path)
+        self.importers = set(sys.path_importer_cache)
+        self.path_hooks = list(sys.path_hooks)
+        self.excepthook = sys.excepthook
+        try:
+            import resource
+
+            self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except Exception:
+            self.nofile = None
+        w = sys.modules.get("ansible.module_utils.common.warnings")
+        for name in ("_global_warnings", "_global_deprecations"):
+            reg = getattr(w, name, None)
+            if hasattr(reg, "clear"):
+                reg.clear()
+
+    def after(self):
+        self.runs += 1
+        if not self.enabled or self.dirty or self.forked or self.runs >= self.limit:
+            return False
+        try:
+            signal.alarm(0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for s, h in self.handlers.items():
+                if signal.getsignal(s) is not h and h is not None:
+                    signal.signal(s, h)
+            sys.meta_path[:] = self.meta_path
+            sys.path_hooks[:] = self.path_hooks
+            for key in set(sys.path_importer_cache) - self.importers:
+                del sys.path_importer_cache[key]
+            sys.excepthook = self.excepthook
+            if self.nofile is not None:
+                import resource
+
+                if resource.getrlimit(resource.RLIMIT_NOFILE) != self.nofile:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
+            for name in set(sys.modules) - self.modules:
+                if name == "__main__":
+                    continue
+                if name.split(".", 1)[0] in ("ansible", "ansible_collections"):
+                    del sys.modules[name]
+            w = sys.modules.get("ansible.module_utils.common.warnings")
+            for name in ("_global_warnings", "_global_deprecations"):
+                reg = getattr(w, name, None)
+                if hasattr(reg, "clear"):
+                    reg.clear()
+        except Exception:
+            return False
+        return True
 
 
 class Zygote(object):

@@ -464,6 +464,16 @@ def base_config(key, socket_path, host, user):
     }
     if os.environ.get("SPAWNTRACE_AGENT_LOG"):
         cfg["log"] = socket_path + ".log" if socket_path else True
+    reuse = os.environ.get("SPAWNTRACE_AGENT_REUSE")
+    if reuse:  # opt-in: modules per runner process (in-process runs; see agent._Reuse)
+        try:
+            cfg["reuse"] = max(0, int(reuse))
+        except ValueError:
+            raise AnsibleError("SPAWNTRACE_AGENT_REUSE must be a number of modules per runner, not %r" % reuse)
+    if os.environ.get("SPAWNTRACE_AGENT_PREFAULT"):  # diagnostics: 0 turns the spares' memory copy off
+        cfg["prefault"] = os.environ["SPAWNTRACE_AGENT_PREFAULT"] != "0"
+    if os.environ.get("SPAWNTRACE_AGENT_SPARES"):  # diagnostics: spare runners kept ready
+        cfg["spares"] = int(os.environ["SPAWNTRACE_AGENT_SPARES"])
     if os.environ.get("SPAWNTRACE_AGENT_PROFILE"):  # diagnostics: a cProfile per runner, there
         cfg["profile"] = os.environ["SPAWNTRACE_AGENT_PROFILE"]
     return cfg
@@ -508,6 +518,29 @@ class AgentConnectionMixin:
         if enabled():
             rec.wrap_become(plugin)
         super().set_become_plugin(plugin)
+
+    # -- pipelining -----------------------------------------------------------------------------
+
+    def is_pipelining_enabled(self, wrap_async=False):
+        """Pipelined unless configured otherwise: the agent receives a module's payload in its
+        request either way, so the classic file-based path (temporary directory, payload upload,
+        chmod, clean-up: four more operations per module) buys nothing here. An explicit
+        `pipelining` setting (config, environment, variable) is obeyed; async tasks, kept remote
+        files and become methods without pipelining keep ansible-core's rules
+        (ConnectionBase.is_pipelining_enabled, ansible-core 2.19+)."""
+        if super().is_pipelining_enabled(wrap_async):
+            return True
+        if not enabled() or wrap_async or not self.has_pipelining or (self.become and not self.become.pipelining):
+            return False
+        from ansible import constants as C
+
+        if C.DEFAULT_KEEP_REMOTE_FILES:
+            return False
+        try:
+            value, origin = self.get_option_and_origin("pipelining")
+        except (KeyError, AttributeError):
+            return False
+        return not value and origin == "default"
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -607,14 +640,20 @@ class AgentConnectionMixin:
         )
         display.vvv("EXEC (spawntrace agent %s) %s" % (endpoint.path, cmd), host=self._play_context.remote_addr)
         notify = self._st_on_started(endpoint, req)
+        started = {}
+
+        def on_started(resp):
+            started.update(resp)
+            notify(resp)
+
         t0 = time.monotonic_ns()
-        resp, blob = endpoint.request(req, in_data or b"", on_started=notify)
+        resp, blob = endpoint.request(req, in_data or b"", on_started=on_started)
         timing = os.environ.get("SPAWNTRACE_AGENT_TIMING")
         if timing and resp.get("t"):
             # diagnostics: where a module run's time went (monotonic ns): request sent, agent
             # accepted, request read, runner started, runner done, reply sent, reply received
             t = resp["t"]
-            rec = {"module": req["module"], "sent": t0, "accepted": t[4] if len(t) > 4 else None, "read": t[0],
+            rec = {"module": req["module"], "runner_pid": started.get("pid"), "sent": t0, "accepted": t[4] if len(t) > 4 else None, "read": t[0],
                    "runner_start": t[1], "runner_done": t[2], "replied": t[3], "received": time.monotonic_ns()}
             with open(timing, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -457,3 +457,24 @@ def test_private_directory_checks(tmp_path):
     assert client.parse_ready(p.stdout)["ok"]
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
     client.Endpoint(cfg["socket"], os.getuid()).request({"op": "quit"})
+
+
+def test_sweep_removes_only_dead_controllers_run_files(tmp_path, monkeypatch):
+    p = subprocess.Popen(["true"])  # a pid that has surely exited
+    p.wait()
+    gone, alive = p.pid, os.getpid()
+    h = "0123456789abcdef01234567"
+    names = {
+        f"f-{gone}-{h}.sock": False,
+        f"d-{gone}-{h}": False,
+        f"d-{gone}-{h}.4242": False,
+        f"{gone}-{h}.start.lock": False,
+        f"f-{alive}-{h}.sock": True,
+        f"{alive}-{h}.start.lock": True,
+        f"{h}.sock": True,  # a local agent's socket: the agent removes it itself
+        "unrelated": True,
+    }
+    for n in names:
+        (tmp_path / n).write_text("")
+    client.sweep_stale(str(tmp_path))
+    assert {n for n in names if (tmp_path / n).exists()} == {n for n, keep in names.items() if keep}

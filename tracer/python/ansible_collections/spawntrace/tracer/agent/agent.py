@@ -683,7 +683,8 @@ class Agent(object):
         extra = []
         if self.controller and not _alive(self.controller, self.controller_start):
             # nobody of this controller can want this agent any more
-            extra = [path + ".lock", os.path.join(os.path.dirname(path), self.cfg.get("key", "-") + ".start.lock")]
+            lock = "%s-%s.start.lock" % (self.controller, self.cfg.get("key", "-"))
+            extra = [path + ".lock", os.path.join(os.path.dirname(path), lock)]
         log = self.cfg.get("log")
         if log:
             try:

@@ -84,6 +84,40 @@ def key_name(key):
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
+# Files a controller run leaves in the agent directory, named after its pid: start locks, and for
+# remote agents the forwarded sockets (f-) and host pointers (d-); ssh does not remove a forwarded
+# socket when its ControlMaster exits.
+_RUN_FILE = re.compile(r"^(?:[fd]-)?(\d+)-[0-9a-f]{24}(?:\.sock|\.start\.lock)?(?:\.\d+)?$")
+
+
+def start_lock(name):
+    return os.path.join(agent_dir(), "%d-%s.start.lock" % (controller()[0], name))
+
+
+def sweep_stale(directory):
+    """Removes the run files (see _RUN_FILE) of controllers that are gone."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    mine = controller()[0]
+    for entry in entries:
+        m = _RUN_FILE.match(entry)
+        if not m or int(m.group(1)) == mine:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive (or another user's: not ours to judge)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+        except OSError:
+            pass
+
+
 class AgentUnavailable(Exception):
     """Nothing was run: the caller may safely fall back to the classic path."""
 
@@ -695,7 +729,8 @@ class AgentConnectionMixin:
             alive = self._st_ping(ep)
             if not alive:
                 ensure_private_dir(agent_dir())
-                with locked(os.path.join(agent_dir(), name + ".start.lock")):
+                sweep_stale(agent_dir())
+                with locked(start_lock(name)):
                     alive = self._st_ping(ep) or start(name, ep)
         except (AgentUnavailable, AnsibleError, OSError) as e:
             display.vvv("spawntrace agent for %s could not start: %s" % (key.get("host"), e), host=self._play_context.remote_addr)

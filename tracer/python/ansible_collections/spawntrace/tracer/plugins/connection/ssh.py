@@ -99,7 +99,7 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
 
     def _st_pointer(self, host, port, user):
         ctl = list(_c.controller())
-        return os.path.join(_c.agent_dir(), "d-" + _c.key_name({"host": host, "port": port, "user": user, "controller": ctl}))
+        return os.path.join(_c.agent_dir(), "d-%d-%s" % (ctl[0], _c.key_name({"host": host, "port": port, "user": user, "controller": ctl})))
 
     def _st_module_endpoint(self, args, become, retry=False):
         c = _c
@@ -116,7 +116,7 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
                "version": c.VERSION, "controller": list(c.controller())}
 
         def make(name):
-            return c.Endpoint(os.path.join(c.agent_dir(), "f-" + name + ".sock"), os.getuid(), remote=True)
+            return c.Endpoint(os.path.join(c.agent_dir(), "f-%d-%s.sock" % (c.controller()[0], name)), os.getuid(), remote=True)
 
         def start(name, ep):
             cfg = c.base_config(key, None, host, user)

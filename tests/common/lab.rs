@@ -142,6 +142,12 @@ impl Drop for Lab {
         for h in &mut self.hosts {
             let _ = h.sshd.kill();
             let _ = h.sshd.wait();
+            // the per-connection sshd sessions outlive the listener: end all of the namespace's
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &h.netns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
             let _ = Command::new("ip").args(["link", "del", &h.veth]).status();
             let _ = Command::new("ip").args(["netns", "del", &h.netns]).status();
         }

@@ -317,6 +317,14 @@ def ssh_host():
                 sshd.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 sshd.kill()
+        # the per-connection sshd sessions (a ControlMaster's, an agent's) live on in the
+        # namespace after the listener: end everything in it before deleting it
+        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
         for cmd in created:
             subprocess.run(["sh", "-c", cmd], capture_output=True)
         # the test user's agents (they also end on their own after the idle timeout)

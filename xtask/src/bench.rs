@@ -158,6 +158,10 @@ pub fn runner(count: usize, runs: usize) -> Result<()> {
     persistent.args(["run", "--persistent", "--"]);
     bench(&mut persistent, Path::new("playbooks/bench.yml"));
     modes.push(("persistent", persistent));
+    let mut in_process = Command::new(&spawntrace);
+    in_process.args(["run", "--persistent", "--in-process", "--"]);
+    bench(&mut in_process, Path::new("playbooks/bench.yml"));
+    modes.push(("in-process", in_process));
     match mitogen_strategy(&env) {
         Some(dir) => {
             let mut m = Command::new(&playbook);
@@ -214,31 +218,43 @@ pub fn runner(count: usize, runs: usize) -> Result<()> {
         ratio("persistent", "floor"),
         ratio("classic", "persistent")
     );
-    // Execs per module task in a persistent run, as the kernel saw them.
-    let trace = tmp.join("persistent.jsonl");
-    let traced = Command::new(&spawntrace)
-        .args(["-q", "--persistent", "-o"])
-        .arg(&trace)
-        .arg("--")
-        .arg(&playbook)
-        .args(["playbooks/bench.yml", "-e", &extra])
-        .current_dir(root())
-        .stdout(std::process::Stdio::null())
-        .status();
-    if traced.is_ok_and(|s| s.success()) {
+    println!(
+        "  in-process/mitogen {}   in-process/floor {}   (in-process: many modules per runner, opt-in)",
+        ratio("in-process", "mitogen"),
+        ratio("in-process", "floor")
+    );
+    // Execs per module task of a persistent run (each mode), as the kernel saw them.
+    for (name, flags) in
+        [("persistent", &["--persistent"][..]), ("in-process", &["--persistent", "--in-process"][..])]
+    {
+        let trace = tmp.join(format!("{name}.jsonl"));
+        let traced = Command::new(&spawntrace)
+            .arg("-q")
+            .args(flags)
+            .arg("-o")
+            .arg(&trace)
+            .arg("--")
+            .arg(&playbook)
+            .args(["playbooks/bench.yml", "-e", &extra])
+            .current_dir(root())
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !traced.is_ok_and(|s| s.success()) {
+            println!("  {name} execs per task: the traced run failed");
+            continue;
+        }
         let out = Command::new(&spawntrace).args(["report", "--format", "json"]).arg(&trace).output()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         for t in v["tasks"].as_array().into_iter().flatten() {
             println!(
-                "  persistent execs in {:?} ({}): {} over {} item(s)",
+                "  {name} execs in {:?} ({}): {} over {} item(s)",
                 t["name"].as_str().unwrap_or(""),
                 t["action"].as_str().unwrap_or(""),
                 t["execs"],
                 t["items"]
             );
         }
-    } else {
-        println!("  persistent execs per task: the traced persistent run failed");
+        println!("  {name} unattributed processes: {}", v["outside_tasks"]["unattributed"]);
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())

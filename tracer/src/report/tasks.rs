@@ -133,10 +133,6 @@ impl TaskReport {
                     totals.add(model, i);
                     acc.hosts.insert(w.host.clone());
                     totals.hosts.insert(w.host.clone());
-                    if let Some(it) = item {
-                        acc.items.insert((worker, it));
-                        totals.items.insert((worker, it));
-                    }
                     if i == w.proc {
                         let wp = &model.processes[i];
                         acc.span(wp.start_ns, wp.end_ns);
@@ -147,6 +143,20 @@ impl TaskReport {
                 Owner::Connection => other.connection += 1,
                 Owner::Agent => other.agent += 1,
                 Owner::Unattributed => other.unattributed += 1,
+            }
+        }
+        // Items run are the workers' item windows (whatever processes they started).
+        for (wi, w) in a.workers.iter().enumerate() {
+            for win in &w.items {
+                let key = match by {
+                    By::Task => (w.task, None, None),
+                    By::Host => (w.task, Some(w.host.clone()), None),
+                    By::Item => (w.task, Some(w.host.clone()), Some(win.index)),
+                };
+                let acc = rows.entry(key).or_default();
+                acc.hosts.insert(w.host.clone());
+                acc.items.insert((wi, win.index));
+                totals.items.insert((wi, win.index));
             }
         }
         let tasks = rows

@@ -78,6 +78,48 @@ fn compare_writes_a_side_by_side_report() {
 
 #[test]
 #[file_serial(ebpf)]
+fn compare_persistent_modes_without_classic() {
+    require_root!();
+    let Some(env) = envs().into_iter().next() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pb.yml"), small_playbook(3)).unwrap();
+    std::fs::write(dir.path().join("inv.ini"), inventory(&env)).unwrap();
+    let out = dir.path().join("out");
+    let result = common::spawntrace()
+        .current_dir(dir.path())
+        .args(["compare", "--runs", "1", "--modes", "persistent,in-process", "-o"])
+        .arg(&out)
+        .arg("--")
+        .arg(env.join(".venv/bin/ansible-playbook"))
+        .args(["-i", "inv.ini", "pb.yml"])
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let modes: Vec<&str> =
+        report["modes"].as_array().unwrap().iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["persistent", "in-process"]);
+    for m in report["modes"].as_array().unwrap() {
+        assert_eq!(m["unattributed"], 0, "{}", m["mode"]);
+        // the command module execs `true` once per item, and nothing else runs a program
+        assert_eq!(m["tasks"][0]["execs"], 3.0, "{}", m["mode"]);
+    }
+    // every picture the report names exists (no differential without a classic run)
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let named: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("Flamegraphs:") || l.starts_with("Timelines"))
+        .flat_map(|l| l.rsplit_once(": ").unwrap().1.trim().trim_end_matches('.').split(", "))
+        .collect();
+    assert_eq!(named.len(), 4, "{named:?}");
+    for f in named {
+        assert!(out.join(f.trim()).is_file(), "{f} is named in report.md but missing");
+    }
+}
+
+#[test]
+#[file_serial(ebpf)]
 fn check_flags_exec_regressions() {
     require_root!();
     let Some(env) = envs().into_iter().next() else { return };

@@ -33,6 +33,7 @@ pub enum Mode {
     /// spawntrace's persistent-agent connection plugins.
     Persistent,
     /// The same, running modules in-process (a runner runs many modules instead of one).
+    #[serde(rename = "in-process")]
     InProcess,
     /// Mitogen's strategy plugin (when Mitogen is installed next to ansible-playbook).
     Mitogen,
@@ -470,12 +471,15 @@ pub fn markdown(r: &CompareReport) -> String {
     let _ = writeln!(o, "\nFlamegraphs: {}.", {
         let mut v: Vec<String> =
             r.modes.iter().map(|m| format!("flamegraph-{}.svg", m.mode.name())).collect();
-        v.extend(
-            r.modes
-                .iter()
-                .filter(|m| m.mode != Mode::Classic)
-                .map(|m| format!("flamegraph-diff-classic-{}.svg", m.mode.name())),
-        );
+        // differentials against classic exist only when classic ran
+        if r.modes.iter().any(|m| m.mode == Mode::Classic) {
+            v.extend(
+                r.modes
+                    .iter()
+                    .filter(|m| m.mode != Mode::Classic)
+                    .map(|m| format!("flamegraph-diff-classic-{}.svg", m.mode.name())),
+            );
+        }
         v.join(", ")
     });
     o

@@ -1,5 +1,6 @@
-//! spawntrace's tasks: `cargo xtask setup | test | demo | bench tracer`.
+//! spawntrace's tasks: `cargo xtask setup | test | demo | integration | bench tracer|runner`.
 mod bench;
+mod integration;
 mod setup;
 mod util;
 
@@ -22,7 +23,7 @@ enum Cmd {
     /// Install everything a fresh machine needs (idempotent).
     Setup,
     /// Set up, then run every test: Rust (default members, including eBPF and ansible-playbook
-    /// ones) and pytest.
+    /// ones), pytest, and ansible-core's integration targets classic vs persistent.
     Test,
     /// Set up, build, and compare classic, persistent and Mitogen runs of the benchmark
     /// playbook (the main job).
@@ -33,6 +34,12 @@ enum Cmd {
         /// Files per loop in playbooks/bench.yml.
         #[arg(long, default_value_t = 200)]
         count: usize,
+    },
+    /// ansible-core's integration targets (copy, lineinfile, file, stat, command_shell from its
+    /// sdist) classic and persistent, side by side; fails when persistent ends differently.
+    Integration {
+        /// Targets to run instead of the default five.
+        targets: Vec<String>,
     },
     /// Benchmarks that print side-by-side ratios.
     Bench {
@@ -73,6 +80,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test => test(),
         Cmd::Demo { runs, count } => demo(runs, count),
+        Cmd::Integration { targets } => integration::integration(&targets),
         Cmd::Bench { which: Bench::Tracer { count, rounds } } => bench::tracer(count, rounds),
         Cmd::Bench { which: Bench::Runner { count, runs } } => bench::runner(count, runs),
         Cmd::Storm { count, threads } => bench::storm(count, threads),
@@ -96,7 +104,7 @@ fn test() -> Result<()> {
             .current_dir(root()))
         .with_context(|| format!("pytest with {}", env.display()))?;
     }
-    Ok(())
+    integration::integration(&[])
 }
 
 /// The README's main job.

@@ -27,18 +27,21 @@ fn inventory(env: &Path) -> String {
     )
 }
 
-#[test]
-#[file_serial(ebpf)]
-fn compare_writes_a_side_by_side_report() {
-    require_root!();
-    let Some(env) = envs().into_iter().next() else { return };
+/// `spawntrace compare --runs RUNS --modes MODES` of a loop of `items` commands, in a temporary
+/// directory: (that directory, the output directory, report.json), or None without environments.
+fn compare(
+    items: usize,
+    runs: usize,
+    modes: &str,
+) -> Option<(tempfile::TempDir, std::path::PathBuf, serde_json::Value)> {
+    let env = envs().into_iter().next()?;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pb.yml"), small_playbook(2)).unwrap();
+    std::fs::write(dir.path().join("pb.yml"), small_playbook(items)).unwrap();
     std::fs::write(dir.path().join("inv.ini"), inventory(&env)).unwrap();
     let out = dir.path().join("out");
     let result = common::spawntrace()
         .current_dir(dir.path())
-        .args(["compare", "--runs", "2", "--modes", "classic,mitogen", "-o"])
+        .args(["compare", "--runs", &runs.to_string(), "--modes", modes, "-o"])
         .arg(&out)
         .arg("--")
         .arg(env.join(".venv/bin/ansible-playbook"))
@@ -46,8 +49,15 @@ fn compare_writes_a_side_by_side_report() {
         .output()
         .unwrap();
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    Some((dir, out, report))
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn compare_writes_a_side_by_side_report() {
+    require_root!();
+    let Some((_dir, out, report)) = compare(2, 2, "classic,mitogen") else { return };
     let modes: Vec<&str> =
         report["modes"].as_array().unwrap().iter().map(|m| m["mode"].as_str().unwrap()).collect();
     assert_eq!(modes, ["classic", "mitogen"], "Mitogen is installed in the 2.19 environment");
@@ -80,23 +90,7 @@ fn compare_writes_a_side_by_side_report() {
 #[file_serial(ebpf)]
 fn compare_persistent_modes_without_classic() {
     require_root!();
-    let Some(env) = envs().into_iter().next() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pb.yml"), small_playbook(3)).unwrap();
-    std::fs::write(dir.path().join("inv.ini"), inventory(&env)).unwrap();
-    let out = dir.path().join("out");
-    let result = common::spawntrace()
-        .current_dir(dir.path())
-        .args(["compare", "--runs", "1", "--modes", "persistent,in-process", "-o"])
-        .arg(&out)
-        .arg("--")
-        .arg(env.join(".venv/bin/ansible-playbook"))
-        .args(["-i", "inv.ini", "pb.yml"])
-        .output()
-        .unwrap();
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let Some((_dir, out, report)) = compare(3, 1, "persistent,in-process") else { return };
     let modes: Vec<&str> =
         report["modes"].as_array().unwrap().iter().map(|m| m["mode"].as_str().unwrap()).collect();
     assert_eq!(modes, ["persistent", "in-process"]);

@@ -26,6 +26,10 @@ AGENT_DIR = COLLECTION / "agent"
 BIN = Path(sys.executable).parent
 ENVS = PYTHON_DIR / "envs"
 
+# Per-test base directories live in /tmp (outside pytest's 0700 tree, for become); this session's
+# carry its pid, so that its clean-up never touches another pytest session's.
+BASE_PREFIX = "st-%d-" % os.getpid()
+
 BECOME_USER = "spawntrace-become"
 SSH_USER = "spawntrace-test"
 

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import Receiver
 from runner_fixtures import (  # noqa: F401
+    BASE_PREFIX,
     BECOME_USER,
     CALLBACK_DIR,
     agent_pids,
@@ -61,7 +62,7 @@ def run_both(tmp_path: Path, playbook: str, *, files=None, args=(), env=None, in
     for mode in ("classic", "persistent"):
         d = tmp_path / mode
         d.mkdir()
-        base = Path(tempfile.mkdtemp(prefix=f"st-{mode[0]}-"))  # outside pytest's 0700 tree (become)
+        base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}{mode[0]}-"))  # outside pytest's 0700 tree (become)
         os.chmod(base, 0o755)
         bases[mode] = base
         (d / "base").mkdir()
@@ -97,9 +98,9 @@ def run_both(tmp_path: Path, playbook: str, *, files=None, args=(), env=None, in
 
 @pytest.fixture(autouse=True)
 def _cleanup_bases():
-    before = set(Path(tempfile.gettempdir()).glob("st-*"))
+    before = set(Path(tempfile.gettempdir()).glob(BASE_PREFIX + "*"))
     yield
-    for p in set(Path(tempfile.gettempdir()).glob("st-*")) - before:
+    for p in set(Path(tempfile.gettempdir()).glob(BASE_PREFIX + "*")) - before:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -371,7 +372,7 @@ def test_attribution_messages(tmp_path):
       lineinfile: {path: "{{ base }}/{{ inventory_hostname }}-{{ item }}", line: x, create: true}
       loop: [a, b, c]
 """
-    base = Path(tempfile.mkdtemp(prefix="st-attr-"))
+    base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}attr-"))
     rec = Receiver(tmp_path / "events.sock")
     rec.start_reading()
     try:
@@ -421,7 +422,7 @@ def count_execs(tmp_path, mode, n):
     for i in range(n):
         playbook += f"    - copy: {{content: \"{i}\\n\", dest: \"{{{{ base }}}}/c{i}\"}}\n"
         playbook += f"    - lineinfile: {{path: \"{{{{ base }}}}/c{i}\", line: \"x={i}\"}}\n"
-    base = Path(tempfile.mkdtemp(prefix="st-execs-"))
+    base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}execs-"))
     d = tmp_path / f"{mode}-{n}"
     log = d / "strace.log"
     d.mkdir()

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import Receiver
 from runner_fixtures import (  # noqa: F401
+    BASE_PREFIX,
     BECOME_USER,
     BIN,
     CALLBACK_DIR,
@@ -75,7 +76,7 @@ def run_both_ssh(tmp_path, host, playbook, *, args=(), env=None, inventory_extra
         d.mkdir()
         (d / "src.txt").write_text("from the controller\n")
         (d / "t.j2").write_text("host={{ inventory_hostname }}\n")
-        base = Path(tempfile.mkdtemp(prefix=f"st-{mode[0]}-"))
+        base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}{mode[0]}-"))
         os.chown(base, uid, -1)
         os.chmod(base, 0o755)
         bases[mode] = base
@@ -122,7 +123,7 @@ def count_ssh_execs(tmp_path, host, n, mode):
         playbook += f"    - lineinfile: {{path: \"{{{{ base }}}}/c{i}\", line: \"x={i}\"}}\n"
     d = tmp_path / f"{mode}-{n}"
     d.mkdir()
-    base = Path(tempfile.mkdtemp(prefix="st-ssh-"))
+    base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}ssh-"))
     os.chown(base, pwd.getpwnam(SSH_USER).pw_uid, -1)
     try:
         (d / "inventory.ini").write_text(host.inventory())
@@ -160,7 +161,7 @@ def test_ssh_runner_start_is_remote(tmp_path, ssh_host):  # noqa: F811
     rec.start_reading()
     d = tmp_path / "run"
     d.mkdir()
-    base = Path(tempfile.mkdtemp(prefix="st-ssh-"))
+    base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}ssh-"))
     os.chown(base, pwd.getpwnam(SSH_USER).pw_uid, -1)
     try:
         inv = d / "inventory.ini"

@@ -1162,6 +1162,14 @@ class Agent(object):
             while view:
                 n = os.write(runner["in"], view)
                 view = view[n:]
+            # reported before the runner may start anything: a runner that runs several modules
+            # (in-process) is attributed by time, so its report must precede the module's forks
+            reported = False
+            if self.reporter.usable:
+                reported = self.reporter.send(
+                    "runner_start", pid=runner["pid"], agent_pid=os.getpid(), task_uuid=req.get("task_uuid"),
+                    host=req.get("host"), worker_pid=req.get("worker_pid"), item=req.get("item"),
+                    module=req.get("module"))
             os.write(runner["req_w"], b"!")
         except OSError:
             reusable = False
@@ -1178,12 +1186,6 @@ class Agent(object):
         self.runners[pid] = runner
         self.by_done[runner["done_r"]] = pid
         self.poller.register(runner["done_r"], select.POLLIN)
-        reported = False
-        if self.reporter.usable:
-            reported = self.reporter.send(
-                "runner_start", pid=pid, agent_pid=os.getpid(), task_uuid=req.get("task_uuid"),
-                host=req.get("host"), worker_pid=req.get("worker_pid"), item=req.get("item"),
-                module=req.get("module"))
         try:
             send_frame(conn, {"started": True, "pid": pid, "agent_pid": os.getpid(), "reported": reported})
         except OSError:

@@ -1,5 +1,9 @@
 //! `cargo xtask bench …`: side-by-side measurements printed as ratios from one run (the machine
 //! is shared and noisy, so nothing here is compared with a stored number).
+#[path = "../../tests/common/lab.rs"]
+#[allow(dead_code)]
+mod lab;
+
 use std::{
     path::Path,
     process::Command,
@@ -8,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{root, run};
+use crate::util::{output, root, run};
 
 /// The exec/exit storm: `count` short-lived /bin/true processes from `threads` spawner threads.
 pub fn storm(count: usize, threads: usize) -> Result<()> {
@@ -135,24 +139,65 @@ fn mitogen_strategy(env: &Path) -> Option<std::path::PathBuf> {
     (out.status.success() && dir.is_dir()).then_some(dir)
 }
 
+/// A test host for `bench runner --ssh`: sshd in a network namespace (tests/common/lab.rs).
+fn ssh_lab() -> Result<lab::Lab> {
+    anyhow::ensure!(nix_is_root(), "bench runner --ssh needs root (it creates a network namespace)");
+    for tool in ["/usr/sbin/sshd", "/usr/bin/ssh"] {
+        anyhow::ensure!(Path::new(tool).exists(), "{tool} is missing: run `cargo xtask setup`");
+    }
+    // the lab reports a failing set-up command by panicking: turn that into an error
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let started = std::panic::catch_unwind(|| lab::Lab::start(1));
+    std::panic::set_hook(hook);
+    started.map_err(|e| {
+        let why =
+            e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+        anyhow::anyhow!(
+            "cannot start the ssh test host: {}",
+            why.unwrap_or_default().lines().next().unwrap_or("")
+        )
+    })
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|u| u == "0")
+}
+
 /// The seed benchmark (`count` copy + `count` lineinfile) in each execution mode, interleaved
-/// `runs` times: classic, persistent, Mitogen, and the controller floor.
-pub fn runner(count: usize, runs: usize) -> Result<()> {
+/// `runs` times: classic, persistent, in-process, Mitogen, and the controller floor; against
+/// localhost, or with `ssh` against sshd in a network namespace.
+pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
     run(Command::new("cargo").args(["build", "--release", "-p", "tracer"]).current_dir(root()))?;
     let spawntrace = root().join("target/release/spawntrace");
     let env = crate::setup::default_env()?;
     let playbook = env.join(".venv/bin/ansible-playbook");
+    let lab = if ssh { Some(ssh_lab()?) } else { None };
+    let inventory = lab.as_ref().map(|l| l.inventory("benchmark_targets"));
+    let target = match &lab {
+        Some(l) => format!(
+            "over ssh to {}@{} (sshd in network namespace {})",
+            lab::USER,
+            l.hosts[0].addr,
+            l.hosts[0].netns
+        ),
+        None => "against localhost".to_owned(),
+    };
     let tmp = std::env::temp_dir().join(format!("spawntrace-bench-runner-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let floor = tmp.join("floor.yml");
     std::fs::write(&floor, floor_playbook(count))?;
     let extra = format!("bench_count={count}");
+    let inv: Vec<std::ffi::OsString> = match &inventory {
+        Some(i) => vec!["-i".into(), i.clone().into_os_string()],
+        None => Vec::new(),
+    };
     let mut modes: Vec<(&str, Command)> = Vec::new();
     let bench = |cmd: &mut Command, pb: &Path| {
-        cmd.arg(&playbook).arg(pb).args(["-e", &extra]).current_dir(root());
+        cmd.arg(&playbook).args(&inv).arg(pb).args(["-e", &extra]).current_dir(root());
     };
     let mut classic = Command::new(&playbook);
-    classic.arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
+    classic.args(&inv).arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
     modes.push(("classic", classic));
     let mut persistent = Command::new(&spawntrace);
     persistent.args(["run", "--persistent", "--"]);
@@ -165,14 +210,14 @@ pub fn runner(count: usize, runs: usize) -> Result<()> {
     match mitogen_strategy(&env) {
         Some(dir) => {
             let mut m = Command::new(&playbook);
-            m.arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
+            m.args(&inv).arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
             m.env("ANSIBLE_STRATEGY_PLUGINS", dir).env("ANSIBLE_STRATEGY", "mitogen_linear");
             modes.push(("mitogen", m));
         }
         None => eprintln!("bench runner: Mitogen not installed in {}: skipped", env.display()),
     }
     let mut f = Command::new(&playbook);
-    f.arg(&floor).current_dir(root());
+    f.args(&inv).arg(&floor).current_dir(root());
     modes.push(("floor", f));
 
     let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); modes.len()];
@@ -195,7 +240,7 @@ pub fn runner(count: usize, runs: usize) -> Result<()> {
             }
         }
     }
-    println!("bench runner: {count} copy + {count} lineinfile against localhost, {runs} interleaved run(s)");
+    println!("bench runner: {count} copy + {count} lineinfile {target}, {runs} interleaved run(s)");
     let mean = |i: usize| (!walls[i].is_empty()).then(|| mean_sd(&walls[i]).0);
     for (i, (name, _)) in modes.iter().enumerate() {
         match (mean(i), &failed[i]) {
@@ -235,6 +280,7 @@ pub fn runner(count: usize, runs: usize) -> Result<()> {
             .arg(&trace)
             .arg("--")
             .arg(&playbook)
+            .args(&inv)
             .args(["playbooks/bench.yml", "-e", &extra])
             .current_dir(root())
             .stdout(std::process::Stdio::null())

@@ -65,6 +65,9 @@ enum Bench {
         count: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Against a real sshd in a network namespace instead of localhost.
+        #[arg(long)]
+        ssh: bool,
     },
     /// Exec/exit storm traced vs untraced: events/s, drops, wall ratio.
     Tracer {
@@ -82,7 +85,7 @@ fn main() -> ExitCode {
         Cmd::Demo { runs, count } => demo(runs, count),
         Cmd::Integration { targets } => integration::integration(&targets),
         Cmd::Bench { which: Bench::Tracer { count, rounds } } => bench::tracer(count, rounds),
-        Cmd::Bench { which: Bench::Runner { count, runs } } => bench::runner(count, runs),
+        Cmd::Bench { which: Bench::Runner { count, runs, ssh } } => bench::runner(count, runs, ssh),
         Cmd::Storm { count, threads } => bench::storm(count, threads),
     };
     match result {

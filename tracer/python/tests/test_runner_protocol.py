@@ -426,6 +426,40 @@ def test_idle_timeout_and_controller_liveness(tmp_path):
         controller.kill()
 
 
+def test_connections_are_kept_and_replaced_when_the_agent_is_gone(tmp_path):
+    d = tmp_path / "agents"
+    d.mkdir(mode=0o700)
+    cfg = {"socket": str(d / "k.sock"), "version": client.VERSION, "idle": 1, "key": "k", "dir_owner": os.getuid()}
+
+    def start():
+        p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+        return client.parse_ready(p.stdout)["pid"]
+
+    pid = start()
+    ep = client.Endpoint(cfg["socket"], os.getuid())
+    first = ep.request({"op": "ping"})[0]
+    assert run(ep, "print('kept')")[1] == b"kept\n"
+    again = ep.request({"op": "ping"})[0]
+    # one connection for all three requests of this process
+    assert (first["pid"], first["accepted"]) == (pid, 1) and (again["accepted"], again["served"]) == (1, 3)
+    # a connection kept between requests does not keep an idle agent alive
+    deadline = time.monotonic() + 10
+    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists("/proc/%d" % pid)
+    with pytest.raises(client.AgentUnavailable):
+        ep.request({"op": "ping"})
+    # the next agent on that socket is reached through a new connection
+    pid2 = start()
+    assert pid2 != pid
+    ep.request({"op": "ping"})
+    s = client._proc_state()["socks"][cfg["socket"]]
+    s.shutdown(socket.SHUT_RDWR)  # the kept connection broken: replaced, the request runs once
+    resp = ep.request({"op": "ping"})[0]
+    assert (resp["pid"], resp["accepted"], resp["served"]) == (pid2, 2, 2)
+    ep.request({"op": "quit"})
+
+
 def test_stale_socket_replaced(tmp_path):
     d = tmp_path / "agents"
     d.mkdir(mode=0o700)

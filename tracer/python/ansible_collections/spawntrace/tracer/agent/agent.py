@@ -18,7 +18,7 @@ import struct
 import sys
 import time
 
-PROTOCOL = 1
+PROTOCOL = 2
 # frame: u32 json length, u32 blob length (big-endian), the JSON object (UTF-8), the blob.
 HEADER = struct.Struct("!II")
 MAX_JSON = 64 * 1024 * 1024
@@ -582,7 +582,8 @@ class Agent(object):
         self.controller_start = cfg.get("controller_start")
         self.allowed = set([os.getuid(), int(cfg.get("client_uid", os.getuid()))])
         self.reporter = Reporter(cfg.get("report"))
-        self.conns = {}  # fd -> [socket, FrameReader]
+        self.conns = {}  # fd -> [socket, FrameReader, accepted at]
+        self.kept = set()  # fds of connections kept open between requests (see _rearm)
         self.runners = {}  # pid -> (socket, out fd, err fd, request)
         self.last = time.monotonic()
         self.warm_version = None
@@ -597,6 +598,7 @@ class Agent(object):
         self.stopping = False
         self.t_accept = None
         self.served = 0
+        self.accepted = 0
         self.learned = set()
         self.unwarmable = set()
         # spare runners, oldest first: a module run takes the oldest, whose memory copy
@@ -663,7 +665,7 @@ class Agent(object):
 
     def _should_exit(self):
         now = time.monotonic()
-        busy = self.conns or self.runners
+        busy = len(self.conns) > len(self.kept) or self.runners
         if busy:
             self.last = now
         if self.stopping and not busy:
@@ -722,17 +724,26 @@ class Agent(object):
             except OSError:
                 conn.close()
                 continue
-            try:
-                send_frame(conn, {"hello": PROTOCOL, "pid": os.getpid(), "version": self.cfg.get("version")})
-            except OSError:
-                conn.close()
-                continue
+            self.accepted += 1
+            self._rearm(conn, kept=False)
+
+    def _rearm(self, conn, kept=True):
+        """Waits for a request on `conn`: a new connection, or one whose client asked to keep it
+        (`keep`) after a reply. Kept connections that wait do not keep the agent alive."""
+        try:
             conn.setblocking(False)
-            self.conns[conn.fileno()] = [conn, FrameReader(), _now()]
-            self.poller.register(conn.fileno(), select.POLLIN)
-            self.last = time.monotonic()
+        except OSError:
+            conn.close()
+            return
+        fd = conn.fileno()
+        self.conns[fd] = [conn, FrameReader(), _now()]
+        if kept:
+            self.kept.add(fd)
+        self.poller.register(fd, select.POLLIN)
+        self.last = time.monotonic()
 
     def _drop(self, fd, close=True):
+        self.kept.discard(fd)
         entry = self.conns.pop(fd, None)
         if entry is None:
             return
@@ -747,6 +758,8 @@ class Agent(object):
         """A request's first bytes are in: read the rest of its frame at once (clients send a
         whole request without waiting), with a timeout against a stalled client."""
         conn, reader, self.t_accept = self.conns[fd]
+        if fd in self.kept:
+            self.t_accept = _now()  # a kept connection: the request's arrival
         try:
             data = conn.recv(1 << 16)
         except (BlockingIOError, InterruptedError):
@@ -787,14 +800,29 @@ class Agent(object):
         conn.settimeout(60)
         req, blob = frame
         try:
-            keep = self._dispatch(conn, req, blob)
+            # the hello says: this request was read and will be answered (a client may resend a
+            # request that got no hello on another connection: nothing acted on it)
+            send_frame(conn, {"hello": PROTOCOL, "pid": os.getpid(), "version": self.cfg.get("version")})
+        except OSError:
+            conn.close()
+            return
+        try:
+            held = self._dispatch(conn, req, blob)
         except Exception as e:  # report, never die
             try:
                 send_frame(conn, {"ok": False, "error": "%s: %s" % (type(e).__name__, e)})
             except OSError:
                 pass
-            keep = False
-        if not keep:
+            conn.close()
+            return
+        if not held:
+            self._done_with(conn, req)
+
+    def _done_with(self, conn, req):
+        """A request was answered: keep its connection for the next one if the client asked."""
+        if req.get("keep") and not self.stopping:
+            self._rearm(conn)
+        else:
             conn.close()
 
     # -- requests ---------------------------------------------------------------------------
@@ -812,7 +840,8 @@ class Agent(object):
             return False
         if op == "ping":
             send_frame(conn, {"ok": True, "pid": os.getpid(), "version": self.cfg.get("version"),
-                              "reporting": self.reporter.usable, "served": self.served})
+                              "reporting": self.reporter.usable, "served": self.served,
+                              "accepted": self.accepted})
             return False
         if op == "quit":
             self.stopping = True
@@ -1249,12 +1278,12 @@ class Agent(object):
         conn = runner.pop("conn")
         payload = runner.get("payload")
         times = runner.get("times") or [None, None]
+        req = runner.pop("req")
         try:
             self._reply(conn, rc, out, err, t=[runner["t_recv"]] + times + [_now(), runner["t_accept"]])
+            self._done_with(conn, req)
         except OSError:
-            pass
-        conn.close()
-        req = runner.pop("req")
+            conn.close()
         if again:
             # in-process reuse (opt-in): this runner is warm and has its memory; it goes first
             for k in ("payload", "done", "times", "t_recv", "t_accept", "eof"):

@@ -135,7 +135,7 @@ _state = {"pid": None}
 def _proc_state():
     if _state["pid"] != os.getpid():
         _state.clear()
-        _state.update(pid=os.getpid(), endpoints={}, failed=set(), reporter=None, umask=None)
+        _state.update(pid=os.getpid(), endpoints={}, failed=set(), reporter=None, umask=None, socks={})
     return _state
 
 
@@ -410,9 +410,24 @@ class Endpoint:
 
     def request(self, req, blob=b"", on_started=None):
         """Sends one request; returns (response, blob). Raises AgentUnavailable when the agent
-        certainly did not act on it, AgentFailed when it may have."""
+        certainly did not act on it, AgentFailed when it may have.
+
+        The connection is kept for this process's next request to the same socket (each one
+        through an ssh forward is a new channel otherwise); a kept connection the agent closed
+        meanwhile (idle timeout) is replaced once: no hello means nothing was acted on."""
         req["version"] = VERSION
-        s = self.connect()
+        req["keep"] = True
+        socks = _proc_state()["socks"]
+        s = socks.pop(self.path, None)
+        if s is not None:
+            try:
+                return self._exchange(s, req, blob, on_started, socks)
+            except AgentUnavailable:
+                pass
+        return self._exchange(self.connect(), req, blob, on_started, socks)
+
+    def _exchange(self, s, req, blob, on_started, socks):
+        kept = False
         try:
             try:
                 agent.send_frame(s, req, blob)
@@ -434,9 +449,13 @@ class Endpoint:
                 raise AgentFailed("agent at %s did not answer: %s" % (self.path, e))
             if resp.get("unsupported"):
                 raise AgentUnavailable("unsupported by the agent")
+            kept = True
             return resp, rblob
         finally:
-            s.close()
+            if kept and self.path not in socks:
+                socks[self.path] = s
+            else:
+                s.close()
 
 
 def locked(path, timeout=120.0):

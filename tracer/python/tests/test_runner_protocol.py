@@ -228,6 +228,9 @@ def test_split_payload():
     assert parts[0] == head and parts[2] == b"QUJD" and b"__spawntrace_zip_data" in parts[1]
     assert agent.split_payload(head) is None
     assert agent.split_payload(head + tail.replace(b"QUJD", b"QU\\nJD")) is None
+    stripped, data = agent.strip_payload(head + tail)
+    assert data == b"QUJD" and b"QUJD" not in stripped and agent.unstrip_payload(stripped, data) == head + tail
+    assert agent.strip_payload(stripped) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +357,33 @@ def test_ops_and_files_through_agent(running_agent, tmp_path):
     assert resp["rc"] == 0
     with pytest.raises(client.AgentUnavailable):
         ep.request({"op": "chmod", "args": {"mode": "+a", "paths": ["/x"]}, "env": None})
+
+
+def test_a_loops_zip_is_sent_once(running_agent):
+    import base64
+    import hashlib
+
+    ep, _, _ = running_agent
+    zip_text = base64.b64encode(os.urandom(30000))
+    payload = ("#!%s\n_ANSIBALLZ_WRAPPER = True\ndef _ansiballz_main(zip_data, params):\n"
+               "    import base64, hashlib\n"
+               "    print(hashlib.sha1(base64.b64decode(zip_data)).hexdigest(), params)\n" % PYTHON).encode()
+    payload += b'\nif __name__ == "__main__":\n    _ansiballz_main(\nzip_data=\'' + zip_text + b"',\nparams='p',\n)\n"
+    stripped, data = agent.strip_payload(payload)
+    req = {"op": "run", "env": dict(os.environ), "assign": {}, "cwd": "/", "umask": 0o022, "path": None,
+           "zip_sha": hashlib.sha1(data).hexdigest()}
+    want = ("%s p\n" % hashlib.sha1(base64.b64decode(zip_text)).hexdigest()).encode()
+    resp, _ = ep.request(dict(req, stripped=True), stripped)
+    assert resp == {"ok": False, "need_zip": True}
+    resp, blob = ep.request(dict(req), payload)
+    assert resp["ok"] and blob[: resp["out"]] == want
+    resp, blob = ep.request(dict(req, stripped=True), stripped)
+    assert resp["ok"] and blob[: resp["out"]] == want
+    # a zip sent under another zip's name is not kept under it
+    resp, _ = ep.request(dict(req, zip_sha="0" * 40), payload)
+    assert resp["ok"]
+    resp, _ = ep.request(dict(req, zip_sha="0" * 40, stripped=True), stripped)
+    assert resp == {"ok": False, "need_zip": True}
 
 
 def test_version_mismatch_refused(running_agent):

@@ -399,6 +399,12 @@ _MAIN_MARK = b'\nif __name__ == "__main__":\n'
 _ZIP_MARK = b"zip_data='"
 
 
+def hashlib_sha1(data):
+    import hashlib
+
+    return hashlib.sha1(data).hexdigest()
+
+
 def split_payload(payload):
     """An AnsiballZ wrapper as (head source, tail source with the zip literal replaced by a name,
     the zip's base64 text, head line count), or None. The head (the wrapper's code, identical for
@@ -417,8 +423,29 @@ def split_payload(payload):
     if b"\\" in data or b"\n" in data:
         return None
     head = payload[:i]
-    tail = payload[i:j] + b"zip_data=__spawntrace_zip_data" + payload[k + 1 :]
+    tail = payload[i:j] + _ZIP_NAME + payload[k + 1 :]
     return head, tail, data, head.count(b"\n")
+
+
+_ZIP_NAME = b"zip_data=__spawntrace_zip_data"
+
+
+def strip_payload(payload):
+    """(the payload without its zip literal, the zip's base64 text) or None: what a client sends
+    when the agent may have that zip already (`zip_sha`), as every item of a loop carries the
+    same one. `unstrip_payload` gives the payload back byte for byte."""
+    parts = split_payload(payload)
+    if parts is None or payload.count(_ZIP_NAME):
+        return None
+    head, tail, data, _ = parts
+    return head + tail, data
+
+
+def unstrip_payload(stripped, data):
+    i = stripped.rfind(_ZIP_NAME)
+    if i < 0 or stripped.count(_ZIP_NAME) != 1:
+        raise ProtocolError("no zip place in a stripped payload")
+    return b"".join((stripped[:i], _ZIP_MARK, data, b"'", stripped[i + len(_ZIP_NAME) :]))
 
 
 # Compiled code shared with forked runners: ("head", sha1) -> an AnsiballZ wrapper's code;
@@ -599,6 +626,7 @@ class Agent(object):
         self.t_accept = None
         self.served = 0
         self.accepted = 0
+        self.zips = {}  # sha1 -> base64 zip text of recent payloads (see strip_payload)
         self.learned = set()
         self.unwarmable = set()
         # spare runners, oldest first: a module run takes the oldest, whose memory copy
@@ -1163,6 +1191,19 @@ class Agent(object):
 
     def _run(self, conn, req, payload):
         t_recv = _now()
+        sha = req.get("zip_sha")
+        if sha and req.get("stripped"):
+            data = self.zips.get(sha)
+            if data is None:
+                send_frame(conn, {"ok": False, "need_zip": True})
+                return False
+            payload = unstrip_payload(payload, data)
+        elif sha and payload:
+            parts = strip_payload(payload)
+            if parts is not None and hashlib_sha1(parts[1]) == sha:
+                if len(self.zips) >= 32:
+                    self.zips.pop(next(iter(self.zips)))
+                self.zips[sha] = parts[1]
         path = req.get("path")
         if path and not payload:
             with open(path, "rb") as f:

@@ -700,7 +700,15 @@ class AgentConnectionMixin:
             notify(resp)
 
         t0 = time.monotonic_ns()
-        resp, blob = endpoint.request(req, in_data or b"", on_started=on_started)
+        # every item of a loop carries the same module zip: sent once per agent (`need_zip`
+        # when the agent does not have it)
+        parts = agent.strip_payload(in_data) if in_data and len(in_data) > 16384 else None
+        resp = {}
+        if parts is not None:
+            req["zip_sha"] = hashlib.sha1(parts[1]).hexdigest()
+            resp, blob = endpoint.request(dict(req, stripped=True), parts[0], on_started=on_started)
+        if parts is None or resp.get("need_zip"):
+            resp, blob = endpoint.request(req, in_data or b"", on_started=on_started)
         timing = os.environ.get("SPAWNTRACE_AGENT_TIMING")
         if timing and resp.get("t"):
             # diagnostics: where a module run's time went (monotonic ns): request sent, agent

@@ -542,3 +542,30 @@ def test_sweep_removes_only_dead_controllers_run_files(tmp_path, monkeypatch):
         (tmp_path / n).write_text("")
     client.sweep_stale(str(tmp_path))
     assert {n for n in names if (tmp_path / n).exists()} == {n for n, keep in names.items() if keep}
+
+
+def test_hot_heap_pages_are_learnt_from_runners():
+    import ctypes
+
+    buf = bytearray(64 * 1024)  # malloc'd: on the heap (below the mmap threshold)
+    addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    heap = agent._heap_ranges()
+    if not any(lo <= addr < hi for lo, hi in heap):
+        pytest.skip("the test buffer is not on the [heap] here")
+    hot = agent.HotPages()
+    assert hot.ranges() == []
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for i in range(0, len(buf), 4096):
+                buf[i] = 1  # copy on write: these pages are now this process's own
+            hot.learn()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    ranges = hot.ranges()
+    first, last = (addr + 4095) // 4096 * 4096, (addr + len(buf)) // 4096 * 4096 - 4096
+    for page in (first, last):
+        assert any(lo <= page < lo + n for lo, n in ranges), (hex(page), [(hex(lo), n) for lo, n in ranges])
+    # a later runner copies them before it runs (and the process is not harmed by it)
+    agent.prefault(hot)

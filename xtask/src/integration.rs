@@ -199,17 +199,30 @@ fn run_target(dir: &Path, env: &Path, targets: &Path, target: &str, persistent: 
     std::fs::write(dir.join("ansible.cfg"), "")?;
     let timing = dir.join("timing.jsonl");
     // a mount namespace of its own with an empty /tmp: copy's link targets, /tmp/worldwritable, …
-    // must not be there from the run before
+    // must not be there from the run before. The checkout (environments, plugins) stays where it
+    // is when it lives under /tmp (a CI clone): the old /tmp is bound aside first, and the
+    // checkout bound back from there (read-only, like the old /tmp in there).
+    let old = PathBuf::from(format!("{}-old-tmp", dir.display()));
+    std::fs::create_dir_all(&old)?;
+    let _old = RemoveEmptyDirOnDrop(old.clone());
+    let keep = root().strip_prefix("/tmp").map(|rel| rel.to_owned()).unwrap_or_default();
     let mut cmd = Command::new("unshare");
     cmd.args([
         "--mount",
         "--propagation",
         "private",
         "sh",
-        "-c",
-        "mount -t tmpfs -o mode=1777 tmpfs /tmp && exec \"$@\"",
+        "-ec",
+        r#"mount --bind /tmp "$ST_OLD_TMP"
+mount -o remount,bind,ro "$ST_OLD_TMP"
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+if [ -n "$ST_KEEP" ]; then mkdir -p "/tmp/$ST_KEEP"; mount --bind "$ST_OLD_TMP/$ST_KEEP" "/tmp/$ST_KEEP"; fi
+unset ST_OLD_TMP ST_KEEP
+exec "$@""#,
         "sh",
     ])
+    .env("ST_OLD_TMP", &old)
+    .env("ST_KEEP", &keep)
     .arg(env.join(".venv/bin/ansible-playbook"))
     .args(["-i", "inventory.ini", "play.yml", "-e"])
     .arg(format!("output_dir={}", dir.join("out").display()))
@@ -268,6 +281,16 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A directory that is removed if it is empty (never recursively: it is a mount point in the
+/// runs' namespaces).
+struct RemoveEmptyDirOnDrop(PathBuf);
+
+impl Drop for RemoveEmptyDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 

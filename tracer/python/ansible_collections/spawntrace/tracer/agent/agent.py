@@ -1296,11 +1296,11 @@ class Agent(object):
                 return False
             payload = unstrip_payload(payload, data)
         elif sha and payload:
-            parts = strip_payload(payload)
-            if parts is not None and hashlib_sha1(parts[1]) == sha:
+            parts = split_payload(payload)
+            if parts is not None and hashlib_sha1(parts[2]) == sha:
                 if len(self.zips) >= 32:
                     self.zips.pop(next(iter(self.zips)))
-                self.zips[sha] = parts[1]
+                self.zips[sha] = parts[2]
         path = req.get("path")
         if path and not payload:
             with open(path, "rb") as f:

@@ -111,6 +111,11 @@ pub fn integration(targets: &[String]) -> Result<()> {
                 let run = format!("{name}-{target}-{mode}");
                 std::fs::copy(work.join(&run).join("run.log"), logs.join(format!("{run}.log")))?;
             }
+            for (mode, o) in [("classic", &classic), ("persistent", &persistent)] {
+                if o.results.is_empty() {
+                    regressions.push(format!("{name} {target}: the {mode} run ran no task (rc {})", o.rc));
+                }
+            }
             if persistent.agent_runs == 0 {
                 regressions.push(format!("{name} {target}: no module ran through the agent"));
             }

@@ -249,7 +249,17 @@ exec "$@""#,
         cmd.env("ANSIBLE_CONNECTION_PLUGINS", plugins).env("SPAWNTRACE_AGENT_TIMING", &timing);
     }
     let log = std::fs::File::create(dir.join("run.log"))?;
-    let status = cmd.stdout(log.try_clone()?).stderr(log).status().context("running ansible-playbook")?;
+    let (users, groups) = (names("/etc/passwd")?, names("/etc/group")?);
+    let status = cmd.stdout(log.try_clone()?).stderr(log).status().context("running ansible-playbook");
+    // targets create users and groups they do not all remove (file's test2, made for
+    // ansible-test's throw-away hosts): the next run must not find them
+    for user in names("/etc/passwd")?.difference(&users) {
+        let _ = Command::new("userdel").args(["--remove", "--force", user]).output();
+    }
+    for group in names("/etc/group")?.difference(&groups) {
+        let _ = Command::new("groupdel").arg(group).output();
+    }
+    let status = status?;
     let text = std::fs::read_to_string(dir.join("run.log"))?;
     let recap = text
         .lines()
@@ -279,6 +289,17 @@ exec "$@""#,
     }
     let agent_runs = std::fs::read_to_string(&timing).map(|t| t.lines().count()).unwrap_or(0);
     Ok(Outcome { rc: status.code().unwrap_or(-1), recap, results, agent_runs })
+}
+
+/// The names (first fields) of /etc/passwd or /etc/group.
+fn names(path: &str) -> Result<std::collections::BTreeSet<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect())
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -399,12 +399,6 @@ _MAIN_MARK = b'\nif __name__ == "__main__":\n'
 _ZIP_MARK = b"zip_data='"
 
 
-def hashlib_sha1(data):
-    import hashlib
-
-    return hashlib.sha1(data).hexdigest()
-
-
 def split_payload(payload):
     """An AnsiballZ wrapper as (head source, tail source with the zip literal replaced by a name,
     the zip's base64 text, head line count), or None. The head (the wrapper's code, identical for
@@ -1296,8 +1290,10 @@ class Agent(object):
                 return False
             payload = unstrip_payload(payload, data)
         elif sha and payload:
+            import hashlib
+
             parts = split_payload(payload)
-            if parts is not None and hashlib_sha1(parts[2]) == sha:
+            if parts is not None and hashlib.sha1(parts[2]).hexdigest() == sha:
                 if len(self.zips) >= 32:
                     self.zips.pop(next(iter(self.zips)))
                 self.zips[sha] = parts[2]

@@ -216,6 +216,12 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
         }
         None => eprintln!("bench runner: Mitogen not installed in {}: skipped", env.display()),
     }
+    // ansible-core's own work with every module answered at once (tracer/python/bench): the
+    // least any runner behind a connection plugin can take
+    let mut bound = Command::new(&playbook);
+    bound.args(&inv).arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
+    bound.env("ANSIBLE_CONNECTION_PLUGINS", root().join("tracer/python/bench/connection"));
+    modes.push(("bound", bound));
     let mut f = Command::new(&playbook);
     f.args(&inv).arg(&floor).current_dir(root());
     modes.push(("floor", f));
@@ -267,6 +273,13 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
         "  in-process/mitogen {}   in-process/floor {}   (in-process: many modules per runner, opt-in)",
         ratio("in-process", "mitogen"),
         ratio("in-process", "floor")
+    );
+    println!(
+        "  bound/floor {}   persistent/bound {}   in-process/bound {}   mitogen/bound {}   (bound: modules answered at once)",
+        ratio("bound", "floor"),
+        ratio("persistent", "bound"),
+        ratio("in-process", "bound"),
+        ratio("mitogen", "bound")
     );
     // Execs per module task of a persistent run (each mode), as the kernel saw them.
     for (name, flags) in

@@ -58,7 +58,7 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// The seed playbook in classic, persistent, in-process and Mitogen modes, and the controller floor.
+    /// The seed playbook in classic, persistent, in-process and Mitogen modes, its lower bound (every module answered at once) and the controller floor.
     Runner {
         /// Files per loop in playbooks/bench.yml.
         #[arg(long, default_value_t = 200)]

@@ -108,3 +108,16 @@ class BoundMixin:
 
     def reset(self):
         pass
+
+
+def plugin(name):
+    """(DOCUMENTATION, Connection) of the bound's `name` connection: the builtin's options, its
+    class with BoundMixin in front."""
+    base = builtin(name)
+
+    class Connection(BoundMixin, base.Connection):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._bound_files = {}  # AnsiballZ files put for file-based (non-pipelined) runs
+
+    return base.DOCUMENTATION, Connection

@@ -192,25 +192,29 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
         Some(i) => vec!["-i".into(), i.clone().into_os_string()],
         None => Vec::new(),
     };
-    let mut modes: Vec<(&str, Command)> = Vec::new();
-    let bench = |cmd: &mut Command, pb: &Path| {
-        cmd.arg(&playbook).args(&inv).arg(pb).args(["-e", &extra]).current_dir(root());
+    // `ansible-playbook [-i inventory] PLAYBOOK -e bench_count=N` in the checkout, started through
+    // `spawntrace ARGS...` when `through` is given
+    let ansible = |through: Option<&[&str]>, pb: &Path| {
+        let mut cmd = match through {
+            Some(args) => {
+                let mut c = Command::new(&spawntrace);
+                c.args(args).arg(&playbook);
+                c
+            }
+            None => Command::new(&playbook),
+        };
+        cmd.args(&inv).arg(pb).args(["-e", &extra]).current_dir(root());
+        cmd
     };
-    let mut classic = Command::new(&playbook);
-    classic.args(&inv).arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
-    modes.push(("classic", classic));
-    let mut persistent = Command::new(&spawntrace);
-    persistent.args(["run", "--persistent", "--"]);
-    bench(&mut persistent, Path::new("playbooks/bench.yml"));
-    modes.push(("persistent", persistent));
-    let mut in_process = Command::new(&spawntrace);
-    in_process.args(["run", "--persistent", "--in-process", "--"]);
-    bench(&mut in_process, Path::new("playbooks/bench.yml"));
-    modes.push(("in-process", in_process));
+    let bench_yml = Path::new("playbooks/bench.yml");
+    let mut modes: Vec<(&str, Command)> = vec![
+        ("classic", ansible(None, bench_yml)),
+        ("persistent", ansible(Some(&["run", "--persistent", "--"]), bench_yml)),
+        ("in-process", ansible(Some(&["run", "--persistent", "--in-process", "--"]), bench_yml)),
+    ];
     match mitogen_strategy(&env) {
         Some(dir) => {
-            let mut m = Command::new(&playbook);
-            m.args(&inv).arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
+            let mut m = ansible(None, bench_yml);
             m.env("ANSIBLE_STRATEGY_PLUGINS", dir).env("ANSIBLE_STRATEGY", "mitogen_linear");
             modes.push(("mitogen", m));
         }
@@ -218,13 +222,10 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
     }
     // ansible-core's own work with every module answered at once (tracer/python/bench): the
     // least any runner behind a connection plugin can take
-    let mut bound = Command::new(&playbook);
-    bound.args(&inv).arg("playbooks/bench.yml").args(["-e", &extra]).current_dir(root());
+    let mut bound = ansible(None, bench_yml);
     bound.env("ANSIBLE_CONNECTION_PLUGINS", root().join("tracer/python/bench/connection"));
     modes.push(("bound", bound));
-    let mut f = Command::new(&playbook);
-    f.args(&inv).arg(&floor).current_dir(root());
-    modes.push(("floor", f));
+    modes.push(("floor", ansible(None, &floor)));
 
     let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); modes.len()];
     let mut failed: Vec<Option<String>> = vec![None; modes.len()];

@@ -512,15 +512,16 @@ def test_private_directory_checks(tmp_path):
     cfg = {"socket": str(d / "x.sock"), "version": client.VERSION, "key": "x", "dir_owner": os.getuid()}
     p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
-    assert p.returncode == 1 and not ready["ok"] and "not a directory owned by" in ready["error"]
+    assert p.returncode == 1 and not ready["ok"] and ready["unsafe"] and "must be a directory of uid %d" % os.getuid() in ready["error"]
+    # a directory of ours with loose permissions is refused too, never repaired
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o777)
     os.chmod(loose, 0o777)
     cfg.update(socket=str(loose / "x.sock"))
     p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
-    assert client.parse_ready(p.stdout)["ok"]
-    assert stat.S_IMODE(loose.stat().st_mode) == 0o700
-    client.Endpoint(cfg["socket"], os.getuid()).request({"op": "quit"})
+    ready = client.parse_ready(p.stdout)
+    assert p.returncode == 1 and ready["unsafe"] and "mode 0777" in ready["error"], ready
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o777 and not (loose / "x.sock").exists()
 
 
 def test_sweep_removes_only_dead_controllers_run_files(tmp_path, monkeypatch):

@@ -19,11 +19,24 @@ import sys
 import time
 
 PROTOCOL = 2
-# frame: u32 json length, u32 blob length (big-endian), the JSON object (UTF-8), the blob.
+# Frame: u32 JSON length, u32 blob length (big-endian), the JSON (UTF-8, an object), the blob.
+# Both lengths are checked against these limits as soon as the header is in, before anything is
+# allocated for them; buffers then grow only as bytes arrive. A frame over a limit, JSON that is
+# not valid UTF-8 or not an object, is a malformed frame: the agent answers it with
+# {"ok": false, "error": "malformed frame: ..."} (instead of the hello: nothing was acted on) and
+# closes the connection; the client's recv_frame raises ProtocolError.
+# MAX_JSON: a request's JSON carries only small fields and, for local module runs, the worker's
+# environment (`env`, at most ARG_MAX: 2 MiB with the usual 8 MiB stack; json.dumps escapes
+# non-ASCII text up to 6 times): 16 MiB is plenty. Module arguments are in the payload (the blob).
+# MAX_BLOB: module payloads, module output (stdout + stderr of a reply) and `put`/`fetch` file
+# contents, which are held in memory: 1 GiB. Larger files go the classic way (the ssh plugin's
+# put_file checks the size first; `fetch` of a larger file is answered `unsupported`).
+# See tracer/python/RUNNER.md ("The agent socket").
 HEADER = struct.Struct("!II")
-MAX_JSON = 64 * 1024 * 1024
-MAX_BLOB = 4 * 1024 * 1024 * 1024 - 1
+MAX_JSON = 16 * 1024 * 1024
+MAX_BLOB = 1024 * 1024 * 1024
 BIG = 256 * 1024
+PREALLOC = 16 * 1024 * 1024  # recv_exact allocates at most this much ahead of the data
 
 # The agent is started as `python -c <this file's source> <config json>`.
 
@@ -36,9 +49,37 @@ class ProtocolError(Exception):
 # framing
 
 
-def send_frame(sock, obj, blob=b""):
+def check_lengths(jlen, blen):
+    """A frame header's lengths, or ProtocolError if over the limits (see MAX_JSON)."""
+    if jlen > MAX_JSON:
+        raise ProtocolError("JSON of %d bytes (at most %d)" % (jlen, MAX_JSON))
+    if blen > MAX_BLOB:
+        raise ProtocolError("blob of %d bytes (at most %d)" % (blen, MAX_BLOB))
+    return jlen, blen
+
+
+def decode_json(data):
+    """A frame's JSON object ({} when empty), or ProtocolError."""
+    if not data:
+        return {}
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError("invalid JSON: %s" % e)
+    if not isinstance(obj, dict):
+        raise ProtocolError("the JSON is a %s, not an object" % type(obj).__name__)
+    return obj
+
+
+def encode_frame(obj, blob=b""):
+    """A frame's header and JSON (ProtocolError if over the limits)."""
     data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
-    head = HEADER.pack(len(data), len(blob)) + data
+    check_lengths(len(data), len(blob))
+    return HEADER.pack(len(data), len(blob)) + data
+
+
+def send_frame(sock, obj, blob=b""):
+    head = encode_frame(obj, blob)
     if len(blob) <= BIG:
         sock.sendall(head + bytes(blob))
     else:
@@ -47,53 +88,75 @@ def send_frame(sock, obj, blob=b""):
 
 
 def recv_exact(sock, n):
-    buf = bytearray(n)
+    """`n` bytes from a blocking socket; the buffer grows as they arrive (never more than
+    PREALLOC, or as much as has arrived, ahead of the data)."""
+    buf = bytearray(min(n, PREALLOC))
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if got == len(buf):
+            view.release()
+            buf += bytes(min(len(buf), n - got))
+            view = memoryview(buf)
+        k = sock.recv_into(view[got:], len(buf) - got)
         if k == 0:
+            view.release()
             raise ProtocolError("connection closed after %d of %d bytes" % (got, n))
         got += k
+    view.release()
     return bytes(buf)
 
 
 def recv_frame(sock):
-    head = recv_exact(sock, HEADER.size)
-    jlen, blen = HEADER.unpack(head)
-    if jlen > MAX_JSON:
-        raise ProtocolError("frame too large")
-    obj = json.loads(recv_exact(sock, jlen).decode("utf-8")) if jlen else {}
+    """One frame from a blocking socket: (JSON object, blob). ProtocolError if it is malformed
+    (checked before anything is allocated for it) or the connection closes."""
+    jlen, blen = check_lengths(*HEADER.unpack(recv_exact(sock, HEADER.size)))
+    obj = decode_json(recv_exact(sock, jlen)) if jlen else {}
     blob = recv_exact(sock, blen) if blen else b""
     return obj, blob
 
 
 class FrameReader(object):
-    """Incremental frame parser for a non-blocking socket."""
+    """Incremental frame parser for a non-blocking socket: feed() what arrives; frame() gives
+    (JSON object, blob) once a whole frame is in, else None. The lengths are checked as soon as
+    the header is in, the JSON as soon as it is in (ProtocolError), before any of the blob."""
 
     def __init__(self):
         self.buf = bytearray()
         self.need = None  # (jlen, blen) once the header is in
+        self.obj = None  # the JSON object once it is in (buf then holds only blob bytes)
 
     def feed(self, data):
         self.buf += data
+
+    def pending(self):
+        """Whether part of a frame is in."""
+        return bool(self.buf) or self.need is not None
 
     def frame(self):
         if self.need is None:
             if len(self.buf) < HEADER.size:
                 return None
-            self.need = HEADER.unpack(bytes(self.buf[: HEADER.size]))
-            if self.need[0] > MAX_JSON:
-                raise ProtocolError("frame too large")
+            self.need = check_lengths(*HEADER.unpack_from(self.buf))
+            del self.buf[: HEADER.size]
         jlen, blen = self.need
-        total = HEADER.size + jlen + blen
-        if len(self.buf) < total:
+        if self.obj is None:
+            if len(self.buf) < jlen:
+                return None
+            self.obj = decode_json(self.buf[:jlen])
+            del self.buf[:jlen]
+        if len(self.buf) < blen:
             return None
-        start = HEADER.size
-        obj = json.loads(bytes(self.buf[start : start + jlen]).decode("utf-8")) if jlen else {}
-        blob = bytes(self.buf[start + jlen : total])
-        del self.buf[:total]
-        self.need = None
+        if len(self.buf) == blen:
+            blob = bytes(self.buf)
+            self.buf = bytearray()
+        else:
+            view = memoryview(self.buf)
+            blob = view[:blen].tobytes()
+            view.release()
+            del self.buf[:blen]
+        obj = self.obj
+        self.need = self.obj = None
         return obj, blob
 
 
@@ -685,6 +748,31 @@ class _DynPath(list):
         return iter(extra + self.fixed)
 
 
+class _Conn(object):
+    """A client connection of the agent (non-blocking): the request being read, the reply being
+    written (a queue of memoryviews), and when each last made progress."""
+
+    def __init__(self, sock):
+        import collections
+
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reader = FrameReader()
+        self.t_accept = _now()
+        self.t_read = None  # monotonic time of the last bytes of a partial request
+        self.t_write = None  # monotonic time the reply last made progress
+        self.out = collections.deque()
+        self.kept = False  # kept between requests (`keep`)
+        self.reading = False  # waiting for a request
+        self.close_after = False  # closed once the reply is out
+        self.closed = False
+        self.mask = 0  # what it is polled for
+
+    def idle(self):
+        """A kept connection waiting for its next request, nothing of it in yet."""
+        return self.kept and self.reading and not self.out and not self.reader.pending()
+
+
 class Agent(object):
     def __init__(self, cfg, listener):
         self.cfg = cfg
@@ -694,8 +782,11 @@ class Agent(object):
         self.controller_start = cfg.get("controller_start")
         self.allowed = set([os.getuid(), int(cfg.get("client_uid", os.getuid()))])
         self.reporter = Reporter(cfg.get("report"))
-        self.conns = {}  # fd -> [socket, FrameReader, accepted at]
-        self.kept = set()  # fds of connections kept open between requests (see _rearm)
+        self.conns = {}  # fd -> _Conn, every client connection open
+        # a connection with part of a request in and no byte more for `frame_timeout` seconds, or
+        # with part of a reply out that its client takes no byte of for `send_timeout`, is dropped
+        self.frame_timeout = float(cfg.get("frame_timeout", 30))
+        self.send_timeout = float(cfg.get("send_timeout", 60))
         self.runners = {}  # pid -> (socket, out fd, err fd, request)
         self.last = time.monotonic()
         self.warm_version = None
@@ -764,12 +855,13 @@ class Agent(object):
                         pass
                     self._reap()
                 elif fd in self.conns:
-                    self._readable(fd)
+                    self._conn_event(fd, ev)
                 elif fd in self.by_done:
                     self._done_readable(fd)
                 elif self.zsock is not None and fd == self.zsock.fileno():
                     self._zreadable()
             self._reap()
+            self._expire()
             if self._should_exit():
                 break
         self._shutdown()
@@ -779,7 +871,7 @@ class Agent(object):
 
     def _should_exit(self):
         now = time.monotonic()
-        busy = len(self.conns) > len(self.kept) or self.runners
+        busy = self.runners or any(not c.idle() for c in self.conns.values())
         if busy:
             self.last = now
         if self.stopping and not busy:
@@ -842,124 +934,190 @@ class Agent(object):
             self._rearm(conn, kept=False)
 
     def _rearm(self, conn, kept=True):
-        """Waits for a request on `conn`: a new connection, or one whose client asked to keep it
-        (`keep`) after a reply. Kept connections that wait do not keep the agent alive."""
-        try:
-            conn.setblocking(False)
-        except OSError:
-            conn.close()
-            return
-        fd = conn.fileno()
-        self.conns[fd] = [conn, FrameReader(), _now()]
-        if kept:
-            self.kept.add(fd)
-        self.poller.register(fd, select.POLLIN)
+        """Waits for a request on `conn` (a socket: a new connection) or a _Conn (`kept`: its
+        client asked to keep it after a reply). Kept connections that wait do not keep the agent
+        alive."""
+        if not isinstance(conn, _Conn):
+            try:
+                conn.setblocking(False)
+            except OSError:
+                conn.close()
+                return
+            conn = _Conn(conn)
+            self.conns[conn.fd] = conn
+            conn.t_read = time.monotonic()  # a new connection that sends nothing is dropped too
+        else:
+            conn.t_read = None
+        conn.kept = kept
+        conn.reading = True
+        self._update(conn)
         self.last = time.monotonic()
 
-    def _drop(self, fd, close=True):
-        self.kept.discard(fd)
-        entry = self.conns.pop(fd, None)
-        if entry is None:
+    def _update(self, c):
+        """Polls `c` for what it waits for: a request (POLLIN), room for its reply (POLLOUT)."""
+        if c.closed:
             return
-        try:
-            self.poller.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-        if close:
-            entry[0].close()
-
-    def _readable(self, fd):
-        """A request's first bytes are in: read the rest of its frame at once (clients send a
-        whole request without waiting), with a timeout against a stalled client."""
-        conn, reader, self.t_accept = self.conns[fd]
-        if fd in self.kept:
-            self.t_accept = _now()  # a kept connection: the request's arrival
-        try:
-            data = conn.recv(1 << 16)
-        except (BlockingIOError, InterruptedError):
+        mask = (select.POLLIN if c.reading else 0) | (select.POLLOUT if c.out else 0)
+        if mask == c.mask:
             return
-        except OSError:
-            self._drop(fd)
-            return
-        if not data:
-            self._drop(fd)
-            return
-        reader.feed(data)
-        try:
-            frame = reader.frame()
-            if frame is None and reader.need is None and len(reader.buf) < HEADER.size:
-                return  # not even a header yet
-            if frame is None:
-                jlen, blen = reader.need
-                total = HEADER.size + jlen + blen
-                buf = bytearray(total)
-                have = len(reader.buf)
-                buf[:have] = reader.buf
-                view = memoryview(buf)
-                conn.settimeout(30)
-                while have < total:
-                    k = conn.recv_into(view[have:], total - have)
-                    if k == 0:
-                        raise ProtocolError("short frame")
-                    have += k
-                start = HEADER.size
-                req = json.loads(bytes(view[start : start + jlen]).decode("utf-8")) if jlen else {}
-                frame = req, bytes(view[start + jlen :])
-                del view
-        except (ProtocolError, ValueError, OSError):
-            self._drop(fd)
-            return
-        self._drop(fd, close=False)
-        conn.setblocking(True)
-        conn.settimeout(60)
-        req, blob = frame
-        try:
-            # the hello says: this request was read and will be answered (a client may resend a
-            # request that got no hello on another connection: nothing acted on it)
-            send_frame(conn, {"hello": PROTOCOL, "pid": os.getpid(), "version": self.cfg.get("version")})
-        except OSError:
-            conn.close()
-            return
-        try:
-            held = self._dispatch(conn, req, blob)
-        except Exception as e:  # report, never die
+        if mask:
+            self.poller.register(c.fd, mask)
+        else:
             try:
-                send_frame(conn, {"ok": False, "error": "%s: %s" % (type(e).__name__, e)})
-            except OSError:
+                self.poller.unregister(c.fd)
+            except (KeyError, ValueError):
                 pass
-            conn.close()
+        c.mask = mask
+
+    def _close(self, c):
+        if c.closed:
+            return
+        c.closed = True
+        c.out.clear()
+        if self.conns.get(c.fd) is c:
+            del self.conns[c.fd]
+            try:
+                self.poller.unregister(c.fd)
+            except (KeyError, ValueError):
+                pass
+        try:
+            c.sock.close()
+        except OSError:
+            pass
+
+    def _conn_event(self, fd, ev):
+        c = self.conns[fd]
+        if c.out:
+            self._flush(c)
+        if c.reading and not c.closed:
+            self._readable(c)
+
+    def _expire(self):
+        """Drops connections whose client stalled mid-frame (see frame_timeout, send_timeout)."""
+        now = time.monotonic()
+        for c in list(self.conns.values()):
+            if c.out and now - c.t_write > self.send_timeout:
+                self._close(c)
+            elif c.reading and c.t_read is not None and now - c.t_read > self.frame_timeout:
+                self._close(c)
+
+    def _readable(self, c):
+        """Reads what has arrived of a request (never waiting for more: a client that stalls
+        mid-frame holds up nobody, and is dropped after frame_timeout); handles it once whole."""
+        for _ in range(64):  # at most 16 MiB, then the others' turn
+            try:
+                data = c.sock.recv(BIG)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close(c)
+                return
+            if not data:
+                self._close(c)
+                return
+            if c.kept and not c.reader.pending():
+                c.t_accept = _now()  # a kept connection: the request's arrival
+            c.t_read = time.monotonic()
+            c.reader.feed(data)
+            try:
+                frame = c.reader.frame()
+            except ProtocolError as e:
+                # answered instead of the hello: nothing was acted on
+                c.reading = False
+                c.close_after = True
+                self._send(c, {"ok": False, "error": "malformed frame: %s" % (e,)})
+                return
+            if frame is not None:
+                self._request(c, *frame)
+                return
+
+    def _request(self, c, req, blob):
+        c.reading = False
+        c.t_read = None
+        self._update(c)
+        self.t_accept = c.t_accept
+        # the hello says: this request was read and will be answered (a client may resend a
+        # request that got no hello on another connection: nothing acted on it)
+        self._send(c, {"hello": PROTOCOL, "pid": os.getpid(), "version": self.cfg.get("version")})
+        if c.closed:
+            return  # the client is gone: nothing acted on
+        try:
+            held = self._dispatch(c, req, blob)
+        except Exception as e:  # report, never die
+            c.close_after = True
+            self._send(c, {"ok": False, "error": "%s: %s" % (type(e).__name__, e)})
             return
         if not held:
-            self._done_with(conn, req)
+            self._done_with(c, req)
 
     def _done_with(self, conn, req):
-        """A request was answered: keep its connection for the next one if the client asked."""
-        if req.get("keep") and not self.stopping:
+        """A request was answered: keep its connection for the next one if the client asked
+        (else it is closed once the reply is out)."""
+        if req.get("keep") and not self.stopping and not conn.close_after:
             self._rearm(conn)
         else:
-            conn.close()
+            conn.close_after = True
+            self._flush(conn)
+
+    def _send(self, c, obj, blob=b""):
+        """Queues a frame on `c` and sends what the socket takes now; the rest goes out as its
+        client reads (POLLOUT), or the connection is dropped after send_timeout without progress.
+        A frame over the limits is replaced by an error."""
+        if c.closed:
+            return
+        try:
+            head = encode_frame(obj, blob)
+        except ProtocolError as e:
+            head, blob = encode_frame({"ok": False, "error": "reply too large: %s" % (e,)}), b""
+        if not c.out:
+            c.t_write = time.monotonic()
+        if len(blob) <= BIG:
+            c.out.append(memoryview(head + bytes(blob)))
+        else:
+            c.out.append(memoryview(head))
+            c.out.append(memoryview(blob))
+        self._flush(c)
+
+    def _flush(self, c):
+        while c.out:
+            try:
+                n = c.sock.send(c.out[0])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._close(c)
+                return
+            c.t_write = time.monotonic()
+            if n >= len(c.out[0]):
+                c.out.popleft()
+            else:
+                c.out[0] = c.out[0][n:]
+        if not c.out and c.close_after:
+            self._close(c)
+            return
+        self._update(c)
 
     # -- requests ---------------------------------------------------------------------------
 
     def _reply(self, conn, rc, out, err, **extra):
         resp = {"ok": True, "rc": rc, "out": len(out), "version": self.cfg.get("version")}
         resp.update(extra)
-        send_frame(conn, resp, out + err)
+        self._send(conn, resp, out + err)
 
     def _dispatch(self, conn, req, blob):
         op = req.get("op")
         self.served += 1
         if req.get("version") not in (None, self.cfg.get("version")):
-            send_frame(conn, {"ok": False, "unsupported": True, "error": "agent version %s" % self.cfg.get("version")})
+            self._send(conn, {"ok": False, "unsupported": True, "error": "agent version %s" % self.cfg.get("version")})
             return False
         if op == "ping":
-            send_frame(conn, {"ok": True, "pid": os.getpid(), "version": self.cfg.get("version"),
+            self._send(conn, {"ok": True, "pid": os.getpid(), "version": self.cfg.get("version"),
                               "reporting": self.reporter.usable, "served": self.served,
                               "accepted": self.accepted})
             return False
         if op == "quit":
             self.stopping = True
-            send_frame(conn, {"ok": True})
+            self._send(conn, {"ok": True})
             return False
         if op == "run":
             return self._run(conn, req, blob)
@@ -970,7 +1128,7 @@ class Agent(object):
         env = self.base_env if req.get("env") is None else req["env"]
         res = run_op(op, req.get("args") or {}, env)
         if res is None:
-            send_frame(conn, {"ok": False, "unsupported": True})
+            self._send(conn, {"ok": False, "unsupported": True})
         else:
             self._reply(conn, *res)
         return False
@@ -983,20 +1141,25 @@ class Agent(object):
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
         except OSError as e:
-            send_frame(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
+            self._send(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
             return False
-        send_frame(conn, {"ok": True})
+        self._send(conn, {"ok": True})
         return False
 
     def _fetch(self, conn, req):
         try:
             with open(req["path"], "rb") as f:
-                data = f.read()
-                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                st = os.fstat(f.fileno())
+                mode = stat.S_IMODE(st.st_mode)
+                # a file over MAX_BLOB is not read: the client fetches it the classic way
+                data = f.read(MAX_BLOB + 1) if st.st_size <= MAX_BLOB else None
         except OSError as e:
-            send_frame(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
+            self._send(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
             return False
-        send_frame(conn, {"ok": True, "mode": mode}, data)
+        if data is None or len(data) > MAX_BLOB:
+            self._send(conn, {"ok": False, "unsupported": True, "error": "file larger than %d bytes" % MAX_BLOB})
+            return False
+        self._send(conn, {"ok": True, "mode": mode}, data)
         return False
 
     def _warm(self, req, payload):
@@ -1016,7 +1179,7 @@ class Agent(object):
             return
         d = self.cfg.get("dir") or os.path.dirname(self.cfg["socket"])
         path = os.path.join(d, "warm-%d.zip" % os.getpid())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = create_file(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         self.warm_zips.add(path)
@@ -1124,15 +1287,16 @@ class Agent(object):
         short = "".join(c if c.isalnum() or c == "_" else "_" for c in module.rsplit(".", 1)[-1])[:40]
         path = os.path.join(d, "ansible_%s_payload-%d-%s.zip" % (short, os.getpid(), sha[:16]))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
+            fd = create_file(path, os.O_RDWR)
             self.payload_zips.add(path)
-            with zipfile.ZipFile(path, mode="a") as z:
-                zinfo = zipfile.ZipInfo()
-                zinfo.filename = "sitecustomize.py"
-                zinfo.date_time = time.gmtime()[:6]
-                z.writestr(zinfo, ('import sys\nsys.path.insert(0, "%s")\n' % path).encode("utf-8"))
+            with os.fdopen(fd, "r+b") as f:
+                f.write(raw)
+                f.seek(0)
+                with zipfile.ZipFile(f, mode="a") as z:
+                    zinfo = zipfile.ZipInfo()
+                    zinfo.filename = "sitecustomize.py"
+                    zinfo.date_time = time.gmtime()[:6]
+                    z.writestr(zinfo, ('import sys\nsys.path.insert(0, "%s")\n' % path).encode("utf-8"))
             sys.path_importer_cache[path] = zipimport.zipimporter(path)
         except Exception:
             return
@@ -1141,7 +1305,7 @@ class Agent(object):
     def _import_from_zip(self, raw, names):
         d = self.cfg.get("dir") or os.path.dirname(self.cfg["socket"])
         path = os.path.join(d, "warm-%d-%d.zip" % (os.getpid(), len(self.warm_zips)))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = create_file(path)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
         self.warm_zips.add(path)
@@ -1286,7 +1450,7 @@ class Agent(object):
         if sha and req.get("stripped"):
             data = self.zips.get(sha)
             if data is None:
-                send_frame(conn, {"ok": False, "need_zip": True})
+                self._send(conn, {"ok": False, "need_zip": True})
                 return False
             payload = unstrip_payload(payload, data)
         elif sha and payload:
@@ -1349,10 +1513,7 @@ class Agent(object):
         self.runners[pid] = runner
         self.by_done[runner["done_r"]] = pid
         self.poller.register(runner["done_r"], select.POLLIN)
-        try:
-            send_frame(conn, {"started": True, "pid": pid, "agent_pid": os.getpid(), "reported": reported})
-        except OSError:
-            pass
+        self._send(conn, {"started": True, "pid": pid, "agent_pid": os.getpid(), "reported": reported})
         return True
 
     def _done_readable(self, fd):
@@ -1413,11 +1574,9 @@ class Agent(object):
         payload = runner.get("payload")
         times = runner.get("times") or [None, None]
         req = runner.pop("req")
-        try:
-            self._reply(conn, rc, out, err, t=[runner["t_recv"]] + times + [_now(), runner["t_accept"]])
-            self._done_with(conn, req)
-        except OSError:
-            conn.close()
+        # queued (see _send): a client that does not read its reply holds up nobody
+        self._reply(conn, rc, out, err, t=[runner["t_recv"]] + times + [_now(), runner["t_accept"]])
+        self._done_with(conn, req)
         if again:
             # in-process reuse (opt-in): this runner is warm and has its memory; it goes first
             for k in ("payload", "done", "times", "t_recv", "t_accept", "eof"):
@@ -1870,20 +2029,106 @@ class Zygote(object):
 # bootstrap: bind, daemonize, report READY on stdout
 
 
-def _ensure_dir(path, owner):
-    """A 0700 directory owned by `owner` (created, and chowned when we are root)."""
+# Agent directories live in shared places (/tmp, or a user's directory while we are root): every
+# path there is hostile until checked (see private_dir). Files are created O_EXCL|O_NOFOLLOW
+# (create_file), existing ones opened O_NOFOLLOW and fstat-checked (open_checked); nothing is
+# chowned or chmodded by path.
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_HINT = "remove it or set SPAWNTRACE_AGENT_DIR to a private directory"
+
+
+class UnsafePath(RuntimeError):
+    """A path in a shared place failed its ownership or mode check (a one-line message)."""
+
+
+def _describe(st):
+    kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else (
+        "a socket" if stat.S_ISSOCK(st.st_mode) else "a file" if stat.S_ISREG(st.st_mode) else "not a directory")
+    return "%s, owner uid %d, mode %04o" % (kind, st.st_uid, stat.S_IMODE(st.st_mode))
+
+
+def check_parents(path, owner):
+    """The real path of directory `path`, after checking every component of it from / down: a
+    directory owned by root or `owner`, not writable by group or others unless sticky (like
+    /tmp: others may add entries there, not rename or remove ours)."""
+    real = os.path.realpath(path)
+    cur = "/"
+    for part in [""] + [p for p in real.split("/") if p]:
+        cur = os.path.join(cur, part) if part else "/"
+        st = os.lstat(cur)
+        if (not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, owner)
+                or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX)):
+            raise UnsafePath("spawntrace: unsafe agent directory %s: its parent %s is %s (must be owned by root or uid %d "
+                             "and not writable by others unless sticky); set SPAWNTRACE_AGENT_DIR to a private directory"
+                             % (path, cur, _describe(st), owner))
+    return real
+
+
+def private_dir(path, owner):
+    """Checks (creating it if missing) `path` as the private directory of uid `owner`: its
+    parents pass check_parents; it is a real directory (not a symlink) owned by `owner` with no
+    group or other permission. One made by root for another owner is fchowned through its fd.
+    An existing directory is never repaired (no chmod): anything else raises UnsafePath.
+    Returns (an O_DIRECTORY fd of it, close-on-exec, for the caller to close; its real path)."""
+    parent = check_parents(os.path.dirname(os.path.abspath(path)), owner)
+    real = os.path.join(parent, os.path.basename(os.path.abspath(path)))
+    created = False
     try:
-        os.mkdir(path, 0o700)
-        if owner != os.getuid():
-            os.chown(path, owner, -1)
+        os.mkdir(real, 0o700)
+        created = True
     except OSError as e:
         if e.errno != errno.EEXIST:
             raise
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner:
-        raise RuntimeError("%s is not a directory owned by uid %d" % (path, owner))
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise UnsafePath("spawntrace: unsafe agent directory %s: %s (must be a directory of uid %d, mode 0700); %s"
+                         % (real, _describe(os.lstat(real)), owner, _HINT))
+    try:
+        st = os.fstat(fd)
+        if created and st.st_uid == os.getuid() != owner:
+            os.fchown(fd, owner, -1)
+            st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or stat.S_IMODE(st.st_mode) & 0o077:
+            raise UnsafePath("spawntrace: unsafe agent directory %s: %s (must be a directory of uid %d, mode 0700); %s"
+                             % (real, _describe(st), owner, _HINT))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, real
+
+
+def open_checked(path, flags, owners, mode=0o600, dir_fd=None):
+    """os.open of a file in a checked directory, never through a symlink (O_NOFOLLOW), and only
+    a regular file of one of the uids `owners`, not writable by group or others, one link."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW, mode, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UnsafePath("spawntrace: %s is a symlink; %s" % (path, _HINT))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o022 or st.st_nlink != 1:
+        os.close(fd)
+        raise UnsafePath("spawntrace: unsafe file %s: %s, %d links (must be a file of uid %s); %s"
+                         % (path, _describe(st), st.st_nlink, "/".join(str(u) for u in sorted(set(owners))), _HINT))
+    return fd
+
+
+def create_file(path, flags=os.O_WRONLY, mode=0o600):
+    """A new file at `path` (O_CREAT|O_EXCL|O_NOFOLLOW: never an existing file, never through a
+    symlink); whatever was left at that name in our checked directory is removed first."""
+    flags |= os.O_CREAT | os.O_EXCL | _NOFOLLOW
+    try:
+        return os.open(path, flags, mode)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+    os.unlink(path)  # (unlink removes a symlink itself, never its target)
+    return os.open(path, flags, mode)
 
 
 def _uid_of(spec):
@@ -1901,6 +2146,8 @@ def _ping(path):
     s.settimeout(5)
     try:
         s.connect(path)
+        if _peer_uid(s) != os.getuid():
+            raise ProtocolError("%s is served by another uid" % path)
         send_frame(s, {"op": "ping"})
         recv_frame(s)  # hello
         return recv_frame(s)[0]
@@ -1918,36 +2165,48 @@ def bootstrap(cfg):
         raise RuntimeError("cannot place a socket in uid %d's directory as uid %d" % (owner, os.getuid()))
     path = cfg.get("socket")
     if not path:
-        path = cfg["socket"] = os.path.join(cfg.get("dir_base") or "/tmp", "spawntrace-%d" % owner, cfg["key"] + ".sock")
-    d = cfg["dir"] = os.path.dirname(path)
-    _ensure_dir(d, owner)
+        path = os.path.join(cfg.get("dir_base") or "/tmp", "spawntrace-%d" % owner, cfg["key"] + ".sock")
+    # the directory checked (see private_dir), then every name in it used relative to its fd or
+    # under its real path (whose components nobody else may rename)
+    dfd, d = private_dir(os.path.dirname(path), owner)
+    name = os.path.basename(path)
+    path = cfg["socket"] = os.path.join(d, name)
+    cfg["dir"] = d
     if cfg.get("log") is True:
         cfg["log"] = path + ".log"
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = open_checked(path + ".lock", os.O_RDWR | os.O_CREAT, (os.getuid(), owner))
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         try:
-            info = _ping(path)
-            if info.get("ok") and info.get("version") == cfg.get("version"):
-                sys.stdout.write(json.dumps({"ok": True, "pid": info["pid"], "reused": True, "socket": path, "reporting": info.get("reporting")}) + "\n")
-                return 0
-        except (OSError, ProtocolError, ValueError):
-            pass
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        old = os.umask(0o077)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            # an agent's socket (chowned to its client when we are root), never anything else
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in (os.getuid(), cfg["client_uid"]):
+                raise UnsafePath("spawntrace: unsafe agent socket %s: %s (must be a socket of uid %d); %s"
+                                 % (path, _describe(st), os.getuid(), _HINT))
+            try:
+                info = _ping(path)
+                if info.get("ok") and info.get("version") == cfg.get("version"):
+                    sys.stdout.write(json.dumps({"ok": True, "pid": info["pid"], "reused": True, "socket": path, "reporting": info.get("reporting")}) + "\n")
+                    return 0
+            except (OSError, ProtocolError, ValueError):
+                pass
+            os.unlink(name, dir_fd=dfd)
+        old = os.umask(0o177)  # the socket is made 0600 (no chmod by path afterwards)
         try:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+            raise UnsafePath("spawntrace: agent socket %s replaced after bind (%s)" % (path, _describe(st)))
         if os.getuid() == 0 and cfg["client_uid"] != 0:
-            os.chown(path, cfg["client_uid"], -1)
+            os.chown(name, cfg["client_uid"], -1, dir_fd=dfd, follow_symlinks=False)
+        os.close(dfd)
         listener.listen(128)
-        st = os.lstat(path)
         cfg["_inode"] = (st.st_ino, st.st_dev)
         rfd, wfd = os.pipe()
         pid = os.fork()
@@ -1988,10 +2247,10 @@ def _daemon_main(cfg, listener, lock):
     log = cfg.get("log")
     if log:
         try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = open_checked(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, (os.getuid(),))
             os.dup2(fd, 2)
             os.close(fd)
-        except OSError:
+        except (OSError, UnsafePath):
             os.dup2(devnull, 2)
     else:
         os.dup2(devnull, 2)
@@ -2020,6 +2279,10 @@ def main(argv):
         cfg["report"] = os.environ.get("SPAWNTRACE_SOCKET")
     try:
         return bootstrap(cfg)
+    except UnsafePath as e:
+        # a shared path failed its check: the client reports this line, never falls back
+        sys.stdout.write(json.dumps({"ok": False, "unsafe": True, "error": str(e)}) + "\n")
+        return 1
     except Exception as e:
         sys.stdout.write(json.dumps({"ok": False, "error": "%s: %s" % (type(e).__name__, e)}) + "\n")
         return 1

@@ -61,23 +61,32 @@ def idle_timeout():
 
 
 def agent_dir(uid=None):
-    """The 0700 directory holding a user's agent sockets."""
-    base = os.environ.get("SPAWNTRACE_AGENT_DIR") or "/tmp"
+    """The 0700 directory holding a user's agent sockets (under its base's real path; checked
+    by ensure_private_dir before anything in it is used)."""
+    base = os.path.realpath(os.environ.get("SPAWNTRACE_AGENT_DIR") or "/tmp")
     return os.path.join(base, "spawntrace-%d" % (os.getuid() if uid is None else uid))
 
 
-def ensure_private_dir(path):
+def ensure_private_dir(path, owner=None):
+    """Checks (creating it if missing) `path` as uid `owner`'s (default: ours) private agent
+    directory, once per process (agent.private_dir). Raises UnsafeAgentDir (an AnsibleError:
+    the task fails with its one-line message, it never falls back to the classic path)."""
+    owner = os.getuid() if owner is None else owner
+    done = _proc_state()["dirs"]
+    if (path, owner) in done:
+        return
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    import stat
+        fd, _ = agent.private_dir(path, owner)
+    except agent.UnsafePath as e:
+        raise UnsafeAgentDir(str(e))
+    os.close(fd)
+    done.add((path, owner))
 
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise AgentUnavailable("%s is not a directory owned by uid %d" % (path, os.getuid()))
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+
+def check_ready(ready):
+    """An agent's READY line that reports an unsafe path becomes that error (UnsafeAgentDir)."""
+    if ready and ready.get("unsafe"):
+        raise UnsafeAgentDir(ready.get("error") or "spawntrace: unsafe agent directory")
 
 
 def key_name(key):
@@ -135,7 +144,7 @@ _state = {"pid": None}
 def _proc_state():
     if _state["pid"] != os.getpid():
         _state.clear()
-        _state.update(pid=os.getpid(), endpoints={}, failed=set(), reporter=None, umask=None, socks={})
+        _state.update(pid=os.getpid(), endpoints={}, failed=set(), reporter=None, umask=None, socks={}, dirs=set())
     return _state
 
 
@@ -386,11 +395,13 @@ def key_name_of(endpoint):
 class Endpoint:
     """An agent's socket as seen from this worker."""
 
-    def __init__(self, path, peer_uid, remote=False):
+    def __init__(self, path, peer_uid, remote=False, dir_owner=None):
         self.name = None
         self.path = path
         self.peer_uid = peer_uid
         self.remote = remote
+        # the uid whose private directory holds the socket (checked before it is used)
+        self.dir_owner = os.getuid() if dir_owner is None else dir_owner
         self.reporting = None
 
     def connect(self):
@@ -431,7 +442,7 @@ class Endpoint:
         try:
             try:
                 agent.send_frame(s, req, blob)
-            except OSError as e:
+            except (OSError, agent.ProtocolError) as e:  # over the limits (agent.MAX_BLOB): classic
                 raise AgentUnavailable("send: %s" % e)
             try:
                 hello, _ = agent.recv_frame(s)
@@ -463,7 +474,10 @@ def locked(path, timeout=120.0):
 
     class _Lock:
         def __enter__(self):
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self.fd = agent.open_checked(path, os.O_RDWR | os.O_CREAT, (os.getuid(),))
+            except agent.UnsafePath as e:
+                raise UnsafeAgentDir(str(e))
             deadline = time.monotonic() + timeout
             while True:
                 try:
@@ -539,6 +553,11 @@ from ansible.errors import AnsibleConnectionFailure, AnsibleError  # noqa: E402
 from ansible.utils.display import Display  # noqa: E402
 
 display = Display()
+
+
+class UnsafeAgentDir(AnsibleError):
+    """An agent directory, or a file in it, failed its check (see agent.private_dir): the task
+    fails with this one-line message; nothing is sent to, or read from, that place."""
 
 
 def _text(v):
@@ -737,9 +756,11 @@ class AgentConnectionMixin:
     # -- endpoints ------------------------------------------------------------------------------
 
     def _st_endpoint(self, key, make_endpoint, start, retry=False):
-        """The agent for `key`: cached in this worker, else its socket if it exists (not checked:
-        the request will tell), else started (`retry`: the socket did not answer). A failure to
-        start makes this worker use the classic path for that key."""
+        """The agent for `key`: cached in this worker, else its socket if it exists (its
+        directory checked first, see ensure_private_dir; the socket's peer uid is checked on
+        connect, its answer tells the rest), else started (`retry`: the socket did not answer).
+        A failure to start makes this worker use the classic path for that key; an unsafe agent
+        directory fails the task (UnsafeAgentDir)."""
         st = _proc_state()
         name = key_name(key)
         ep = st["endpoints"].get(name)
@@ -749,6 +770,13 @@ class AgentConnectionMixin:
             return None
         ep = make_endpoint(name)
         ep.name = name
+        try:
+            # before anything at that path is connected to (UnsafeAgentDir is not caught)
+            ensure_private_dir(os.path.dirname(ep.path), ep.dir_owner)
+        except OSError as e:  # e.g. no such SPAWNTRACE_AGENT_DIR: nothing unsafe used, classic
+            display.vvv("spawntrace agent directory for %s unusable: %s" % (key.get("host"), e), host=self._play_context.remote_addr)
+            st["failed"].add(name)
+            return None
         if not retry and os.path.exists(ep.path):
             st["endpoints"][name] = ep
             return ep
@@ -759,6 +787,8 @@ class AgentConnectionMixin:
                 sweep_stale(agent_dir())
                 with locked(start_lock(name)):
                     alive = self._st_ping(ep) or start(name, ep)
+        except UnsafeAgentDir:
+            raise
         except (AgentUnavailable, AnsibleError, OSError) as e:
             display.vvv("spawntrace agent for %s could not start: %s" % (key.get("host"), e), host=self._play_context.remote_addr)
             alive = False
@@ -802,6 +832,7 @@ class AgentConnectionMixin:
             for k, v in (saved or {}).items():
                 setattr(self.become, k, v)
         ready = parse_ready(out)
+        check_ready(ready)
         if rc != 0 or not ready or not ready.get("ok"):
             raise AgentUnavailable("agent bootstrap failed (rc=%s): %s %s" % (rc, _text(out)[-500:], _text(err)[-500:]))
         return ready

@@ -11,49 +11,16 @@ import sys
 
 
 def _load(name, path):
-    """Imports `path` as module `name` once per process, with its compiled code cached in the
-    user's spawntrace agent directory (workers are fresh forks: without a cache each would
-    compile it again, PYTHONDONTWRITEBYTECODE or not)."""
-    mod = sys.modules.get(name)
-    if mod is not None:
-        return mod
-    import hashlib
-    import importlib.machinery
-    import marshal
-
-    class _Loader(importlib.machinery.SourceFileLoader):
-        def get_code(self, fullname):
-            source = self.get_data(self.path)
-            d = os.path.join(os.environ.get("SPAWNTRACE_AGENT_DIR") or "/tmp", "spawntrace-%d" % os.getuid(), "code")
-            tag = hashlib.sha1(source + importlib.util.MAGIC_NUMBER + self.path.encode("utf-8", "surrogateescape")).hexdigest()
-            cache = os.path.join(d, "%s-%s.bin" % (fullname, tag))
-            try:
-                with open(cache, "rb") as f:
-                    return marshal.loads(f.read())
-            except (OSError, ValueError, EOFError, TypeError):
-                pass
-            code = compile(source, self.path, "exec", dont_inherit=True)
-            try:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                st = os.lstat(os.path.dirname(d))
-                if st.st_uid == os.getuid() and not (st.st_mode & 0o077):
-                    tmp = "%s.%d" % (cache, os.getpid())
-                    with open(tmp, "wb") as f:
-                        f.write(marshal.dumps(code))
-                    os.replace(tmp, cache)
-            except OSError:
-                pass
-            return code
-
-    spec = importlib.util.spec_from_file_location(name, path, loader=_Loader(name, path))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return mod
+    """Imports `path` as module `name` once per process, through agent/loader.py (compiled code
+    cached in the user's own cache directory, only where nobody else can write; see there)."""
+    loader = sys.modules.get("spawntrace_agent_loader")
+    if loader is None:
+        where = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "agent", "loader.py")
+        spec = importlib.util.spec_from_file_location("spawntrace_agent_loader", where)
+        loader = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loader)
+        sys.modules["spawntrace_agent_loader"] = loader
+    return loader.load(name, path)
 
 
 def _builtin(name):
@@ -118,6 +85,7 @@ class Connection(_c.AgentConnectionMixin, _LocalConnection):
                                      env=env, close_fds=True)
                 out, err = p.communicate(timeout=120)
                 ready = c.parse_ready(out)
+                c.check_ready(ready)
                 if p.returncode != 0 or not ready or not ready.get("ok"):
                     raise c.AgentUnavailable("agent start failed: %r %r" % (out[-300:], err[-300:]))
                 return self._st_ping(ep)
@@ -145,7 +113,7 @@ class Connection(_c.AgentConnectionMixin, _LocalConnection):
                "version": c.VERSION, "controller": ctl}
 
         def make(name):
-            return c.Endpoint(os.path.join(c.agent_dir(owner), name + ".sock"), buid)
+            return c.Endpoint(os.path.join(c.agent_dir(owner), name + ".sock"), buid, dir_owner=owner)
 
         def start(name, ep):
             cfg = c.base_config(key, ep.path, host, user)

@@ -14,49 +14,16 @@ from ansible.errors import AnsibleError, AnsibleFileNotFound
 
 
 def _load(name, path):
-    """Imports `path` as module `name` once per process, with its compiled code cached in the
-    user's spawntrace agent directory (workers are fresh forks: without a cache each would
-    compile it again, PYTHONDONTWRITEBYTECODE or not)."""
-    mod = sys.modules.get(name)
-    if mod is not None:
-        return mod
-    import hashlib
-    import importlib.machinery
-    import marshal
-
-    class _Loader(importlib.machinery.SourceFileLoader):
-        def get_code(self, fullname):
-            source = self.get_data(self.path)
-            d = os.path.join(os.environ.get("SPAWNTRACE_AGENT_DIR") or "/tmp", "spawntrace-%d" % os.getuid(), "code")
-            tag = hashlib.sha1(source + importlib.util.MAGIC_NUMBER + self.path.encode("utf-8", "surrogateescape")).hexdigest()
-            cache = os.path.join(d, "%s-%s.bin" % (fullname, tag))
-            try:
-                with open(cache, "rb") as f:
-                    return marshal.loads(f.read())
-            except (OSError, ValueError, EOFError, TypeError):
-                pass
-            code = compile(source, self.path, "exec", dont_inherit=True)
-            try:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                st = os.lstat(os.path.dirname(d))
-                if st.st_uid == os.getuid() and not (st.st_mode & 0o077):
-                    tmp = "%s.%d" % (cache, os.getpid())
-                    with open(tmp, "wb") as f:
-                        f.write(marshal.dumps(code))
-                    os.replace(tmp, cache)
-            except OSError:
-                pass
-            return code
-
-    spec = importlib.util.spec_from_file_location(name, path, loader=_Loader(name, path))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return mod
+    """Imports `path` as module `name` once per process, through agent/loader.py (compiled code
+    cached in the user's own cache directory, only where nobody else can write; see there)."""
+    loader = sys.modules.get("spawntrace_agent_loader")
+    if loader is None:
+        where = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "agent", "loader.py")
+        spec = importlib.util.spec_from_file_location("spawntrace_agent_loader", where)
+        loader = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loader)
+        sys.modules["spawntrace_agent_loader"] = loader
+    return loader.load(name, path)
 
 
 def _builtin(name):
@@ -146,10 +113,10 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
     def _st_set_default(self, ep, host, port, user):
         st = _c._proc_state()
         st.setdefault("default", {})[(host, port, user)] = ep
-        pointer = self._st_pointer(host, port, user)
+        pointer = self._st_pointer(host, port, user)  # in the agent directory _st_endpoint checked
         if not os.path.exists(pointer):
             tmp = "%s.%d" % (pointer, os.getpid())
-            with open(tmp, "w") as f:
+            with os.fdopen(_c.agent.create_file(tmp), "w") as f:
                 f.write(ep.path)
             os.replace(tmp, pointer)
 
@@ -160,11 +127,16 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
         st = _c._proc_state()
         ep = st.setdefault("default", {}).get((host, port, user))
         if ep is None:
+            pointer = self._st_pointer(host, port, user)
             try:
-                with open(self._st_pointer(host, port, user)) as f:
-                    path = f.read().strip()
+                _c.ensure_private_dir(os.path.dirname(pointer))  # UnsafeAgentDir is not caught
+                fd = _c.agent.open_checked(pointer, os.O_RDONLY, (os.getuid(),))
+            except _c.agent.UnsafePath as e:
+                raise _c.UnsafeAgentDir(str(e))
             except OSError:
                 return None
+            with os.fdopen(fd) as f:
+                path = f.read().strip()
             ep = _c.Endpoint(path, os.getuid(), remote=True)
             st["default"][(host, port, user)] = ep
         return ep
@@ -191,6 +163,8 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
             self._connect()
         if not os.path.exists(in_path):
             raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
+        if os.path.getsize(in_path) > _c.agent.MAX_BLOB:  # held in memory by the agent: classic
+            return super().put_file(in_path, out_path)
         with open(in_path, "rb") as f:
             data = f.read()
             mode = os.fstat(f.fileno()).st_mode & 0o777

@@ -339,3 +339,257 @@ fn run_passes_the_command_status_through() {
     assert_eq!(status(&["--", "sh", "-c", "kill -9 $$"]), Some(137));
     assert_eq!(status(&["--", "no-such-command-xyz"]), Some(127));
 }
+
+/// Waits until `path` exists (the traced command signals it is running).
+fn wait_for(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Processes whose command line contains `marker`.
+fn running_with(marker: &str) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-f", marker]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn daemons_left_behind_are_named_and_recorded_with_linger() {
+    require_root!();
+    // By default recording ends with the command, and the summary names what it left running.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.jsonl");
+    let script = "(sleep 1.5; exec /bin/echo daemon-marker-1) & exit 0";
+    let run = spawntrace().arg("-o").arg(&out).args(["--", "sh", "-c", script]).output().unwrap();
+    assert!(run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("still running when the recording ended: "), "{err}");
+    assert!(err.contains("(fork) (pid "), "the subshell is named: {err}");
+    let json = spawntrace().args(["report", "--format", "json"]).arg(&out).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(v["still_running"].as_u64().unwrap() >= 1, "{v}");
+    assert!(!v["still_running_processes"].as_array().unwrap().is_empty(), "{v}");
+    // --linger keeps recording until the whole tree has ended (not for the whole linger time).
+    let started = std::time::Instant::now();
+    let run = common::record_with(&["-q", "--linger", "20"], &[], &["sh", "-c", script]);
+    assert!(started.elapsed() < Duration::from_secs(15), "waited for the linger time, not the tree");
+    let daemon = run.model.processes.iter().find(|p| p.execs.iter().any(|e| e.argv.iter().any(|a| a == "daemon-marker-1")));
+    assert!(daemon.is_some_and(|p| p.end_ns.is_some()), "the daemon's exec and exit were recorded");
+    assert_eq!(run.model.still_running().count(), 0);
+    // ... and stops after SECS when something lives on.
+    let started = std::time::Instant::now();
+    let run = common::record_with(&["-q", "--linger", "1"], &[], &["sh", "-c", "(exec sleep 9.1234 >/dev/null 2>&1) & exit 0"]);
+    assert!(started.elapsed() < Duration::from_secs(8), "lingered past SECS");
+    assert_eq!(run.model.still_running().count(), 1);
+    for pid in running_with("sleep 9.1234") {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+    }
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn signals_reach_the_whole_tree_and_the_trace_is_completed() {
+    require_root!();
+    for (sig, marker) in [(nix::sys::signal::SIGTERM, "31.4159"), (nix::sys::signal::SIGINT, "31.2718")] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("t.jsonl");
+        let started = dir.path().join("started");
+        let script = format!("touch {}; sleep {marker}; echo never", started.display());
+        let mut child = spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "sh", "-c", &script]).spawn().unwrap();
+        wait_for(&started);
+        std::thread::sleep(Duration::from_millis(200));
+        let sent = std::time::Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+        let status = child.wait().unwrap();
+        assert!(sent.elapsed() < Duration::from_secs(8), "{sig}: the command was not signalled");
+        assert_eq!(status.code(), Some(128 + sig as i32), "{sig}");
+        assert!(running_with(&format!("sleep {marker}")).is_empty(), "{sig}: sleep was left running");
+        let trace = spawntrace::trace::Trace::read(&out).unwrap();
+        let footer = trace.footer.expect("footer written");
+        assert!(footer.interrupted);
+        assert_eq!(footer.status, Status::Signaled(sig as i32));
+    }
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn what_ignores_the_signal_is_killed_after_the_grace_period() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.jsonl");
+    let started = dir.path().join("started");
+    let script = format!("trap '' TERM; touch {}; sleep 32.5; echo never", started.display());
+    let mut child = spawntrace()
+        .args(["-q", "--kill-after", "1", "-o"])
+        .arg(&out)
+        .args(["--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    wait_for(&started);
+    let sent = std::time::Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(sent.elapsed() >= Duration::from_millis(900), "killed before the grace period");
+    assert!(sent.elapsed() < Duration::from_secs(10));
+    assert_eq!(status.code(), Some(137));
+    assert!(running_with("sleep 32.5").is_empty());
+    let footer = spawntrace::trace::Trace::read(&out).unwrap().footer.expect("footer");
+    assert!(footer.interrupted);
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn a_killed_tracer_leaves_a_readable_incomplete_trace() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.jsonl");
+    let started = dir.path().join("started");
+    let script = format!("/bin/true; /bin/true; touch {}; exec sleep 33.5", started.display());
+    let mut child = spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "sh", "-c", &script]).spawn().unwrap();
+    wait_for(&started);
+    std::thread::sleep(Duration::from_millis(300)); // > the writer's 100 ms flush interval
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = dir.path().join("t.jsonl.partial");
+    let text = std::fs::read_to_string(&partial).unwrap();
+    assert!(text.ends_with('\n'), "whole lines only");
+    let trace = spawntrace::trace::Trace::read(&partial).unwrap();
+    assert!(trace.footer.is_none());
+    let trues = trace.events.iter().filter(|e| matches!(e, Event::Exec { filename, .. } if filename == "/bin/true")).count();
+    assert_eq!(trues, 2, "events up to the last flush are there");
+    // The command was not killed with the tracer: it runs on, and the report says so.
+    assert_eq!(running_with("sleep 33.5").len(), 1);
+    for pid in running_with("sleep 33.5") {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+    }
+    // A torn last line (killed mid-write) is skipped, not an error, for every reader.
+    std::fs::write(&partial, text + r#"{"type":"exec","ts":12"#).unwrap();
+    let report = spawntrace().arg("report").arg(&partial).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let stdout = String::from_utf8_lossy(&report.stdout);
+    assert!(stdout.contains("TRACE INCOMPLETE") && stdout.contains("dropped events unknown"), "{stdout}");
+    for args in [vec!["flamegraph", "-o", "f.svg"], vec!["timeline", "-o", "t.json"]] {
+        let out = spawntrace().args(&args).arg(&partial).current_dir(dir.path()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // check refuses to judge it (exit 2), on either side.
+    let complete = common::record(&["true"]);
+    for (a, b) in [(&partial, &complete.trace_path()), (&complete.trace_path(), &partial)] {
+        let out = spawntrace().arg("check").arg(a).arg("--baseline").arg(b).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is incomplete"));
+    }
+}
+
+#[test]
+fn check_limits_must_be_finite_and_not_negative() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.jsonl");
+    std::fs::write(&t, common::minimal_trace()).unwrap();
+    for bad in ["NaN", "-1", "inf", "x"] {
+        let out = spawntrace().arg("check").arg(&t).arg("--baseline").arg(&t).arg(format!("--max-exec-increase={bad}")).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("finite number"), "{bad}");
+    }
+    let ok = spawntrace().arg("check").arg(&t).arg("--baseline").arg(&t).output().unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn any_argv_is_accepted() {
+    require_root!();
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let arg = std::ffi::OsStr::from_bytes(b"caf\xff");
+    let out = dir.path().join("t.jsonl");
+    let run = spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "printf", "%s"]).arg(arg).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(run.stdout, b"caf\xff", "passed to the command byte for byte");
+    let run = spawntrace().args(["run", "--", "printf", "%s"]).arg(arg).output().unwrap();
+    assert_eq!(run.stdout, b"caf\xff");
+}
+
+#[test]
+fn overlong_lines_are_a_one_line_error() {
+    for path in ["/dev/zero"] {
+        let out = spawntrace().args(["report", path]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("longer than 1048576 bytes"), "{err}");
+    }
+}
+
+/// Peak resident memory of `spawntrace ARGS` (a fresh process), bytes.
+fn peak_rss(args: &[&std::ffi::OsStr]) -> u64 {
+    // getrusage(RUSAGE_CHILDREN) of a helper process that runs only spawntrace.
+    let script = "import resource,subprocess,sys; r=subprocess.run(sys.argv[1:]); \
+                  print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)";
+    let out = Command::new("python3").arg("-c").arg(script).arg(common::bin()).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn a_timeline_of_a_large_trace_streams() {
+    use std::io::Write as _;
+    // 200k short-lived processes: about 1M events, 130 MB.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.jsonl");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let header = common::minimal_trace();
+    let mut lines = header.lines();
+    writeln!(w, "{}", lines.next().unwrap()).unwrap();
+    writeln!(w, r#"{{"type":"fork","ts":1000,"pid":10,"tgid":10,"ppid":1,"ptgid":1,"thread":false,"root":true}}"#).unwrap();
+    let mut ts = 2000u64;
+    for i in 0..200_000u32 {
+        let pid = 1000 + i;
+        ts += 1000;
+        writeln!(w, r#"{{"type":"fork","ts":{ts},"pid":{pid},"tgid":{pid},"ppid":10,"ptgid":10,"thread":false}}"#).unwrap();
+        writeln!(w, r#"{{"type":"exec","ts":{},"pid":{pid},"tgid":{pid},"old_pid":{pid},"filename":"/bin/true","argv":["/bin/true","--marker"],"argv_bytes":18}}"#, ts + 10).unwrap();
+        for (k, lib) in ["/etc/ld.so.cache", "/lib/x86_64-linux-gnu/libc.so.6"].iter().enumerate() {
+            writeln!(w, r#"{{"type":"open","ts":{},"pid":{pid},"tgid":{pid},"syscall":"openat","path":"{lib}","flags":524288,"ret":3}}"#, ts + 20 + k as u64).unwrap();
+        }
+        writeln!(w, r#"{{"type":"exit","ts":{},"pid":{pid},"tgid":{pid},"group_dead":true,"status":{{"exited":0}},"cpu_ns":1000}}"#, ts + 40).unwrap();
+    }
+    writeln!(w, r#"{{"type":"exit","ts":{ts},"pid":10,"tgid":10,"group_dead":true,"status":{{"exited":0}},"cpu_ns":1000}}"#).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    let size = std::fs::metadata(&path).unwrap().len();
+    let out = dir.path().join("t.json");
+    let rss = peak_rss(&["timeline".as_ref(), path.as_os_str(), "-o".as_ref(), out.as_os_str()]);
+    assert!(rss <= 2 * size, "timeline of a {size}-byte trace peaked at {rss} bytes (> 2x the file)");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert!(v["traceEvents"].as_array().unwrap().len() > 200_000);
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn each_recording_measures_its_own_cpu_and_frees_what_it_loaded() {
+    require_root!();
+    // compare records many runs in one process: nothing may pile up, nothing may add up.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let record = |argv: &[&str]| {
+        let argv = argv.iter().map(std::ffi::OsString::from).collect();
+        rt.block_on(spawntrace::record::record(spawntrace::record::Options::new(argv))).unwrap()
+    };
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let big = record(&["sh", "-c", "for i in $(seq 3000); do /bin/true; done"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let after_first = fds();
+    let small = [record(&["true"]), record(&["true"]), record(&["true"])];
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(fds() <= after_first, "fds grew from {after_first} to {} over three recordings", fds());
+    for s in &small {
+        assert!(
+            s.footer.tracer_cpu_ns < big.footer.tracer_cpu_ns / 2,
+            "a run of `true` took {} ns of tracer CPU after a storm that took {} ns: cumulative?",
+            s.footer.tracer_cpu_ns,
+            big.footer.tracer_cpu_ns
+        );
+    }
+}

@@ -57,7 +57,7 @@ impl Mode {
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub command: Vec<String>,
+    pub command: Vec<OsString>,
     pub runs: usize,
     pub warmup: usize,
     pub modes: Vec<Mode>,
@@ -131,7 +131,7 @@ pub struct CompareReport {
 }
 
 /// Extra environment for a mode, or why it cannot run here.
-fn mode_env(mode: Mode, command: &[String]) -> Result<Vec<(OsString, OsString)>, String> {
+fn mode_env(mode: Mode, command: &[OsString]) -> Result<Vec<(OsString, OsString)>, String> {
     match mode {
         Mode::Classic | Mode::Persistent => Ok(Vec::new()),
         Mode::InProcess => {
@@ -150,8 +150,8 @@ fn mode_env(mode: Mode, command: &[String]) -> Result<Vec<(OsString, OsString)>,
 }
 
 /// `ansible_mitogen/plugins/strategy` of the Python that runs the command's ansible-playbook.
-fn mitogen_strategy_dir(command: &[String]) -> Option<PathBuf> {
-    let playbook = command.iter().find(|a| crate::model::basename(a).starts_with("ansible-playbook"))?;
+fn mitogen_strategy_dir(command: &[OsString]) -> Option<PathBuf> {
+    let playbook = command.iter().find(|a| crate::model::basename(&a.to_string_lossy()).starts_with("ansible-playbook"))?;
     let path = which(playbook)?;
     let shebang = std::fs::read_to_string(&path).ok()?.lines().next()?.strip_prefix("#!")?.trim().to_owned();
     let mut parts = shebang.split_whitespace();
@@ -167,20 +167,18 @@ fn mitogen_strategy_dir(command: &[String]) -> Option<PathBuf> {
     (out.status.success() && dir.is_dir()).then_some(dir)
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    if name.contains('/') {
-        return Some(PathBuf::from(name));
-    }
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+fn which(name: &std::ffi::OsStr) -> Option<PathBuf> {
+    which::which(name).ok()
 }
 
 /// Runs the comparison and writes `opts.out`.
 pub async fn compare(opts: Options) -> Result<CompareReport> {
     launch::check_argv(&opts.command)?;
     anyhow::ensure!(opts.runs >= 1, "--runs must be at least 1");
+    let run_as = launch::RunAs::from_sudo(opts.as_root)?;
+    let owner = run_as.as_ref();
     for dir in ["traces", "logs"] {
-        std::fs::create_dir_all(opts.out.join(dir))
-            .with_context(|| format!("cannot create {}", opts.out.join(dir).display()))?;
+        crate::output::create_dir(&opts.out.join(dir), owner)?;
     }
     let mut skipped = BTreeMap::new();
     let mut modes = Vec::new();
@@ -202,7 +200,6 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     anyhow::ensure!(!modes.is_empty(), "no mode can run here");
     let progress = Arc::new(Progress::default());
     let display = spawn_progress(progress.clone());
-    let run_as = launch::RunAs::from_sudo(opts.as_root)?;
 
     let label =
         |m: Mode, what: &str| progress.task.lock().map(|mut t| *t = format!("{} {what}", m.name())).ok();
@@ -219,7 +216,6 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
             label(*m, &format!("run {}/{}", r + 1, opts.runs));
             let trace = opts.out.join("traces").join(format!("{}-{}.jsonl", m.name(), r + 1));
             let rec = record::record(record::Options {
-                command: opts.command.clone(),
                 output: Some(trace.clone()),
                 as_root: opts.as_root,
                 ring_mib: opts.ring_mib,
@@ -228,7 +224,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
                 env: env.clone(),
                 log: Some(opts.out.join("logs").join(format!("{}-{}.log", m.name(), r + 1))),
                 progress: Some(progress.clone()),
-                probe_stats: false,
+                ..record::Options::new(opts.command.clone())
             })
             .await?;
             if rec.footer.status != crate::trace::Status::Exited(0) {
@@ -257,7 +253,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     let classic_mean = walls.get(&Mode::Classic).map(|w| Stats::of(w).mean);
     let mut reports = Vec::new();
     for (m, _) in &modes {
-        let loaded: Vec<Loaded> = traces[m].iter().map(|t| Loaded::read(t)).collect::<Result<_>>()?;
+        let loaded: Vec<Loaded> = traces[m].iter().map(|t| Loaded::read_as(t, owner)).collect::<Result<_>>()?;
         let wall = Stats::of(&walls[m]);
         let stat =
             |f: &dyn Fn(&Loaded) -> u64| Stats::of(&loaded.iter().map(|l| f(l) as f64).collect::<Vec<_>>());
@@ -284,47 +280,36 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
             traces: traces[m].clone(),
             wall_s: wall,
         });
-        write_pictures(&opts.out, *m, &loaded[0])?;
+        write_pictures(&opts.out, *m, &loaded[0], owner)?;
     }
     if let Some(classic) = traces.get(&Mode::Classic) {
-        let before = Loaded::read(&classic[0])?;
+        let before = Loaded::read_as(&classic[0], owner)?;
         let before = flamegraph::folded(&before.model, before.ansible(), Weight::Count, FlameBy::Task);
         for (m, _) in modes.iter().filter(|(m, _)| *m != Mode::Classic) {
-            let after = Loaded::read(&traces[m][0])?;
+            let after = Loaded::read_as(&traces[m][0], owner)?;
             let after = flamegraph::folded(&after.model, after.ansible(), Weight::Count, FlameBy::Task);
             let title = format!("spawntrace: classic → {} (processes spawned)", m.name());
-            write_file(&opts.out.join(format!("flamegraph-diff-classic-{}.svg", m.name())), |w| {
+            write_file(&opts.out.join(format!("flamegraph-diff-classic-{}.svg", m.name())), owner, |w| {
                 flamegraph::diff_svg(&before, &after, Weight::Count, &title, w)
             })?;
         }
     }
-    let report = CompareReport { command: opts.command.clone(), runs: opts.runs, skipped, modes: reports };
-    write_file(&opts.out.join("report.json"), |w| Ok(serde_json::to_writer_pretty(w, &report)?))?;
-    write_file(&opts.out.join("report.md"), |w| Ok(w.write_all(markdown(&report).as_bytes())?))?;
-    if let Some(r) = &run_as {
-        chown_tree(&opts.out, r)?;
-    }
+    let command = opts.command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let report = CompareReport { command, runs: opts.runs, skipped, modes: reports };
+    write_file(&opts.out.join("report.json"), owner, |w| Ok(serde_json::to_writer_pretty(w, &report)?))?;
+    write_file(&opts.out.join("report.md"), owner, |w| Ok(w.write_all(markdown(&report).as_bytes())?))?;
     Ok(report)
 }
 
-fn chown_tree(path: &Path, user: &launch::RunAs) -> Result<()> {
-    user.chown(path)?;
-    if path.is_dir() {
-        for e in std::fs::read_dir(path)? {
-            chown_tree(&e?.path(), user)?;
-        }
-    }
-    Ok(())
-}
-
 /// The flamegraph (processes spawned) and the timeline of one run of a mode.
-fn write_pictures(out: &Path, m: Mode, l: &Loaded) -> Result<()> {
+fn write_pictures(out: &Path, m: Mode, l: &Loaded, owner: Option<&launch::RunAs>) -> Result<()> {
     let stacks = flamegraph::folded(&l.model, l.ansible(), Weight::Count, FlameBy::Task);
-    write_file(&out.join(format!("flamegraph-{}.svg", m.name())), |w| {
+    write_file(&out.join(format!("flamegraph-{}.svg", m.name())), owner, |w| {
         flamegraph::svg(&l.trace.header, &stacks, Weight::Count, w)
     })?;
-    let timeline = crate::report::timeline::timeline(&l.trace.header, &l.model, l.ansible());
-    write_file(&out.join(format!("timeline-{}.json", m.name())), |w| Ok(serde_json::to_writer(w, &timeline)?))
+    write_file(&out.join(format!("timeline-{}.json", m.name())), owner, |w| {
+        crate::report::timeline::write_timeline(&l.trace.header, &l.model, l.ansible(), w)
+    })
 }
 
 /// Per-task means over runs, in the first run's task order.
@@ -368,8 +353,9 @@ async fn untraced(
     let mut all = session.as_ref().map(|s| s.env.clone()).unwrap_or_default();
     all.extend(env.iter().cloned());
     let log = opts.out.join("logs").join(format!("{}-{tag}.log", m.name()));
+    let file = crate::output::open_log(&log, run_as)?;
     let start = Instant::now();
-    let status = launch::spawn(&opts.command, run_as, &all, Some(&log))
+    let status = launch::spawn(&opts.command, run_as, &all, Some(file), false)
         .map_err(record::LaunchFailed)?
         .wait()
         .await
@@ -398,8 +384,12 @@ fn spawn_progress(p: Arc<Progress>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// The side-by-side report.
+/// The side-by-side report (control characters in names escaped: it is printed too).
 pub fn markdown(r: &CompareReport) -> String {
+    crate::report::labels::printable_text(&markdown_raw(r)).into_owned()
+}
+
+fn markdown_raw(r: &CompareReport) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let _ = writeln!(
@@ -486,8 +476,22 @@ pub fn markdown(r: &CompareReport) -> String {
 }
 
 /// Exec-count regression gate: compares `trace` with `baseline`, total and per task.
+///
+/// An incomplete trace (no footer: the tracer was killed) on either side cannot be judged: its
+/// events stop anywhere, so it is an error, never a pass.
 pub fn check(trace: &Path, baseline: &Path, max_increase_pct: f64) -> Result<Vec<String>> {
+    anyhow::ensure!(
+        max_increase_pct.is_finite() && max_increase_pct >= 0.0,
+        "--max-exec-increase must be a finite number of percent, at least 0"
+    );
     let (now, base) = (Loaded::read(trace)?, Loaded::read(baseline)?);
+    for (path, l) in [(trace, &now), (baseline, &base)] {
+        anyhow::ensure!(
+            l.trace.complete(),
+            "{} is incomplete (no footer: the tracer did not finish it): check cannot judge it",
+            path.display()
+        );
+    }
     let mut regressions = Vec::new();
     let mut cmp = |what: String, before: u64, after: u64| {
         let limit = before as f64 * (1.0 + max_increase_pct / 100.0);

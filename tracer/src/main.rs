@@ -1,9 +1,9 @@
 //! spawntrace: run a command under eBPF tracing and explain where its time went.
-use std::{path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use spawntrace::{model, record, report, trace};
+use spawntrace::{record, report};
 
 /// Exit code for spawntrace's own failures while running a command (as timeout(1) and env(1)).
 const EXIT_TOOL_FAILURE: u8 = 125;
@@ -73,7 +73,7 @@ enum Cmd {
         in_process: bool,
         /// The command, after `--`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
-        command: Vec<String>,
+        command: Vec<OsString>,
     },
     /// Write a Chrome trace-event timeline (for Perfetto or chrome://tracing) of a trace.
     Timeline {
@@ -104,15 +104,15 @@ enum Cmd {
         ring_buffer_mib: u32,
         /// The Ansible command, after `--`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
-        command: Vec<String>,
+        command: Vec<OsString>,
     },
     /// Fail (exit 1) when TRACE execs more than BASELINE, in total or in any task.
     Check {
         trace: PathBuf,
         #[arg(long)]
         baseline: PathBuf,
-        /// Allowed increase in percent.
-        #[arg(long, default_value_t = 0.0, value_name = "PERCENT")]
+        /// Allowed increase in percent (a finite number, at least 0).
+        #[arg(long, default_value_t = 0.0, value_name = "PERCENT", value_parser = percent)]
         max_exec_increase: f64,
     },
 }
@@ -146,9 +146,18 @@ struct RecordArgs {
     /// run, on every syscall of the machine).
     #[arg(long)]
     probe_stats: bool,
+    /// After COMMAND exits, keep recording what it left running (daemons) until all of it has
+    /// ended or SECS have passed. By default recording stops with COMMAND: an ssh ControlMaster
+    /// lives on for ControlPersist seconds, which is not the run's time.
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = seconds)]
+    linger: Duration,
+    /// After passing a signal on to COMMAND's process group, kill (SIGKILL) what is left of
+    /// the group SECS later.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds)]
+    kill_after: Duration,
     /// The command to trace, after `--`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
-    command: Vec<String>,
+    command: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
@@ -231,16 +240,16 @@ fn run_record(args: RecordArgs) -> ExitCode {
         Err(e) => return fail(&e, EXIT_TOOL_FAILURE),
     };
     let opts = record::Options {
-        command: args.command,
         output: args.output,
         as_root: args.as_root,
         ring_mib: args.ring_buffer_mib,
         ansible: args.ansible,
         persistent: args.persistent,
         env: in_process_env(args.in_process),
-        log: None,
-        progress: None,
         probe_stats: args.probe_stats,
+        linger: args.linger,
+        kill_after: args.kill_after,
+        ..record::Options::new(args.command)
     };
     match runtime.block_on(record::record(opts)) {
         Ok(rec) => {
@@ -277,9 +286,9 @@ fn report_trace(
     by: report::tasks::By,
     top: usize,
 ) -> Result<()> {
-    let t = trace::Trace::read(path)?;
-    let model = model::Model::from_events(&t.events);
-    let r = report::Report::new(&t.header, t.footer.as_ref(), &model, &t.ansible, t.header.ansible, by, true);
+    let l = report::Loaded::read(path)?;
+    let t = &l.trace;
+    let r = report::Report::new(&t.header, t.footer.as_ref(), &l.model, &t.ansible, t.header.ansible, by, true);
     print!("{}", r.render(format, top)?);
     Ok(())
 }
@@ -294,19 +303,21 @@ fn flamegraph(
 ) -> Result<()> {
     use report::flamegraph as fg;
     use std::io::Write as _;
+    let owner = record::launch::RunAs::from_sudo(false)?;
+    let owner = owner.as_ref();
     let loaded: Vec<report::Loaded> =
         traces.iter().map(|t| report::Loaded::read(t)).collect::<Result<_>>()?;
     let stacks: Vec<Vec<String>> =
         loaded.iter().map(|l| fg::folded(&l.model, l.ansible(), weight, by)).collect();
     match (diff, stacks.as_slice()) {
-        (false, [one]) => spawntrace::output::write_file(output, |w| match folded {
+        (false, [one]) => spawntrace::output::write_file(output, owner, |w| match folded {
             true => Ok(one.iter().try_for_each(|l| writeln!(w, "{l}"))?),
             false => fg::svg(&loaded[0].trace.header, one, weight, w),
         }),
         (true, [before, after]) => {
             anyhow::ensure!(!folded, "--folded writes one trace's stacks; it does not combine with --diff");
             let title = format!("spawntrace diff: {} → {}", traces[0].display(), traces[1].display());
-            spawntrace::output::write_file(output, |w| fg::diff_svg(before, after, weight, &title, w))
+            spawntrace::output::write_file(output, owner, |w| fg::diff_svg(before, after, weight, &title, w))
         }
         (true, _) => anyhow::bail!("--diff needs two traces: BEFORE AFTER"),
         (false, _) => anyhow::bail!("two traces given: add --diff to compare them"),
@@ -314,9 +325,12 @@ fn flamegraph(
 }
 
 fn timeline(trace: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    let owner = record::launch::RunAs::from_sudo(false)?;
     let l = report::Loaded::read(trace)?;
-    let json = report::timeline::timeline(&l.trace.header, &l.model, l.ansible());
-    spawntrace::output::write_file(output, |w| Ok(serde_json::to_writer(w, &json)?))
+    let owner = owner.as_ref();
+    spawntrace::output::write_file(output, owner, |w| {
+        report::timeline::write_timeline(&l.trace.header, &l.model, l.ansible(), w)
+    })
 }
 
 /// The agents' in-process setting, unless the environment already has one.
@@ -329,7 +343,7 @@ fn in_process_env(in_process: bool) -> Vec<(std::ffi::OsString, std::ffi::OsStri
 }
 
 /// `spawntrace run`: the command with the plugins injected, untraced; returns its shell-style status.
-async fn run(persistent: bool, in_process: bool, command: &[String]) -> Result<u8> {
+async fn run(persistent: bool, in_process: bool, command: &[OsString]) -> Result<u8> {
     use spawntrace::{ansible, record::launch};
     launch::check_argv(command)?;
     let inject = ansible::Inject { callback: false, persistent };
@@ -339,8 +353,27 @@ async fn run(persistent: bool, in_process: bool, command: &[String]) -> Result<u
     };
     let mut env = session.as_ref().map(|s| s.env.clone()).unwrap_or_default();
     env.extend(in_process_env(in_process));
-    let mut child = launch::spawn(command, None, &env, None).map_err(record::LaunchFailed)?;
-    let status = child.wait().await?;
+    let terminal = launch::foreground_terminal().is_some();
+    let mut child = launch::spawn(command, None, &env, None, terminal).map_err(record::LaunchFailed)?;
+    let status = child.wait().await;
+    launch::restore_terminal(terminal);
+    let status = status?;
     use std::os::unix::process::ExitStatusExt as _;
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)).clamp(0, 255) as u8)
+}
+
+/// A number of seconds (`1.5`), finite and not negative.
+fn seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .and_then(|v| Duration::try_from_secs_f64(v).ok())
+        .ok_or_else(|| format!("{s:?} is not a number of seconds (a finite number, at least 0)"))
+}
+
+/// A percentage: finite, at least 0.
+fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a percentage (a finite number, at least 0)")),
+    }
 }

@@ -4,7 +4,7 @@
 //! `time.monotonic_ns`); `Header::realtime_offset_ns` converts them to wall-clock time.
 use std::{
     fs::File,
-    io::{BufRead, BufReader, BufWriter, Write},
+    io::{BufRead, BufReader, Read as _, Write as _},
     path::{Path, PathBuf},
 };
 
@@ -17,7 +17,7 @@ pub const FORMAT: &str = "spawntrace-trace";
 pub const VERSION: u32 = 1;
 
 /// First line of a trace.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Header {
     pub format: String,
     pub version: u32,
@@ -262,24 +262,39 @@ enum Line {
     Footer(Footer),
 }
 
+/// Longest line a trace may hold (bytes, without the newline). The tracer's own lines stay far
+/// below it (argv is capped at 4 KiB, a plugin datagram at 64 KiB): a longer line is not a trace
+/// (`report /dev/zero`), and is refused before it is read into memory.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// The writer flushes whole lines at least this often, so a tracer killed with SIGKILL leaves a
+/// trace that ends at most this much before its death.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// ... or as soon as this much is pending.
+const FLUSH_BYTES: usize = 256 * 1024;
+
 /// Writes a trace to `FILE.partial` and renames it to `FILE` on [`TraceWriter::finish`], so a
-/// trace at the final path is always complete.
+/// trace at the final path is always complete. Lines are buffered whole and written whole, at
+/// least every [`FLUSH_INTERVAL`]: the partial file of a killed tracer is readable up to its
+/// last flush (its last line torn at worst, which readers skip).
 pub struct TraceWriter {
-    out: BufWriter<File>,
-    tmp: PathBuf,
-    path: PathBuf,
+    out: crate::output::Partial,
+    buf: Vec<u8>,
+    last_flush: std::time::Instant,
 }
 
 impl TraceWriter {
-    /// Creates the file now, so an unwritable path fails before anything is run.
-    pub fn create(path: &Path) -> Result<Self> {
-        let tmp = crate::output::partial_path(path)?;
-        let file = File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(Self { out: BufWriter::with_capacity(1 << 20, file), tmp, path: path.to_owned() })
+    /// Creates the file now, as `owner` (see [`crate::output`]), so an unwritable path fails
+    /// before anything is run.
+    pub fn create(path: &Path, owner: Option<&crate::record::launch::RunAs>) -> Result<Self> {
+        let out = crate::output::Partial::create(path, owner)?;
+        Ok(Self { out, buf: Vec::with_capacity(2 * FLUSH_BYTES), last_flush: std::time::Instant::now() })
     }
 
+    /// The header is flushed at once: even a trace killed right after the start says what ran.
     pub fn header(&mut self, h: &Header) -> Result<()> {
-        self.line(&Line::Header(h.clone()))
+        self.line(&Line::Header(h.clone()))?;
+        self.flush()
     }
 
     pub fn event(&mut self, e: &Event) -> Result<()> {
@@ -291,52 +306,119 @@ impl TraceWriter {
     }
 
     fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
-        serde_json::to_writer(&mut self.out, v)?;
-        self.out.write_all(b"\n").with_context(|| format!("writing {}", self.tmp.display()))
+        serde_json::to_writer(&mut self.buf, v)?;
+        self.buf.push(b'\n');
+        if self.buf.len() >= FLUSH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending when the last flush is [`FLUSH_INTERVAL`] old (call it often).
+    pub fn flush_if_due(&mut self) -> Result<()> {
+        match self.last_flush.elapsed() >= FLUSH_INTERVAL {
+            true => self.flush(),
+            false => Ok(()),
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.last_flush = std::time::Instant::now();
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let tmp = self.out.tmp().display().to_string();
+        self.out.file().write_all(&self.buf).with_context(|| format!("writing {tmp}"))?;
+        self.buf.clear();
+        Ok(())
     }
 
     pub fn finish(mut self, f: &Footer) -> Result<PathBuf> {
         self.line(&Line::Footer(f.clone()))?;
-        self.out.flush().with_context(|| format!("writing {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))?;
-        Ok(self.path)
+        self.flush()?;
+        self.out.commit()
     }
 
     /// Removes the partial file (recording failed before anything useful was written).
     pub fn discard(self) {
-        let _ = std::fs::remove_file(&self.tmp);
+        self.out.discard();
     }
 }
 
 /// A trace read back from disk.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Trace {
     pub header: Header,
+    /// The events, unless read with [`Trace::stream`] (which hands them out instead).
     pub events: Vec<Event>,
     /// Messages from the Ansible plugins, in arrival order.
     pub ansible: Vec<AnsibleRecord>,
     /// Lines of record types this version does not know, kept raw.
     pub extra: Vec<serde_json::Value>,
-    /// None when the trace has no footer (the tracer was killed).
+    /// None when the trace has no footer (the tracer was killed): the trace is incomplete, and
+    /// what it lost is unknown.
     pub footer: Option<Footer>,
+    /// The last line was cut short (the tracer died while writing it) and was skipped.
+    pub torn_tail: bool,
 }
 
 impl Trace {
     /// Reads a trace file; errors name the file and line.
     pub fn read(path: &Path) -> Result<Self> {
+        let mut events = Vec::new();
+        let mut t = Self::stream(path, |e| events.push(e))?;
+        t.events = events;
+        Ok(t)
+    }
+
+    /// Reads a trace file, handing each event to `on_event` instead of keeping it (memory stays
+    /// with what the caller keeps).
+    pub fn stream(path: &Path, on_event: impl FnMut(Event)) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        Self::from_reader(BufReader::new(file))
+        Self::from_reader_with(BufReader::new(file), on_event)
             .with_context(|| format!("{} is not a readable spawntrace trace", path.display()))
     }
 
+    /// Whether the trace ends with its footer.
+    pub fn complete(&self) -> bool {
+        self.footer.is_some()
+    }
+
     pub fn from_reader(r: impl BufRead) -> Result<Self> {
-        let mut lines = r.lines().enumerate();
-        let header = match lines.next() {
+        let mut events = Vec::new();
+        let mut t = Self::from_reader_with(r, |e| events.push(e))?;
+        t.events = events;
+        Ok(t)
+    }
+
+    pub fn from_reader_with(mut r: impl BufRead, mut on_event: impl FnMut(Event)) -> Result<Self> {
+        let mut buf = Vec::new();
+        let mut n = 0usize;
+        // (line number, text, ended with a newline)
+        let mut next_line = |buf: &mut Vec<u8>| -> Result<Option<(usize, bool)>> {
+            buf.clear();
+            n += 1;
+            let got = (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', buf).with_context(|| format!("line {n}"))?;
+            if got == 0 {
+                return Ok(None);
+            }
+            let ended = buf.last() == Some(&b'\n');
+            if ended {
+                buf.pop();
+            }
+            if buf.len() > MAX_LINE {
+                bail!("line {n} is longer than {MAX_LINE} bytes");
+            }
+            Ok(Some((n, ended)))
+        };
+        let header = match next_line(&mut buf)? {
             None => bail!("file is empty"),
-            Some((_, line)) => {
-                let line = line.context("line 1")?;
-                let value: serde_json::Value = serde_json::from_str(&line).context("line 1 is not JSON")?;
+            Some((_, ended)) => {
+                let value: serde_json::Value = match serde_json::from_slice(&buf) {
+                    Ok(v) => v,
+                    Err(_) if !ended => bail!("line 1 is cut short: the header was never completely written"),
+                    Err(e) => return Err(e).context("line 1 is not JSON"),
+                };
                 if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
                     bail!("line 1 is not a spawntrace header");
                 }
@@ -350,45 +432,49 @@ impl Trace {
                 }
             }
         };
-        let mut events = Vec::new();
-        let mut ansible = Vec::new();
-        let mut extra = Vec::new();
-        let mut footer = None;
-        for (i, line) in lines {
-            let n = i + 1;
-            let line = line.with_context(|| format!("line {n}"))?;
-            if line.trim().is_empty() {
+        let mut t = Trace { header, ..Default::default() };
+        while let Some((n, ended)) = next_line(&mut buf)? {
+            if buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            if footer.is_some() {
+            if t.footer.is_some() {
                 bail!("line {n}: data after the footer");
             }
-            let value: serde_json::Value =
-                serde_json::from_str(&line).with_context(|| format!("line {n} is not JSON"))?;
+            let value: serde_json::Value = match serde_json::from_slice(&buf) {
+                Ok(v) => v,
+                // The writer ends every line it writes: a last line without its newline is one
+                // the tracer was killed while writing.
+                Err(_) if !ended => {
+                    t.torn_tail = true;
+                    break;
+                }
+                Err(e) => return Err(e).with_context(|| format!("line {n} is not JSON")),
+            };
             match value.get("type").and_then(|t| t.as_str()) {
                 Some("footer") => match serde_json::from_value::<Line>(value) {
-                    Ok(Line::Footer(f)) => footer = Some(f),
+                    Ok(Line::Footer(f)) => t.footer = Some(f),
                     Ok(Line::Header(_)) => unreachable!("tagged footer"),
                     Err(e) => bail!("line {n}: bad footer: {e}"),
                 },
                 Some("header") => bail!("line {n}: a second header"),
-                Some("fork" | "exec" | "exec_failed" | "exit" | "open") => events
-                    .push(serde_json::from_value(value).with_context(|| format!("line {n}: bad event"))?),
+                Some("fork" | "exec" | "exec_failed" | "exit" | "open") => {
+                    on_event(serde_json::from_value(value).with_context(|| format!("line {n}: bad event"))?)
+                }
                 Some("ansible") => {
                     let mut value = value;
                     if let Some(o) = value.as_object_mut() {
                         o.remove("type");
                     }
-                    ansible.push(
+                    t.ansible.push(
                         serde_json::from_value(value)
                             .with_context(|| format!("line {n}: bad ansible record"))?,
                     )
                 }
-                Some(_) => extra.push(value),
+                Some(_) => t.extra.push(value),
                 None => bail!("line {n}: record without a type"),
             }
         }
-        Ok(Self { header, events, ansible, extra, footer })
+        Ok(t)
     }
 }
 
@@ -421,7 +507,7 @@ mod tests {
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.jsonl");
-        let mut w = TraceWriter::create(&path).unwrap();
+        let mut w = TraceWriter::create(&path, None).unwrap();
         assert!(!path.exists(), "final path appears only when complete");
         w.header(&header()).unwrap();
         let ev = Event::Exit {

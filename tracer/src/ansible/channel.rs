@@ -35,7 +35,8 @@ impl AsRawFd for Channel {
 }
 
 impl Channel {
-    /// Binds `path` (mode 0600; the caller chowns it to the traced user).
+    /// Binds `path`, which must lie in a private directory (the session's 0700 one, made as
+    /// the traced user, who must be able to send to it).
     pub fn bind(path: &Path) -> Result<Self> {
         let fd = socket(
             AddressFamily::Unix,
@@ -49,7 +50,6 @@ impl Channel {
             let _ = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
         }
         bind(fd.as_raw_fd(), &UnixAddr::new(path)?).with_context(|| format!("binding {}", path.display()))?;
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         Ok(Self { fd, buf: vec![0; MAX_DATAGRAM], malformed: 0 })
     }
 

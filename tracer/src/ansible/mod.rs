@@ -34,12 +34,13 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn enabled(self, argv: &[String]) -> bool {
+    pub fn enabled(self, argv: &[OsString]) -> bool {
         match self {
             Mode::Always => true,
             Mode::Never => false,
             Mode::Auto => argv.iter().take(8).any(|a| {
-                let b = crate::model::basename(a);
+                let a = a.to_string_lossy();
+                let b = crate::model::basename(&a);
                 b == "ansible" || b.starts_with("ansible-playbook")
             }),
         }
@@ -47,8 +48,13 @@ impl Mode {
 }
 
 /// A private directory holding the plugins and the channel's socket, for one traced run.
+///
+/// It is made, and removed, with the command's user's filesystem credentials
+/// ([`crate::output::as_user`]): a 0700 directory of theirs, which root never writes into or
+/// reads back from by path (the socket is read through its fd).
 pub struct Session {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+    owner: Option<RunAs>,
     /// Variables to add to the command's environment.
     pub env: Vec<(OsString, OsString)>,
 }
@@ -75,60 +81,82 @@ impl Session {
     /// Writes the plugins, binds the channel (when the callback is injected) and works out the
     /// environment, all owned by the user the command will run as.
     pub fn start(run_as: Option<&RunAs>, inject: Inject) -> Result<(Self, Option<Channel>)> {
-        let dir = tempfile::Builder::new()
-            .prefix("spawntrace-")
-            .tempdir()
-            .context("creating a private directory for the Ansible plugins")?;
-        let root = dir.path().join("ansible_collections");
-        write_tree(&COLLECTIONS, &root)?;
-        let socket = dir.path().join("events.sock");
-        let channel = match inject.callback {
-            true => Some(Channel::bind(&socket)?),
-            false => None,
-        };
-        if let Some(user) = run_as {
-            chown_tree(dir.path(), user)?;
-        }
         let home =
             run_as.map(|r| PathBuf::from(&r.home)).or_else(|| std::env::var_os("HOME").map(PathBuf::from));
         let cwd = std::env::current_dir().context("current directory")?;
-        let settings = config::plugin_settings(&cwd, |k| std::env::var(k).ok(), home.as_deref())?;
-        let plugins = root.join("spawntrace/tracer/plugins");
-        let mut env: Vec<(OsString, OsString)> = Vec::new();
-        if inject.callback {
-            let callbacks = settings.callback_path_with(&plugins.join("callback"), home.as_deref());
-            env.push(("ANSIBLE_CALLBACK_PLUGINS".into(), callbacks.into()));
-            env.push(("ANSIBLE_CALLBACKS_ENABLED".into(), settings.enabled_with(CALLBACK_NAME).into()));
-            env.push(("SPAWNTRACE_SOCKET".into(), socket.into_os_string()));
-        }
-        if inject.persistent {
-            let connection = plugins.join("connection");
-            anyhow::ensure!(
-                connection.join("local.py").is_file(),
-                "this spawntrace was built without the persistent-agent connection plugins"
-            );
-            let path = settings.connection_path_with(&connection, home.as_deref());
-            env.push(("ANSIBLE_CONNECTION_PLUGINS".into(), path.into()));
-        }
-        Ok((Self { dir, env }, channel))
+        crate::output::as_user(run_as, || {
+            let dir = tempfile::Builder::new()
+                .prefix("spawntrace-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .tempdir()
+                .context("creating a private directory for the Ansible plugins")?;
+            let mut session = Self { dir: Some(dir), owner: run_as.cloned(), env: Vec::new() };
+            let root = session.collections();
+            write_tree(&COLLECTIONS, &root)?;
+            let socket = session.path().join("events.sock");
+            let channel = match inject.callback {
+                true => Some(Channel::bind(&socket)?),
+                false => None,
+            };
+            // Read as the user: a config file root could read but they cannot is not theirs to use.
+            let settings = config::plugin_settings(&cwd, |k| std::env::var(k).ok(), home.as_deref())?;
+            let plugins = root.join("spawntrace/tracer/plugins");
+            let mut env: Vec<(OsString, OsString)> = Vec::new();
+            if inject.callback {
+                let callbacks = settings.callback_path_with(&plugins.join("callback"), home.as_deref());
+                env.push(("ANSIBLE_CALLBACK_PLUGINS".into(), callbacks.into()));
+                env.push(("ANSIBLE_CALLBACKS_ENABLED".into(), settings.enabled_with(CALLBACK_NAME).into()));
+                env.push(("SPAWNTRACE_SOCKET".into(), socket.into_os_string()));
+            }
+            if inject.persistent {
+                let connection = plugins.join("connection");
+                anyhow::ensure!(
+                    connection.join("local.py").is_file(),
+                    "this spawntrace was built without the persistent-agent connection plugins"
+                );
+                let path = settings.connection_path_with(&connection, home.as_deref());
+                env.push(("ANSIBLE_CONNECTION_PLUGINS".into(), path.into()));
+            }
+            session.env = env;
+            Ok((session, channel))
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().expect("removed only on drop").path()
     }
 
     /// Where the bundled `ansible_collections` tree was written.
     pub fn collections(&self) -> PathBuf {
-        self.dir.path().join("ansible_collections")
+        self.path().join("ansible_collections")
     }
 }
 
-/// Writes the embedded tree, leaving out tests and bytecode.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = crate::output::as_user(self.owner.as_ref(), || Ok(dir.close()?));
+        }
+    }
+}
+
+/// Writes the embedded tree into a new directory, leaving out tests and bytecode.
 fn write_tree(dir: &Dir<'_>, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    std::fs::create_dir(to).with_context(|| format!("creating {}", to.display()))?;
     for f in dir.files() {
         let name = f.path().file_name().unwrap_or_default();
         if name.to_string_lossy().ends_with(".pyc") {
             continue;
         }
-        std::fs::write(to.join(name), f.contents())
-            .with_context(|| format!("writing {}", to.join(name).display()))?;
+        let path = to.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut out| out.write_all(f.contents()))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     for d in dir.dirs() {
         let name = d.path().file_name().unwrap_or_default();
@@ -140,23 +168,13 @@ fn write_tree(dir: &Dir<'_>, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn chown_tree(path: &Path, user: &RunAs) -> Result<()> {
-    user.chown(path)?;
-    if path.is_dir() {
-        for e in std::fs::read_dir(path)? {
-            chown_tree(&e?.path(), user)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn auto_mode_spots_ansible_behind_wrappers() {
-        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let v = |s: &[&str]| s.iter().map(OsString::from).collect::<Vec<_>>();
         assert!(Mode::Auto.enabled(&v(&["ansible-playbook", "site.yml"])));
         assert!(Mode::Auto.enabled(&v(&["/venv/bin/ansible-playbook", "site.yml"])));
         assert!(Mode::Auto.enabled(&v(&["uv", "run", "ansible-playbook", "x.yml"])));

@@ -1,7 +1,7 @@
 //! Starting the traced command: as the invoking user when run through sudo, with signals that
 //! were sent to the tracer passed on to it.
 use std::{
-    ffi::CString,
+    ffi::{CString, OsString},
     os::unix::process::CommandExt as _,
     sync::{
         Arc,
@@ -53,11 +53,6 @@ impl RunAs {
         }))
     }
 
-    /// Gives a file we created to this user.
-    pub fn chown(&self, path: &std::path::Path) -> Result<()> {
-        nix::unistd::chown(path, Some(self.uid), Some(self.gid))
-            .with_context(|| format!("chown {}", path.display()))
-    }
 }
 
 /// Why the command could not be started; maps to the shell's 126/127.
@@ -80,89 +75,214 @@ impl SpawnError {
     }
 }
 
-/// Starts `argv` (inheriting stdio and process group) as `run_as`, if given.
+/// The terminal the command may take over: stdin, when it is a terminal whose foreground
+/// process group is ours (we were started in the foreground of an interactive shell).
+pub fn foreground_terminal() -> Option<std::os::fd::BorrowedFd<'static>> {
+    // SAFETY: fd 0 stays open for the life of the process.
+    let stdin = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
+    let ours = nix::unistd::getpgrp();
+    (nix::unistd::isatty(stdin).unwrap_or(false) && nix::unistd::tcgetpgrp(stdin).ok() == Some(ours))
+        .then_some(stdin)
+}
+
+/// Starts `argv` as `run_as` (if given), in a process group of its own (so that signals reach
+/// its whole tree); `terminal`: that group becomes the terminal's foreground group (Ctrl-C and
+/// Ctrl-Z reach the command as they would without spawntrace; see [`SignalForwarder`] for
+/// job control). Ambient capabilities are never passed on: a tracer given CAP_BPF and
+/// CAP_PERFMON does not hand them to the command.
 pub fn spawn(
-    argv: &[String],
+    argv: &[OsString],
     run_as: Option<&RunAs>,
-    env: &[(std::ffi::OsString, std::ffi::OsString)],
-    log: Option<&std::path::Path>,
+    env: &[(OsString, OsString)],
+    log: Option<std::fs::File>,
+    terminal: bool,
 ) -> Result<tokio::process::Child, SpawnError> {
+    let name = || argv[0].to_string_lossy().into_owned();
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(r) = run_as {
         cmd.env("HOME", &r.home).env("USER", &r.name).env("LOGNAME", &r.name);
-        let (uid, gid, groups) = (r.uid, r.gid, r.groups.clone());
-        // SAFETY: only async-signal-safe syscalls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::setgroups(&groups)?;
-                nix::unistd::setgid(gid)?;
-                nix::unistd::setuid(uid)?;
-                Ok(())
-            });
-        }
     }
-    if let Some(log) = log {
-        let file = std::fs::File::create(log).map_err(|e| SpawnError::Other(log.display().to_string(), e))?;
-        let err = file.try_clone().map_err(|e| SpawnError::Other(log.display().to_string(), e))?;
+    let ids = run_as.map(|r| (r.uid, r.gid, r.groups.clone()));
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
+            if terminal {
+                take_terminal()?;
+            }
+            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
+            Ok(())
+        });
+    }
+    if let Some(file) = log {
+        let err = file.try_clone().map_err(|e| SpawnError::Other(name(), e))?;
         cmd.stdin(std::process::Stdio::null()).stdout(file).stderr(err);
     }
-    tokio::process::Command::from(cmd).spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => SpawnError::NotFound(argv[0].clone()),
-        std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(argv[0].clone()),
-        _ => SpawnError::Other(argv[0].clone(), e),
-    })
+    let child = tokio::process::Command::from(cmd).spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => SpawnError::NotFound(name()),
+        std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(name()),
+        _ => SpawnError::Other(name(), e),
+    })?;
+    if let Some(pid) = child.id() {
+        // Also from this side, so the group exists before we signal it (a no-op once exec'd).
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::unistd::setpgid(pid, pid);
+    }
+    Ok(child)
 }
 
-/// Passes SIGINT/SIGTERM/SIGHUP/SIGQUIT on to the child.
+/// Makes the calling process's group the foreground group of the terminal on stdin; SIGTTOU,
+/// which a background group gets for trying, is blocked meanwhile.
+fn take_terminal() -> std::io::Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut ttou = SigSet::empty();
+    ttou.add(Signal::SIGTTOU);
+    let mut old = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&ttou), Some(&mut old))?;
+    // SAFETY: fd 0 is the terminal (checked by the caller); tcsetpgrp is async-signal-safe.
+    let r = unsafe { libc::tcsetpgrp(0, libc::getpgrp()) };
+    let err = std::io::Error::last_os_error();
+    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None)?;
+    if r != 0 { Err(err) } else { Ok(()) }
+}
+
+/// Passes SIGINT/SIGTERM/SIGHUP/SIGQUIT sent to the tracer on to the command's process group,
+/// and ends the group with SIGKILL when it is still there [`SignalForwarder::grace`] later; the
+/// tracer itself keeps running until the command has ended, so the trace is completed.
 ///
-/// A signal the terminal generated (Ctrl-C) already reached the child, which shares our process
-/// group, so only signals *sent* to the tracer (kill(1) and friends) are forwarded; either way
-/// the tracer keeps running until the child exits, so the trace is completed.
+/// With a terminal the command's group is the foreground group, so Ctrl-C and Ctrl-Z reach it
+/// directly. When it stops (Ctrl-Z), the tracer takes the terminal back and stops itself, so
+/// the shell sees the job stopped; when continued (`fg`, `bg`) it continues the command and, in
+/// the foreground, hands the terminal back.
 pub struct SignalForwarder {
-    child: Arc<AtomicI32>,
-    interrupted: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     handle: signal_hook::iterator::Handle,
 }
 
+#[derive(Default)]
+struct Shared {
+    /// The command's pid (= its process group), 0 before it starts.
+    child: AtomicI32,
+    interrupted: AtomicBool,
+    terminal: AtomicBool,
+    /// ms after the first forwarded signal at which what is left of the group is killed.
+    grace_ms: std::sync::atomic::AtomicU64,
+}
+
 impl SignalForwarder {
-    pub fn install() -> Result<Self> {
+    pub fn install(grace: std::time::Duration) -> Result<Self> {
         use signal_hook::{
-            consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM},
+            consts::{SIGCHLD, SIGCONT, SIGHUP, SIGINT, SIGQUIT, SIGTERM},
             iterator::{SignalsInfo, exfiltrator::WithOrigin},
-            low_level::siginfo::Cause,
         };
-        let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
+        let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGCHLD, SIGCONT])
             .context("installing signal handlers")?;
         let handle = signals.handle();
-        let child = Arc::new(AtomicI32::new(0));
-        let interrupted = Arc::new(AtomicBool::new(false));
-        let (c, i) = (child.clone(), interrupted.clone());
+        let shared = Arc::new(Shared::default());
+        shared.grace_ms.store(grace.as_millis() as u64, Ordering::SeqCst);
+        let s = shared.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                let mut killer: Option<std::thread::JoinHandle<()>> = None;
                 for origin in signals.forever() {
-                    i.store(true, Ordering::SeqCst);
-                    let pid = c.load(Ordering::SeqCst);
-                    let from_tty = matches!(origin.cause, Cause::Kernel);
-                    if pid > 0
-                        && !from_tty
-                        && let Ok(sig) = nix::sys::signal::Signal::try_from(origin.signal)
-                    {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                    let pid = s.child.load(Ordering::SeqCst);
+                    match origin.signal {
+                        SIGCHLD => s.on_child_state(pid),
+                        SIGCONT => {}
+                        sig => {
+                            s.interrupted.store(true, Ordering::SeqCst);
+                            if pid <= 0 {
+                                continue;
+                            }
+                            if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+                                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+                            }
+                            if killer.is_none() {
+                                let grace = std::time::Duration::from_millis(s.grace_ms.load(Ordering::SeqCst));
+                                killer = std::thread::Builder::new()
+                                    .name("grace".into())
+                                    .spawn(move || {
+                                        std::thread::sleep(grace);
+                                        let _ = nix::sys::signal::killpg(
+                                            nix::unistd::Pid::from_raw(pid),
+                                            nix::sys::signal::SIGKILL,
+                                        );
+                                    })
+                                    .ok();
+                            }
+                        }
                     }
                 }
             })
             .context("starting the signal thread")?;
-        Ok(Self { child, interrupted, handle })
+        Ok(Self { shared, handle })
     }
 
-    pub fn set_child(&self, pid: u32) {
-        self.child.store(pid as i32, Ordering::SeqCst);
+    /// The command started (`terminal`: its group has the terminal).
+    pub fn set_child(&self, pid: u32, terminal: bool) {
+        self.shared.terminal.store(terminal, Ordering::SeqCst);
+        self.shared.child.store(pid as i32, Ordering::SeqCst);
     }
 
     pub fn interrupted(&self) -> bool {
-        self.interrupted.load(Ordering::SeqCst)
+        self.shared.interrupted.load(Ordering::SeqCst)
+    }
+}
+
+impl Shared {
+    /// Job control: the command's group stopped (Ctrl-Z, SIGSTOP): stop with it, continue it
+    /// when we are continued.
+    fn on_child_state(&self, pid: i32) {
+        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+        if pid <= 0 {
+            return;
+        }
+        // WSTOPPED without WEXITED: this consumes stop reports only; exits stay for tokio's
+        // reaper.
+        let Ok(WaitStatus::Stopped(..)) =
+            waitid(Id::Pid(nix::unistd::Pid::from_raw(pid)), WaitPidFlag::WSTOPPED | WaitPidFlag::WNOHANG)
+        else {
+            return;
+        };
+        let terminal = self.terminal.load(Ordering::SeqCst);
+        if terminal {
+            let _ = give_terminal(nix::unistd::getpgrp());
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGSTOP);
+        // Continued: in the foreground again (fg) the command gets the terminal back.
+        if terminal && foreground_terminal().is_some() {
+            let _ = give_terminal(nix::unistd::Pid::from_raw(pid));
+        }
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGCONT);
+    }
+}
+
+/// Makes `pgrp` the foreground group of the terminal on stdin (SIGTTOU blocked on this thread).
+fn give_terminal(pgrp: nix::unistd::Pid) -> Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut ttou = SigSet::empty();
+    ttou.add(Signal::SIGTTOU);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&ttou), None)?;
+    // SAFETY: fd 0 stays open for the life of the process.
+    let stdin = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
+    let r = nix::unistd::tcsetpgrp(stdin, pgrp);
+    pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&ttou), None)?;
+    Ok(r?)
+}
+
+/// Takes the terminal back from the command's group once it has ended (when it had it).
+pub fn restore_terminal(had_it: bool) {
+    if had_it {
+        let _ = give_terminal(nix::unistd::getpgrp());
     }
 }
 
@@ -173,7 +293,7 @@ impl Drop for SignalForwarder {
 }
 
 /// Rejects an empty command line.
-pub fn check_argv(argv: &[String]) -> Result<()> {
+pub fn check_argv(argv: &[OsString]) -> Result<()> {
     if argv.is_empty() {
         bail!("no command given: usage `spawntrace [OPTIONS] -- COMMAND [ARGS...]`");
     }

@@ -26,7 +26,7 @@ const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 /// What to record and where.
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub command: Vec<String>,
+    pub command: Vec<std::ffi::OsString>,
     pub output: Option<PathBuf>,
     /// Keep root instead of dropping to the sudo caller.
     pub as_root: bool,
@@ -44,7 +44,36 @@ pub struct Options {
     pub progress: Option<std::sync::Arc<Progress>>,
     /// Measure the probes' own CPU time (costs two clock reads per probe run, machine-wide).
     pub probe_stats: bool,
+    /// After the command has exited, keep recording until every process of its tree has ended
+    /// or this much time has passed (daemons it left behind).
+    pub linger: std::time::Duration,
+    /// After a signal was passed on to the command's group, how long it has before what is
+    /// left of the group is killed.
+    pub kill_after: std::time::Duration,
 }
+
+impl Options {
+    /// Recording `command` with the defaults of `spawntrace record`.
+    pub fn new(command: Vec<std::ffi::OsString>) -> Self {
+        Self {
+            command,
+            output: None,
+            as_root: false,
+            ring_mib: 32,
+            ansible: ansible::Mode::Auto,
+            persistent: false,
+            env: Vec::new(),
+            log: None,
+            progress: None,
+            probe_stats: false,
+            linger: std::time::Duration::ZERO,
+            kill_after: DEFAULT_KILL_AFTER,
+        }
+    }
+}
+
+/// Default of `--kill-after`.
+pub const DEFAULT_KILL_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a recording has seen so far, for progress displays.
 #[derive(Debug, Default)]
@@ -75,20 +104,16 @@ pub struct LaunchFailed(#[from] pub launch::SpawnError);
 pub async fn record(opts: Options) -> Result<Recording> {
     launch::check_argv(&opts.command)?;
     // Installed first: a signal during set-up must not kill us with a half-written file.
-    let signals = SignalForwarder::install()?;
+    let signals = SignalForwarder::install(opts.kill_after)?;
     let run_as = RunAs::from_sudo(opts.as_root)?;
     let mut writer = match &opts.output {
-        Some(path) => Some(TraceWriter::create(path)?),
+        Some(path) => Some(TraceWriter::create(path, run_as.as_ref())?),
         None => None,
     };
     let result = record_into(&opts, &signals, run_as.as_ref(), writer.as_mut()).await;
     match (result, writer) {
         (Ok(mut rec), Some(w)) => {
-            let path = w.finish(&rec.footer)?;
-            if let Some(r) = &run_as {
-                r.chown(&path)?;
-            }
-            rec.trace_path = Some(path);
+            rec.trace_path = Some(w.finish(&rec.footer)?);
             Ok(rec)
         }
         (Ok(rec), None) => Ok(rec),
@@ -116,10 +141,13 @@ async fn record_into(
         .filter(|b| b.is_power_of_two())
         .context("--ring-buffer-mib must be a power of two below 4096")?;
 
+    let cpu_at_start = own_cpu_ns();
     let mut probes = Probes::load(std::process::id(), offsets, ring_bytes, opts.probe_stats)?;
-    if let Some(logger) = probes.logger() {
-        spawn_logger(logger)?;
-    }
+    // Ends with this recording (a compare records many): dropping the handle would not.
+    let _logger = match probes.logger() {
+        Some(logger) => Some(AbortOnDrop(spawn_logger(logger)?)),
+        None => None,
+    };
     let mut ring = readable(probes.events()?).context("polling the ring buffer")?;
 
     let ansible_enabled = opts.ansible.enabled(&opts.command);
@@ -139,10 +167,15 @@ async fn record_into(
     if signals.interrupted() {
         anyhow::bail!("interrupted before the command was started");
     }
+    let log = match &opts.log {
+        Some(path) => Some(crate::output::open_log(path, run_as)?),
+        None => None,
+    };
+    let terminal = log.is_none() && launch::foreground_terminal().is_some();
     let start_ns = monotonic_ns();
-    let mut child = launch::spawn(&opts.command, run_as, &env, opts.log.as_deref()).map_err(LaunchFailed)?;
+    let mut child = launch::spawn(&opts.command, run_as, &env, log, terminal).map_err(LaunchFailed)?;
     let root_pid = child.id().unwrap_or(0);
-    signals.set_child(root_pid);
+    signals.set_child(root_pid, terminal);
 
     let header = Header { ansible: ansible_enabled, ..make_header(opts, run_as, root_pid, start_ns) };
     if let Some(w) = writer.as_deref_mut() {
@@ -159,31 +192,50 @@ async fn record_into(
     // The probes wake us only when much data has piled up; this tick collects the rest.
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let status = loop {
+    let mut status = None;
+    // Set once the command has exited: recording goes on until its whole tree has ended or
+    // this instant (--linger) has passed.
+    let mut linger_until: Option<tokio::time::Instant> = None;
+    loop {
         tokio::select! {
-            status = child.wait() => {
-                let status = status.context("waiting for the command")?;
+            exit = child.wait(), if status.is_none() => {
+                status = Some(exit.context("waiting for the command")?);
+                launch::restore_terminal(terminal);
                 // The command's exit was committed to the ring (and its messages queued on the
                 // socket) before wait() returned: one more drain collects everything up to it.
                 sink.drain(ring.get_mut())?;
                 if let Some(ch) = channel.as_mut() {
                     sink.drain_channel(ch.get_mut())?;
                 }
-                break status;
+                linger_until = Some(tokio::time::Instant::now() + opts.linger);
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
                 sink.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
-            _ = tick.tick() => sink.drain(ring.get_mut())?,
+            _ = tick.tick() => {
+                sink.drain(ring.get_mut())?;
+                if let Some(w) = sink.writer.as_deref_mut() {
+                    w.flush_if_due()?;
+                }
+            }
             guard = async { channel.as_mut().expect("guarded").readable_mut().await }, if channel.is_some() => {
                 let mut guard = guard.context("polling the attribution socket")?;
                 sink.drain_channel(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
         }
-    };
+        if let Some(until) = linger_until {
+            if tokio::time::Instant::now() >= until || sink.model.still_running().next().is_none() {
+                break;
+            }
+        }
+    }
+    let status = status.expect("the loop ends after the command's exit");
+    if let Some(ch) = channel.as_mut() {
+        sink.drain_channel(ch.get_mut())?;
+    }
     let end_ns = monotonic_ns();
     let mut counters = probes.counters().unwrap_or_else(|e| {
         log::warn!("reading probe counters: {e:#}");
@@ -195,7 +247,7 @@ async fn record_into(
         status: exit_status(status),
         events: sink.events,
         counters,
-        tracer_cpu_ns: own_cpu_ns(),
+        tracer_cpu_ns: own_cpu_ns().saturating_sub(cpu_at_start),
         probe_cpu_ns: probes.cpu_ns(),
         interrupted: signals.interrupted(),
     };
@@ -263,15 +315,23 @@ impl Sink<'_> {
     }
 }
 
-fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<tokio::task::JoinHandle<()>> {
     let mut fd = readable(logger)?;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         while let Ok(mut guard) = fd.readable_mut().await {
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }
-    });
-    Ok(())
+    }))
+}
+
+/// Aborts a task (and so frees what it holds, here the log ring buffer) when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Registers an fd-owning object with tokio for readability.
@@ -298,7 +358,7 @@ fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: 
         clock: "CLOCK_MONOTONIC".into(),
         realtime_offset_ns: realtime - monotonic_ns() as i64,
         boot_time_s: procfs::boot_time_secs().unwrap_or(0),
-        command: opts.command.clone(),
+        command: opts.command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
         root_pid,
         uid: run_as.map(|r| r.uid.as_raw()).unwrap_or_else(|| nix::unistd::getuid().as_raw()),
         gid: run_as.map(|r| r.gid.as_raw()).unwrap_or_else(|| nix::unistd::getgid().as_raw()),

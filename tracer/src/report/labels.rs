@@ -2,6 +2,32 @@
 //! `sh -c mkdir ansible-tmp`, `python AnsiballZ_copy`, `ssh`, `rm -rf tmp`, …
 use crate::model::{Model, Process, basename};
 
+/// `s` safe to print on a terminal: control characters (escape sequences, carriage returns,
+/// newlines: an exe name is whatever the traced command made it) become `\xNN`.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if c.is_control() && (c as u32) < 0x100 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+/// A whole rendered text (lines of our own making) made safe for a terminal: what
+/// [`printable`] does, except for the newlines that end our lines.
+pub fn printable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\n') {
+        return s.into();
+    }
+    s.split('\n').map(|l| printable(l).into_owned()).collect::<Vec<_>>().join("\n").into()
+}
+
 /// What kind of work a process is, for category breakdowns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -130,6 +156,13 @@ fn script_gist(script: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_terminals() {
+        assert_eq!(printable("plain name"), "plain name");
+        assert_eq!(printable("evil\x1b]0;owned\x07\r\n"), "evil\\x1b]0;owned\\x07\\x0d\\x0a");
+        assert_eq!(printable_text("a\x1b[2J\nb\n"), "a\\x1b[2J\nb\n");
+    }
 
     fn v(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()

@@ -33,9 +33,23 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Reads a trace straight into its model: the events are not kept, so memory is what the
+    /// model needs, not the file's size.
     pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
-        let trace = crate::trace::Trace::read(path)?;
-        let model = Model::from_events(&trace.events);
+        let mut model = Model::default();
+        let trace = crate::trace::Trace::stream(path, |e| model.apply(&e))?;
+        let attribution = Attribution::new(&model, &trace.ansible);
+        Ok(Self { trace, model, attribution })
+    }
+
+    /// [`Loaded::read`] of a file opened as `owner` (a trace we wrote for the sudo caller, who
+    /// could have replaced it since).
+    pub fn read_as(path: &std::path::Path, owner: Option<&crate::record::launch::RunAs>) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let file = crate::output::open_read(path, owner)?;
+        let mut model = Model::default();
+        let trace = crate::trace::Trace::from_reader_with(std::io::BufReader::new(file), |e| model.apply(&e))
+            .with_context(|| format!("{} is not a readable spawntrace trace", path.display()))?;
         let attribution = Attribution::new(&model, &trace.ansible);
         Ok(Self { trace, model, attribution })
     }
@@ -84,7 +98,17 @@ impl Report {
         }
     }
 
+    /// The report as text, Markdown or JSON. Text and Markdown are for terminals: names from the
+    /// trace (exe names, argv, task names) are printed with control characters escaped.
     pub fn render(&self, format: Format, top_n: usize) -> anyhow::Result<String> {
+        let text = self.render_raw(format, top_n)?;
+        Ok(match format {
+            Format::Json => text,
+            Format::Text | Format::Markdown => labels::printable_text(&text).into_owned(),
+        })
+    }
+
+    fn render_raw(&self, format: Format, top_n: usize) -> anyhow::Result<String> {
         Ok(match format {
             Format::Text => {
                 let mut s = self.summary.text();

@@ -33,8 +33,10 @@ pub struct Summary {
     pub failed_opens: u64,
     /// Process exits by how they ended ("exit 0", "signal 9 (SIGKILL)", …).
     pub exits: BTreeMap<String, u64>,
-    /// Processes still running when the command ended (daemons such as an ssh ControlMaster).
+    /// Processes still running when the recording ended (daemons such as an ssh ControlMaster),
+    /// and the first of them by name.
     pub still_running: u64,
+    pub still_running_processes: Vec<RunningProcess>,
     /// Full executable path -> successful execs.
     pub execs_by_path: BTreeMap<String, u64>,
     /// Failed exec attempts by error name.
@@ -42,7 +44,8 @@ pub struct Summary {
     pub top_executables: Vec<TopExe>,
     /// Events recorded in the trace.
     pub events: Option<u64>,
-    pub dropped_events: u64,
+    /// Events lost; None when the trace is incomplete (its counters were never written).
+    pub dropped_events: Option<u64>,
     pub counters: Counters,
     pub tracer_cpu_ms: Option<f64>,
     pub probe_cpu_ms: Option<f64>,
@@ -50,6 +53,16 @@ pub struct Summary {
     pub complete: bool,
     pub interrupted: bool,
 }
+
+/// A process still alive when the recording ended.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct RunningProcess {
+    pub pid: u32,
+    pub name: String,
+}
+
+/// How many still-running processes the summary names.
+const RUNNING_NAMED: usize = 10;
 
 fn ms(ns: u64) -> f64 {
     (ns as f64 / 1e4).round() / 100.0
@@ -91,11 +104,19 @@ impl Summary {
             failed_opens: t.open_failures,
             exits,
             still_running: model.still_running().count() as u64,
+            still_running_processes: (0..model.processes.len())
+                .filter(|&i| model.processes[i].end_ns.is_none())
+                .take(RUNNING_NAMED)
+                .map(|i| RunningProcess {
+                    pid: model.processes[i].tgid(),
+                    name: crate::report::labels::label(model, i),
+                })
+                .collect(),
             execs_by_path,
             failed_execs_by_error,
             top_executables: top,
             events: footer.map(|f| f.events),
-            dropped_events: counters.dropped_events(),
+            dropped_events: footer.map(|_| counters.dropped_events()),
             counters,
             tracer_cpu_ms: footer.map(|f| ms(f.tracer_cpu_ns)),
             probe_cpu_ms: footer.and_then(|f| f.probe_cpu_ns).map(ms),
@@ -121,7 +142,10 @@ impl Summary {
 
     fn health_text(&self) -> String {
         let c = &self.counters;
-        let mut s = format!("dropped events {}", self.dropped_events);
+        let mut s = match self.dropped_events {
+            Some(n) => format!("dropped events {n}"),
+            None => "dropped events unknown".to_owned(),
+        };
         for (name, n) in [
             ("unreadable strings", c.read_failures),
             ("untracked processes", c.track_failures),
@@ -138,7 +162,7 @@ impl Summary {
             }
         }
         if !self.complete {
-            s.push_str("; TRACE INCOMPLETE (no footer)");
+            s.push_str("; TRACE INCOMPLETE (no footer: the tracer ended before the command, which may have run on untraced)");
         }
         if self.interrupted {
             s.push_str("; interrupted by a signal");
@@ -167,6 +191,9 @@ impl Summary {
             self.failed_opens
         );
         let _ = writeln!(o, "  exits: {}", self.exits_text());
+        if let Some(running) = self.running_text() {
+            let _ = writeln!(o, "  still running when the recording ended: {running}");
+        }
         if !self.top_executables.is_empty() {
             let _ = writeln!(o, "  top executables by execs:");
             for t in &self.top_executables {
@@ -177,11 +204,24 @@ impl Summary {
         o
     }
 
+    fn running_text(&self) -> Option<String> {
+        if self.still_running == 0 {
+            return None;
+        }
+        let mut names: Vec<String> =
+            self.still_running_processes.iter().map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
+        let unnamed = self.still_running as usize - names.len();
+        if unnamed > 0 {
+            names.push(format!("{unnamed} more"));
+        }
+        Some(names.join(", "))
+    }
+
     pub fn markdown(&self) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "## spawntrace: `{}`\n", self.command.join(" "));
         let _ = writeln!(o, "| metric | value |\n|---|---|");
-        let rows: [(&str, String); 10] = [
+        let rows: [(&str, String); 11] = [
             ("exit", self.status_text()),
             ("duration", format!("{:.3} s", self.duration_ms / 1000.0)),
             ("processes", self.processes.to_string()),
@@ -191,6 +231,7 @@ impl Summary {
             ("failed execs", self.failed_execs.to_string()),
             ("opens", format!("{} (failed {})", self.opens, self.failed_opens)),
             ("exits", self.exits_text()),
+            ("still running at the end", self.running_text().unwrap_or_else(|| "none".into())),
             ("trace health", self.health_text()),
         ];
         for (k, v) in rows {

@@ -10,6 +10,7 @@ use std::{
     collections::{BTreeMap, HashMap},
 };
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
@@ -33,13 +34,52 @@ struct Slice {
     rank: u8,
     name: String,
     cat: &'static str,
-    args: Value,
+    args: Args,
     /// The process the slice stands for (a task slice stands for its worker).
     proc: Option<usize>,
 }
 
-/// The timeline of a trace, as Chrome trace-event JSON (object form).
+/// A slice's `args`, typed: serialized only when written (a JSON value per slice would cost
+/// several times the trace's size on large traces).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Args {
+    Task {
+        action: Option<String>,
+        play: Option<String>,
+        host: String,
+        status: Option<String>,
+        worker_pid: u32,
+        items: usize,
+        cpu_ms: f64,
+    },
+    Item {
+        index: u32,
+        label: String,
+    },
+    Process {
+        pid: u32,
+        argv: Option<String>,
+        status: String,
+        cpu_ms: f64,
+    },
+}
+
+/// The timeline of a trace, as Chrome trace-event JSON (object form), as a value.
 pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution>) -> Value {
+    let mut out = Vec::new();
+    write_timeline(header, model, attribution, &mut out).expect("writing to memory");
+    serde_json::from_slice(&out).expect("the timeline is JSON")
+}
+
+/// Writes the timeline of a trace, event by event: memory is the slices' (one per process,
+/// task and item), not the output's.
+pub fn write_timeline(
+    header: &Header,
+    model: &Model,
+    attribution: Option<&Attribution>,
+    w: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
     let start = header.start_ns;
     let trace_end = model.totals.last_ns.max(start);
     let us = |t: u64| (t.saturating_sub(start) + 500) / 1000;
@@ -64,15 +104,15 @@ pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution
                 rank: 0,
                 name: name.to_owned(),
                 cat: "task",
-                args: json!({
-                    "action": task.map(|t| &t.action),
-                    "play": task.map(|t| &t.play),
-                    "host": w.host,
-                    "status": w.status,
-                    "worker_pid": w.pid,
-                    "items": w.items.len(),
-                    "cpu_ms": cpu_ms(p.cpu_ns),
-                }),
+                args: Args::Task {
+                    action: task.map(|t| t.action.clone()),
+                    play: task.map(|t| t.play.clone()),
+                    host: w.host.clone(),
+                    status: w.status.clone(),
+                    worker_pid: w.pid,
+                    items: w.items.len(),
+                    cpu_ms: cpu_ms(p.cpu_ns),
+                },
                 proc: Some(w.proc),
             });
             for win in &w.items {
@@ -86,7 +126,7 @@ pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution
                     rank: 1,
                     name: format!("[{}] {}", win.index, win.label),
                     cat: "item",
-                    args: json!({ "index": win.index, "label": win.label }),
+                    args: Args::Item { index: win.index, label: win.label.clone() },
                     proc: None,
                 });
             }
@@ -113,12 +153,12 @@ pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution
             rank: 2,
             name: labels::label(model, i),
             cat: kind_name(labels::kind(model, i)),
-            args: json!({
-                "pid": p.tgid(),
-                "argv": argv,
-                "status": p.status.map_or("running at trace end".to_owned(), |s| s.to_string()),
-                "cpu_ms": cpu_ms(p.cpu_ns),
-            }),
+            args: Args::Process {
+                pid: p.tgid(),
+                argv,
+                status: p.status.map_or("running at trace end".to_owned(), |s| s.to_string()),
+                cpu_ms: cpu_ms(p.cpu_ns),
+            },
             proc: Some(i),
         });
     }
@@ -151,11 +191,28 @@ pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution
         .zip(1..)
         .collect();
 
-    let mut events = Vec::new();
+    let other = json!({
+        "generator": format!("spawntrace {}", header.tool_version),
+        "command": header.command.join(" "),
+        "hostname": header.hostname,
+        "kernel": header.kernel,
+        "start_ns": header.start_ns,
+        "playbook": attribution.and_then(|a| a.playbook.as_deref()),
+    });
+    write!(w, "{{\"displayTimeUnit\":\"ms\",\"otherData\":")?;
+    serde_json::to_writer(&mut *w, &other)?;
+    write!(w, ",\"traceEvents\":[")?;
+    let mut first = true;
+    let mut event = |w: &mut dyn std::io::Write, e: &dyn erased::Event| -> anyhow::Result<()> {
+        if !std::mem::take(&mut first) {
+            w.write_all(b",")?;
+        }
+        e.write(w)
+    };
     for (g, name) in groups.iter().enumerate() {
         let pid = g + 1;
-        events.push(json!({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}}));
-        events.push(json!({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}}));
+        event(w, &json!({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}}))?;
+        event(w, &json!({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}}))?;
     }
     for (&(g, level, n), &tid) in &tids {
         let mut name = if g < hosts && level == 0 { "tasks".to_owned() } else { format!("depth {level}") };
@@ -163,9 +220,19 @@ pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution
             name.push_str(&format!(" #{}", n + 1));
         }
         let pid = g + 1;
-        events
-            .push(json!({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}));
-        events.push(json!({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}}));
+        event(w, &json!({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}))?;
+        event(w, &json!({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}}))?;
+    }
+    #[derive(Serialize)]
+    struct Complete<'a> {
+        ph: &'static str,
+        name: &'a str,
+        cat: &'static str,
+        pid: usize,
+        tid: u64,
+        ts: u64,
+        dur: u64,
+        args: &'a Args,
     }
     let mut tid_of_proc = HashMap::new();
     for (s, n) in slices.into_iter().zip(lane_of) {
@@ -173,21 +240,22 @@ pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution
         if let Some(i) = s.proc {
             tid_of_proc.insert(i, tid);
         }
-        events.push(json!({
-            "ph": "X",
-            "name": s.name,
-            "cat": s.cat,
-            "pid": s.group + 1,
-            "tid": tid,
-            "ts": s.ts,
-            "dur": s.end - s.ts,
-            "args": s.args,
-        }));
+        let e = Complete {
+            ph: "X",
+            name: &s.name,
+            cat: s.cat,
+            pid: s.group + 1,
+            tid,
+            ts: s.ts,
+            dur: s.end - s.ts,
+            args: &s.args,
+        };
+        event(w, &e)?;
     }
     for (i, p) in model.processes.iter().enumerate() {
         let Some(&tid) = tid_of_proc.get(&i) else { continue };
         for f in &p.failed_execs {
-            events.push(json!({
+            event(w, &json!({
                 "ph": "i",
                 "s": "t",
                 "name": format!("exec {} failed: {}", basename(&f.filename), errno_name(f.errno)),
@@ -196,21 +264,24 @@ pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution
                 "tid": tid,
                 "ts": us(f.ts),
                 "args": {"errno": f.errno, "error": errno_name(f.errno), "filename": f.filename, "pid": p.tgid()},
-            }));
+            }))?;
         }
     }
-    json!({
-        "traceEvents": events,
-        "displayTimeUnit": "ms",
-        "otherData": {
-            "generator": format!("spawntrace {}", header.tool_version),
-            "command": header.command.join(" "),
-            "hostname": header.hostname,
-            "kernel": header.kernel,
-            "start_ns": header.start_ns,
-            "playbook": attribution.and_then(|a| a.playbook.as_deref()),
-        },
-    })
+    w.write_all(b"]}")?;
+    Ok(())
+}
+
+/// Serializes any event through one `&dyn` (the writer closure takes events of several types).
+mod erased {
+    pub trait Event {
+        fn write(&self, w: &mut dyn std::io::Write) -> anyhow::Result<()>;
+    }
+
+    impl<T: serde::Serialize> Event for T {
+        fn write(&self, w: &mut dyn std::io::Write) -> anyhow::Result<()> {
+            Ok(serde_json::to_writer(w, self)?)
+        }
+    }
 }
 
 /// Track group names (hosts first), how many are hosts, and each process's (group, level).

@@ -1,0 +1,193 @@
+//! spawntrace runs as root next to other users (SECURITY.md). Each test here is written as the
+//! attacker: a real unprivileged user the test creates (common::TestUser) plants links, files or
+//! names, then spawntrace runs as root through "sudo" (SUDO_UID/SUDO_GID, as sudo sets them),
+//! and the test checks that nothing of root's was touched.
+mod common;
+
+use std::{os::unix::fs::MetadataExt as _, path::Path, process::Command};
+
+use common::{TestUser, spawntrace};
+use serial_test::file_serial;
+
+/// A file only root can write, with known content: what the attacker wants overwritten.
+fn victim(dir: &Path) -> std::path::PathBuf {
+    let v = dir.join("victim");
+    std::fs::write(&v, "precious\n").unwrap();
+    v
+}
+
+fn assert_untouched(victim: &Path) {
+    assert_eq!(std::fs::read_to_string(victim).unwrap(), "precious\n", "victim overwritten");
+    let m = std::fs::metadata(victim).unwrap();
+    assert_eq!((m.uid(), m.gid()), (0, 0), "victim chowned");
+}
+
+fn one_line_error(out: &std::process::Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(want), "want {want:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn a_planted_partial_link_does_not_redirect_roots_trace() {
+    require_root!();
+    let root_dir = tempfile::tempdir().unwrap();
+    let victim = victim(root_dir.path());
+    let attacker = TestUser::create("trace");
+    let out = attacker.dir.join("x.jsonl");
+    let plant = attacker.sh(&format!("ln -s {} {}.partial", victim.display(), out.display()));
+    assert!(plant.status.success());
+    let run = attacker.sudo_spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "true"]).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_untouched(&victim);
+    let m = std::fs::symlink_metadata(&out).unwrap();
+    assert!(m.is_file());
+    assert_eq!((m.uid(), m.gid()), (attacker.uid, attacker.gid), "the trace is the user's");
+    spawntrace::trace::Trace::read(&out).unwrap().footer.expect("a complete trace");
+}
+
+#[test]
+fn outputs_of_saved_traces_are_written_as_the_user() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to create a user");
+        return;
+    }
+    let root_dir = tempfile::tempdir().unwrap();
+    let victim = victim(root_dir.path());
+    let attacker = TestUser::create("render");
+    let trace = attacker.dir.join("t.jsonl");
+    std::fs::write(&trace, common::minimal_trace()).unwrap();
+    for (args, name) in [
+        (vec!["flamegraph", "t.jsonl", "-o", "f.svg"], "f.svg"),
+        (vec!["flamegraph", "t.jsonl", "--folded", "-o", "f.txt"], "f.txt"),
+        (vec!["timeline", "t.jsonl", "-o", "tl.json"], "tl.json"),
+    ] {
+        let target = attacker.dir.join(name);
+        attacker.sh(&format!("ln -s {} {}.partial", victim.display(), target.display()));
+        let out = attacker.sudo_spawntrace().args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_untouched(&victim);
+        assert_eq!(std::fs::metadata(&target).unwrap().uid(), attacker.uid, "{name} is the user's");
+        // A target that is itself a link to root's file is refused, not replaced.
+        std::fs::remove_file(&target).unwrap();
+        attacker.sh(&format!("ln -s {} {}", victim.display(), target.display()));
+        let out = attacker.sudo_spawntrace().args(&args).output().unwrap();
+        one_line_error(&out, "it exists and is a symbolic link, not a regular file");
+        assert_untouched(&victim);
+    }
+    // A directory the user cannot write is refused, as if they had written there themselves.
+    let out = attacker
+        .sudo_spawntrace()
+        .args(["timeline", "t.jsonl", "-o"])
+        .arg(root_dir.path().join("tl.json"))
+        .output()
+        .unwrap();
+    one_line_error(&out, "Permission denied");
+    assert!(!root_dir.path().join("tl.json").exists() && !root_dir.path().join("tl.json.partial").exists());
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn a_directory_the_user_cannot_write_is_refused_before_the_command_runs() {
+    require_root!();
+    let root_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let attacker = TestUser::create("rootdir");
+    let marker = attacker.dir.join("ran");
+    let out = attacker
+        .sudo_spawntrace()
+        .arg("-o")
+        .arg(root_dir.path().join("t.jsonl"))
+        .args(["--", "touch"])
+        .arg(&marker)
+        .output()
+        .unwrap();
+    one_line_error(&out, "Permission denied");
+    assert!(!marker.exists(), "the command ran");
+    assert_eq!(std::fs::read_dir(root_dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn special_files_and_directories_are_never_replaced() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    for (target, what) in [
+        (Path::new("/dev/null"), "is a device"),
+        (fifo.as_path(), "is a FIFO"),
+        (sub.as_path(), "is a directory"),
+    ] {
+        let out = spawntrace().arg("-o").arg(target).args(["--", "touch"]).arg(&marker).output().unwrap();
+        one_line_error(&out, what);
+        assert!(!marker.exists(), "{}: the command ran", target.display());
+    }
+    use std::os::unix::fs::FileTypeExt as _;
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(!dir.path().join("sub.partial").exists(), "no DIR.partial left");
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn the_plugin_directory_is_private_to_the_user() {
+    require_root!();
+    let user = TestUser::create("session");
+    let out = user
+        .sudo_spawntrace()
+        .args(["-q", "--ansible", "always", "--", "sh", "-c", r#"stat -c '%a %u' "$(dirname "$SPAWNTRACE_SOCKET")""#])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("700 {}", user.uid));
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn ambient_capabilities_are_not_passed_to_the_command() {
+    require_root!();
+    // spawntrace given CAP_BPF and CAP_PERFMON as ambient capabilities by an unprivileged user
+    // (the way a service unit would): it can trace, the command must not inherit them.
+    let bin_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bin = bin_dir.path().join("spawntrace");
+    std::fs::copy(common::bin(), &bin).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=+bpf,+perfmon", "--ambient-caps=+bpf,+perfmon"])
+        .arg(&bin)
+        .args(["-q", "--", "grep", "-E", "^Cap(Eff|Prm|Amb):", "/proc/self/status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let caps = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(caps.lines().count(), 3, "{caps}");
+    for line in caps.lines() {
+        assert!(line.ends_with("0000000000000000"), "the command has capabilities: {caps}");
+    }
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn control_characters_in_exe_names_are_escaped() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let evil = dir.path().join("evil\x1b]0;owned\x07\x1b[2J");
+    std::fs::copy("/bin/true", &evil).unwrap();
+    let trace = dir.path().join("t.jsonl");
+    let out = spawntrace().arg("-o").arg(&trace).arg("--").arg(&evil).output().unwrap();
+    assert!(out.status.success());
+    let report = spawntrace().arg("report").arg(&trace).output().unwrap();
+    for text in [&out.stderr, &report.stdout] {
+        let text = String::from_utf8_lossy(text);
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "raw control characters: {text:?}");
+        assert!(text.contains("evil\\x1b]0;owned\\x07\\x1b[2J"), "{text}");
+    }
+}

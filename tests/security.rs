@@ -191,3 +191,46 @@ fn control_characters_in_exe_names_are_escaped() {
         assert!(text.contains("evil\\x1b]0;owned\\x07\\x1b[2J"), "{text}");
     }
 }
+
+#[test]
+#[file_serial(ebpf)]
+fn compare_writes_its_directory_as_the_user_and_refuses_planted_links_up_front() {
+    require_root!();
+    let root_dir = tempfile::tempdir().unwrap();
+    let victim = victim(root_dir.path());
+    let attacker = TestUser::create("compare");
+    let out = attacker.dir.join("out");
+    let compare = || {
+        attacker
+            .sudo_spawntrace()
+            .args(["compare", "--runs", "1", "--modes", "classic", "-o"])
+            .arg(&out)
+            .args(["--", "true"])
+            .output()
+            .unwrap()
+    };
+    // A link at a final name is refused before any run.
+    attacker.sh(&format!("mkdir {0} && ln -s {1} {0}/report.json", out.display(), victim.display()));
+    let run = compare();
+    one_line_error(&run, "report.json: it exists and is a symbolic link");
+    assert!(!out.join("traces/classic-1.jsonl").exists(), "the command ran before the refusal");
+    assert!(!out.join("logs/classic-1.log").exists(), "the command ran before the refusal");
+    // Links at the partial names are replaced, never followed; everything is the user's.
+    attacker.sh(&format!(
+        "rm {0}/report.json; for f in report.json report.md flamegraph-classic.svg; do ln -s {1} {0}/$f.partial; done",
+        out.display(),
+        victim.display()
+    ));
+    let run = compare();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_untouched(&victim);
+    let mut seen = 0;
+    for dir in [out.clone(), out.join("traces"), out.join("logs")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let m = std::fs::symlink_metadata(e.unwrap().path()).unwrap();
+            assert_eq!(m.uid(), attacker.uid);
+            seen += 1;
+        }
+    }
+    assert!(seen >= 8, "{seen} files");
+}

@@ -198,6 +198,24 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
         }
     }
     anyhow::ensure!(!modes.is_empty(), "no mode can run here");
+    // Every file this comparison will write, checked before anything runs (a link or special
+    // file at any of them would only be refused at the end).
+    let names = modes.iter().flat_map(|(m, _)| {
+        let m = m.name();
+        let runs = (1..=opts.runs).flat_map(move |r| {
+            [format!("traces/{m}-{r}.jsonl"), format!("logs/{m}-{r}.log")]
+        });
+        let once = [
+            format!("logs/{m}-untraced.log"),
+            format!("flamegraph-{m}.svg"),
+            format!("timeline-{m}.json"),
+            format!("flamegraph-diff-classic-{m}.svg"),
+        ];
+        runs.chain(once).chain((0..opts.warmup).map(move |w| format!("logs/{m}-warmup-{w}.log")))
+    });
+    let planned: Vec<PathBuf> =
+        names.chain(["report.json".to_owned(), "report.md".to_owned()]).map(|n| opts.out.join(n)).collect();
+    crate::output::as_user(owner, || planned.iter().try_for_each(|p| crate::output::check_target(p)))?;
     let progress = Arc::new(Progress::default());
     let display = spawn_progress(progress.clone());
 

@@ -349,6 +349,21 @@ fn wait_for(path: &std::path::Path) {
     }
 }
 
+/// Starts `spawntrace ARGS -o OUT -- sh -c SCRIPT` and returns once SCRIPT has touched the
+/// file its `{started}` names: the command is running under the tracer.
+fn start_traced(args: &[&str], out: &std::path::Path, script: &str) -> std::process::Child {
+    let started = out.with_extension("started");
+    let _ = std::fs::remove_file(&started);
+    let script = script.replace("{started}", &started.display().to_string());
+    let child = spawntrace().args(args).arg("-o").arg(out).args(["--", "sh", "-c", &script]).spawn().unwrap();
+    wait_for(&started);
+    child
+}
+
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
 /// Processes whose command line contains `marker`.
 fn running_with(marker: &str) -> Vec<u32> {
     let out = Command::new("pgrep").args(["-f", marker]).output().unwrap();
@@ -376,12 +391,20 @@ fn daemons_left_behind_are_named_and_recorded_with_linger() {
     let started = std::time::Instant::now();
     let run = common::record_with(&["-q", "--linger", "20"], &[], &["sh", "-c", script]);
     assert!(started.elapsed() < Duration::from_secs(15), "waited for the linger time, not the tree");
-    let daemon = run.model.processes.iter().find(|p| p.execs.iter().any(|e| e.argv.iter().any(|a| a == "daemon-marker-1")));
+    let daemon = run
+        .model
+        .processes
+        .iter()
+        .find(|p| p.execs.iter().any(|e| e.argv.iter().any(|a| a == "daemon-marker-1")));
     assert!(daemon.is_some_and(|p| p.end_ns.is_some()), "the daemon's exec and exit were recorded");
     assert_eq!(run.model.still_running().count(), 0);
     // ... and stops after SECS when something lives on.
     let started = std::time::Instant::now();
-    let run = common::record_with(&["-q", "--linger", "1"], &[], &["sh", "-c", "(exec sleep 9.1234 >/dev/null 2>&1) & exit 0"]);
+    let run = common::record_with(
+        &["-q", "--linger", "1"],
+        &[],
+        &["sh", "-c", "(exec sleep 9.1234 >/dev/null 2>&1) & exit 0"],
+    );
     assert!(started.elapsed() < Duration::from_secs(8), "lingered past SECS");
     assert_eq!(run.model.still_running().count(), 1);
     for pid in running_with("sleep 9.1234") {
@@ -396,13 +419,11 @@ fn signals_reach_the_whole_tree_and_the_trace_is_completed() {
     for (sig, marker) in [(nix::sys::signal::SIGTERM, "31.4159"), (nix::sys::signal::SIGINT, "31.2718")] {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("t.jsonl");
-        let started = dir.path().join("started");
-        let script = format!("touch {}; sleep {marker}; echo never", started.display());
-        let mut child = spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "sh", "-c", &script]).spawn().unwrap();
-        wait_for(&started);
+        let mut child =
+            start_traced(&["-q"], &out, &format!("touch {{started}}; sleep {marker}; echo never"));
         std::thread::sleep(Duration::from_millis(200));
         let sent = std::time::Instant::now();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+        signal(&child, sig);
         let status = child.wait().unwrap();
         assert!(sent.elapsed() < Duration::from_secs(8), "{sig}: the command was not signalled");
         assert_eq!(status.code(), Some(128 + sig as i32), "{sig}");
@@ -420,17 +441,10 @@ fn what_ignores_the_signal_is_killed_after_the_grace_period() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.jsonl");
-    let started = dir.path().join("started");
-    let script = format!("trap '' TERM; touch {}; sleep 32.5; echo never", started.display());
-    let mut child = spawntrace()
-        .args(["-q", "--kill-after", "1", "-o"])
-        .arg(&out)
-        .args(["--", "sh", "-c", &script])
-        .spawn()
-        .unwrap();
-    wait_for(&started);
+    let grace = ["-q", "--kill-after", "1"];
+    let mut child = start_traced(&grace, &out, "trap '' TERM; touch {started}; sleep 32.5; echo never");
     let sent = std::time::Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    signal(&child, nix::sys::signal::SIGTERM);
     let status = child.wait().unwrap();
     assert!(sent.elapsed() >= Duration::from_millis(900), "killed before the grace period");
     assert!(sent.elapsed() < Duration::from_secs(10));
@@ -438,6 +452,20 @@ fn what_ignores_the_signal_is_killed_after_the_grace_period() {
     assert!(running_with("sleep 32.5").is_empty());
     let footer = spawntrace::trace::Trace::read(&out).unwrap().footer.expect("footer");
     assert!(footer.interrupted);
+    // A member of the group that ignores the signal does not outlive the run when COMMAND
+    // itself obeys it: it is killed at the end of the grace period, and its end is recorded.
+    let mut child = start_traced(&grace, &out, "(trap '' TERM; exec sleep 32.6) & touch {started}; wait");
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = std::time::Instant::now();
+    signal(&child, nix::sys::signal::SIGTERM);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "COMMAND obeyed SIGTERM");
+    assert!(sent.elapsed() >= Duration::from_millis(900), "spawntrace left before the grace period");
+    assert!(running_with("sleep 32.6").is_empty(), "the member that ignored SIGTERM outlived the run");
+    let trace = spawntrace::trace::Trace::read(&out).unwrap();
+    let model = spawntrace::model::Model::from_events(&trace.events);
+    let sleep = model.processes.iter().find(|p| p.execs.iter().any(|e| e.argv.iter().any(|a| a == "32.6")));
+    assert_eq!(sleep.and_then(|p| p.status), Some(Status::Signaled(libc::SIGKILL)));
 }
 
 #[test]
@@ -446,10 +474,7 @@ fn a_killed_tracer_leaves_a_readable_incomplete_trace() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.jsonl");
-    let started = dir.path().join("started");
-    let script = format!("/bin/true; /bin/true; touch {}; exec sleep 33.5", started.display());
-    let mut child = spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "sh", "-c", &script]).spawn().unwrap();
-    wait_for(&started);
+    let mut child = start_traced(&["-q"], &out, "/bin/true; /bin/true; touch {started}; exec sleep 33.5");
     std::thread::sleep(Duration::from_millis(300)); // > the writer's 100 ms flush interval
     child.kill().unwrap();
     child.wait().unwrap();
@@ -458,7 +483,11 @@ fn a_killed_tracer_leaves_a_readable_incomplete_trace() {
     assert!(text.ends_with('\n'), "whole lines only");
     let trace = spawntrace::trace::Trace::read(&partial).unwrap();
     assert!(trace.footer.is_none());
-    let trues = trace.events.iter().filter(|e| matches!(e, Event::Exec { filename, .. } if filename == "/bin/true")).count();
+    let trues = trace
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Exec { filename, .. } if filename == "/bin/true"))
+        .count();
     assert_eq!(trues, 2, "events up to the last flush are there");
     // The command was not killed with the tracer: it runs on, and the report says so.
     assert_eq!(running_with("sleep 33.5").len(), 1);
@@ -490,7 +519,14 @@ fn check_limits_must_be_finite_and_not_negative() {
     let t = dir.path().join("t.jsonl");
     std::fs::write(&t, common::minimal_trace()).unwrap();
     for bad in ["NaN", "-1", "inf", "x"] {
-        let out = spawntrace().arg("check").arg(&t).arg("--baseline").arg(&t).arg(format!("--max-exec-increase={bad}")).output().unwrap();
+        let out = spawntrace()
+            .arg("check")
+            .arg(&t)
+            .arg("--baseline")
+            .arg(&t)
+            .arg(format!("--max-exec-increase={bad}"))
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("finite number"), "{bad}");
     }
@@ -506,7 +542,8 @@ fn any_argv_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let arg = std::ffi::OsStr::from_bytes(b"caf\xff");
     let out = dir.path().join("t.jsonl");
-    let run = spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "printf", "%s"]).arg(arg).output().unwrap();
+    let run =
+        spawntrace().args(["-q", "-o"]).arg(&out).args(["--", "printf", "%s"]).arg(arg).output().unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(run.stdout, b"caf\xff", "passed to the command byte for byte");
     let run = spawntrace().args(["run", "--", "printf", "%s"]).arg(arg).output().unwrap();
@@ -544,12 +581,20 @@ fn a_timeline_of_a_large_trace_streams() {
     let header = common::minimal_trace();
     let mut lines = header.lines();
     writeln!(w, "{}", lines.next().unwrap()).unwrap();
-    writeln!(w, r#"{{"type":"fork","ts":1000,"pid":10,"tgid":10,"ppid":1,"ptgid":1,"thread":false,"root":true}}"#).unwrap();
+    writeln!(
+        w,
+        r#"{{"type":"fork","ts":1000,"pid":10,"tgid":10,"ppid":1,"ptgid":1,"thread":false,"root":true}}"#
+    )
+    .unwrap();
     let mut ts = 2000u64;
     for i in 0..200_000u32 {
         let pid = 1000 + i;
         ts += 1000;
-        writeln!(w, r#"{{"type":"fork","ts":{ts},"pid":{pid},"tgid":{pid},"ppid":10,"ptgid":10,"thread":false}}"#).unwrap();
+        writeln!(
+            w,
+            r#"{{"type":"fork","ts":{ts},"pid":{pid},"tgid":{pid},"ppid":10,"ptgid":10,"thread":false}}"#
+        )
+        .unwrap();
         writeln!(w, r#"{{"type":"exec","ts":{},"pid":{pid},"tgid":{pid},"old_pid":{pid},"filename":"/bin/true","argv":["/bin/true","--marker"],"argv_bytes":18}}"#, ts + 10).unwrap();
         for (k, lib) in ["/etc/ld.so.cache", "/lib/x86_64-linux-gnu/libc.so.6"].iter().enumerate() {
             writeln!(w, r#"{{"type":"open","ts":{},"pid":{pid},"tgid":{pid},"syscall":"openat","path":"{lib}","flags":524288,"ret":3}}"#, ts + 20 + k as u64).unwrap();

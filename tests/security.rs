@@ -120,17 +120,25 @@ fn special_files_and_directories_are_never_replaced() {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
-    for (target, what) in [
-        (Path::new("/dev/null"), "is a device"),
-        (fifo.as_path(), "is a FIFO"),
-        (sub.as_path(), "is a directory"),
-    ] {
+    // A device of our own (the null device's numbers): a broken build must not replace the
+    // system's /dev/null while this test finds out.
+    let device = dir.path().join("null");
+    nix::sys::stat::mknod(
+        &device,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    for (target, what) in
+        [(device.as_path(), "is a device"), (fifo.as_path(), "is a FIFO"), (sub.as_path(), "is a directory")]
+    {
         let out = spawntrace().arg("-o").arg(target).args(["--", "touch"]).arg(&marker).output().unwrap();
         one_line_error(&out, what);
         assert!(!marker.exists(), "{}: the command ran", target.display());
     }
     use std::os::unix::fs::FileTypeExt as _;
-    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    assert!(std::fs::symlink_metadata(&device).unwrap().file_type().is_char_device());
     assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
     assert!(!dir.path().join("sub.partial").exists(), "no DIR.partial left");
 }
@@ -142,7 +150,15 @@ fn the_plugin_directory_is_private_to_the_user() {
     let user = TestUser::create("session");
     let out = user
         .sudo_spawntrace()
-        .args(["-q", "--ansible", "always", "--", "sh", "-c", r#"stat -c '%a %u' "$(dirname "$SPAWNTRACE_SOCKET")""#])
+        .args([
+            "-q",
+            "--ansible",
+            "always",
+            "--",
+            "sh",
+            "-c",
+            r#"stat -c '%a %u' "$(dirname "$SPAWNTRACE_SOCKET")""#,
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -233,4 +249,75 @@ fn compare_writes_its_directory_as_the_user_and_refuses_planted_links_up_front()
         }
     }
     assert!(seen >= 8, "{seen} files");
+}
+
+#[test]
+fn compare_asks_the_commands_python_about_mitogen_as_the_user_in_isolation() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to create a user");
+        return;
+    }
+    // The playbook repository (the current directory) holds an `ansible_mitogen` package: a
+    // Python run as root from there with `-c` would import it.
+    let attacker = TestUser::create("mitogen");
+    let marker = attacker.dir.join("imported-as");
+    let script = format!(
+        "mkdir ansible_mitogen && printf 'import os\\nopen(\"{}\", \"a\").write(\"%d\\\\n\" % os.getuid())\\n' > ansible_mitogen/__init__.py \
+         && printf '#!/usr/bin/python3\\n' > ansible-playbook && chmod 755 ansible-playbook",
+        marker.display()
+    );
+    let plant = attacker.sh(&format!("cd {} && {script}", attacker.dir.display()));
+    assert!(plant.status.success(), "{}", String::from_utf8_lossy(&plant.stderr));
+    let out = attacker
+        .sudo_spawntrace()
+        .args(["compare", "--runs", "1", "--modes", "mitogen", "-o", "out", "--", "./ansible-playbook"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no mode can run here"));
+    let imported = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(!imported.lines().any(|l| l == "0"), "the user's ansible_mitogen ran as root");
+}
+
+#[test]
+fn saved_traces_are_read_as_the_user() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to create a user");
+        return;
+    }
+    let root_dir = tempfile::tempdir().unwrap();
+    let secret = root_dir.path().join("root-only.jsonl");
+    std::fs::write(&secret, common::minimal_trace()).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let user = TestUser::create("reader");
+    for args in [
+        vec!["report".as_ref(), secret.as_os_str()],
+        vec!["timeline".as_ref(), secret.as_os_str(), "-o".as_ref(), "t.json".as_ref()],
+        vec!["flamegraph".as_ref(), secret.as_os_str(), "-o".as_ref(), "f.svg".as_ref()],
+        vec!["check".as_ref(), secret.as_os_str(), "--baseline".as_ref(), secret.as_os_str()],
+    ] {
+        let out = user.sudo_spawntrace().args(&args).output().unwrap();
+        one_line_error(&out, "Permission denied");
+    }
+    assert_eq!(std::fs::read_dir(&user.dir).unwrap().count(), 0, "nothing was written");
+}
+
+#[test]
+fn root_does_not_write_into_another_users_directory() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to create a user");
+        return;
+    }
+    // root's own run (no sudo) with -o a directory another user made first (in /tmp, say):
+    // its entries could be swapped for links while root writes into it.
+    let attacker = TestUser::create("outdir");
+    let out = attacker.dir.join("cmp");
+    attacker.sh(&format!("mkdir -m 777 {}", out.display()));
+    let run = spawntrace()
+        .args(["compare", "--runs", "1", "--modes", "classic", "-o"])
+        .arg(&out)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    one_line_error(&run, &format!("belongs to uid {}, not 0", attacker.uid));
 }

@@ -139,7 +139,9 @@ impl TestUser {
     /// `spawntrace` as started by this user through sudo.
     pub fn sudo_spawntrace(&self) -> Command {
         let mut cmd = spawntrace();
-        cmd.env("SUDO_UID", self.uid.to_string()).env("SUDO_GID", self.gid.to_string()).current_dir(&self.dir);
+        cmd.env("SUDO_UID", self.uid.to_string())
+            .env("SUDO_GID", self.gid.to_string())
+            .current_dir(&self.dir);
         cmd
     }
 }

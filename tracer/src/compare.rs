@@ -130,8 +130,12 @@ pub struct CompareReport {
     pub modes: Vec<ModeReport>,
 }
 
-/// Extra environment for a mode, or why it cannot run here.
-fn mode_env(mode: Mode, command: &[OsString]) -> Result<Vec<(OsString, OsString)>, String> {
+/// Extra environment for a mode, or why it cannot run here. `owner`: who COMMAND runs as.
+fn mode_env(
+    mode: Mode,
+    command: &[OsString],
+    owner: Option<&launch::RunAs>,
+) -> Result<Vec<(OsString, OsString)>, String> {
     match mode {
         Mode::Classic | Mode::Persistent => Ok(Vec::new()),
         Mode::InProcess => {
@@ -139,8 +143,8 @@ fn mode_env(mode: Mode, command: &[OsString]) -> Result<Vec<(OsString, OsString)
             Ok(vec![(k.into(), v.into())])
         }
         Mode::Mitogen => {
-            let strategy =
-                mitogen_strategy_dir(command).ok_or("Mitogen is not installed next to ansible-playbook")?;
+            let strategy = mitogen_strategy_dir(command, owner)
+                .ok_or("Mitogen is not installed next to ansible-playbook")?;
             Ok(vec![
                 ("ANSIBLE_STRATEGY_PLUGINS".into(), strategy.into_os_string()),
                 ("ANSIBLE_STRATEGY".into(), "mitogen_linear".into()),
@@ -149,26 +153,71 @@ fn mode_env(mode: Mode, command: &[OsString]) -> Result<Vec<(OsString, OsString)
     }
 }
 
+/// How long the Python that runs ansible-playbook may take to say where Mitogen is.
+const MITOGEN_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// `ansible_mitogen/plugins/strategy` of the Python that runs the command's ansible-playbook.
-fn mitogen_strategy_dir(command: &[OsString]) -> Option<PathBuf> {
-    let playbook = command.iter().find(|a| crate::model::basename(&a.to_string_lossy()).starts_with("ansible-playbook"))?;
-    let path = which(playbook)?;
-    let shebang = std::fs::read_to_string(&path).ok()?.lines().next()?.strip_prefix("#!")?.trim().to_owned();
-    let mut parts = shebang.split_whitespace();
+///
+/// That Python is the command's, so it is asked as the user COMMAND runs as, isolated (`-I`:
+/// no environment, no current directory on sys.path, no user site) from `/`; the script's
+/// shebang is read as that user too, at most 256 bytes of it.
+fn mitogen_strategy_dir(command: &[OsString], owner: Option<&launch::RunAs>) -> Option<PathBuf> {
+    use std::{io::Read as _, os::unix::process::CommandExt as _};
+    let playbook = command
+        .iter()
+        .find(|a| crate::model::basename(&a.to_string_lossy()).starts_with("ansible-playbook"))?;
+    let shebang = crate::output::as_user(owner, || {
+        let path = which::which(playbook)?;
+        let mut head = Vec::new();
+        crate::output::open_read(&path, None)?.take(256).read_to_end(&mut head)?;
+        Ok(head)
+    })
+    .ok()?;
+    let first = String::from_utf8(shebang).ok()?;
+    let first = first.lines().next()?.strip_prefix("#!")?.trim().to_owned();
+    let mut parts = first.split_whitespace();
     let mut python = parts.next()?.to_owned();
     if crate::model::basename(&python) == "env" {
         python = parts.next()?.to_owned();
     }
-    let out = std::process::Command::new(python)
-        .args(["-c", "import os, ansible_mitogen; print(os.path.dirname(ansible_mitogen.__file__))"])
-        .output()
-        .ok()?;
-    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("plugins/strategy");
-    (out.status.success() && dir.is_dir()).then_some(dir)
-}
-
-fn which(name: &std::ffi::OsStr) -> Option<PathBuf> {
-    which::which(name).ok()
+    let mut probe = std::process::Command::new(python);
+    probe
+        .args(["-I", "-c", "import os, ansible_mitogen; print(os.path.dirname(ansible_mitogen.__file__))"])
+        .current_dir("/")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    if let Some(r) = owner {
+        let (uid, gid, groups) = (r.uid, r.gid, r.groups.clone());
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            probe.pre_exec(move || {
+                nix::unistd::setgroups(&groups)?;
+                nix::unistd::setgid(gid)?;
+                nix::unistd::setuid(uid)?;
+                Ok(())
+            });
+        }
+    }
+    let mut child = probe.spawn().ok()?;
+    let deadline = Instant::now() + MITOGEN_PROBE_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    let mut out = String::new();
+    child.stdout.take()?.take(4096).read_to_string(&mut out).ok()?;
+    let dir = PathBuf::from(out.trim()).join("plugins/strategy");
+    (status.success() && dir.is_dir()).then_some(dir)
 }
 
 /// Runs the comparison and writes `opts.out`.
@@ -177,8 +226,8 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     anyhow::ensure!(opts.runs >= 1, "--runs must be at least 1");
     let run_as = launch::RunAs::from_sudo(opts.as_root)?;
     let owner = run_as.as_ref();
-    for dir in ["traces", "logs"] {
-        crate::output::create_dir(&opts.out.join(dir), owner)?;
+    for dir in [opts.out.clone(), opts.out.join("traces"), opts.out.join("logs")] {
+        crate::output::create_dir(&dir, owner)?;
     }
     let mut skipped = BTreeMap::new();
     let mut modes = Vec::new();
@@ -187,7 +236,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
             Mode::Persistent | Mode::InProcess if !ansible::has_persistent_plugins() => {
                 Err("this spawntrace has no persistent-agent plugins".to_owned())
             }
-            _ => mode_env(m, &opts.command),
+            _ => mode_env(m, &opts.command, owner),
         };
         match available {
             Ok(env) => modes.push((m, env)),
@@ -202,9 +251,8 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     // file at any of them would only be refused at the end).
     let names = modes.iter().flat_map(|(m, _)| {
         let m = m.name();
-        let runs = (1..=opts.runs).flat_map(move |r| {
-            [format!("traces/{m}-{r}.jsonl"), format!("logs/{m}-{r}.log")]
-        });
+        let runs =
+            (1..=opts.runs).flat_map(move |r| [format!("traces/{m}-{r}.jsonl"), format!("logs/{m}-{r}.log")]);
         let once = [
             format!("logs/{m}-untraced.log"),
             format!("flamegraph-{m}.svg"),
@@ -271,7 +319,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     let classic_mean = walls.get(&Mode::Classic).map(|w| Stats::of(w).mean);
     let mut reports = Vec::new();
     for (m, _) in &modes {
-        let loaded: Vec<Loaded> = traces[m].iter().map(|t| Loaded::read_as(t, owner)).collect::<Result<_>>()?;
+        let loaded: Vec<Loaded> = traces[m].iter().map(|t| Loaded::read(t, owner)).collect::<Result<_>>()?;
         let wall = Stats::of(&walls[m]);
         let stat =
             |f: &dyn Fn(&Loaded) -> u64| Stats::of(&loaded.iter().map(|l| f(l) as f64).collect::<Vec<_>>());
@@ -301,10 +349,10 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
         write_pictures(&opts.out, *m, &loaded[0], owner)?;
     }
     if let Some(classic) = traces.get(&Mode::Classic) {
-        let before = Loaded::read_as(&classic[0], owner)?;
+        let before = Loaded::read(&classic[0], owner)?;
         let before = flamegraph::folded(&before.model, before.ansible(), Weight::Count, FlameBy::Task);
         for (m, _) in modes.iter().filter(|(m, _)| *m != Mode::Classic) {
-            let after = Loaded::read_as(&traces[m][0], owner)?;
+            let after = Loaded::read(&traces[m][0], owner)?;
             let after = flamegraph::folded(&after.model, after.ansible(), Weight::Count, FlameBy::Task);
             let title = format!("spawntrace: classic → {} (processes spawned)", m.name());
             write_file(&opts.out.join(format!("flamegraph-diff-classic-{}.svg", m.name())), owner, |w| {
@@ -389,7 +437,9 @@ fn spawn_progress(p: Arc<Progress>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = String::new();
         loop {
-            let task = p.task.lock().map(|t| t.clone()).unwrap_or_default();
+            // The task name came from the traced command's plugin messages: escaped for the terminal.
+            let task =
+                p.task.lock().map(|t| crate::report::labels::printable(&t).into_owned()).unwrap_or_default();
             let line = format!("compare: {task} · {} events", p.events.load(Ordering::Relaxed));
             if tty {
                 eprint!("\r\x1b[2K{}", line.chars().take(120).collect::<String>());
@@ -497,12 +547,17 @@ fn markdown_raw(r: &CompareReport) -> String {
 ///
 /// An incomplete trace (no footer: the tracer was killed) on either side cannot be judged: its
 /// events stop anywhere, so it is an error, never a pass.
-pub fn check(trace: &Path, baseline: &Path, max_increase_pct: f64) -> Result<Vec<String>> {
+pub fn check(
+    trace: &Path,
+    baseline: &Path,
+    max_increase_pct: f64,
+    owner: Option<&launch::RunAs>,
+) -> Result<Vec<String>> {
     anyhow::ensure!(
         max_increase_pct.is_finite() && max_increase_pct >= 0.0,
         "--max-exec-increase must be a finite number of percent, at least 0"
     );
-    let (now, base) = (Loaded::read(trace)?, Loaded::read(baseline)?);
+    let (now, base) = (Loaded::read(trace, owner)?, Loaded::read(baseline, owner)?);
     for (path, l) in [(trace, &now), (baseline, &base)] {
         anyhow::ensure!(
             l.trace.complete(),

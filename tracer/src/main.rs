@@ -193,7 +193,11 @@ fn main() -> ExitCode {
             }
         }
         Some(Cmd::Check { trace, baseline, max_exec_increase }) => {
-            match spawntrace::compare::check(&trace, &baseline, max_exec_increase) {
+            let owner = match record::launch::RunAs::from_sudo(false) {
+                Ok(o) => o,
+                Err(e) => return fail(&e, 2),
+            };
+            match spawntrace::compare::check(&trace, &baseline, max_exec_increase, owner.as_ref()) {
                 Ok(r) if r.is_empty() => {
                     println!("check: no exec regression against {}", baseline.display());
                     ExitCode::SUCCESS
@@ -286,9 +290,11 @@ fn report_trace(
     by: report::tasks::By,
     top: usize,
 ) -> Result<()> {
-    let l = report::Loaded::read(path)?;
+    let owner = record::launch::RunAs::from_sudo(false)?;
+    let l = report::Loaded::read(path, owner.as_ref())?;
     let t = &l.trace;
-    let r = report::Report::new(&t.header, t.footer.as_ref(), &l.model, &t.ansible, t.header.ansible, by, true);
+    let r =
+        report::Report::new(&t.header, t.footer.as_ref(), &l.model, &t.ansible, t.header.ansible, by, true);
     print!("{}", r.render(format, top)?);
     Ok(())
 }
@@ -306,7 +312,7 @@ fn flamegraph(
     let owner = record::launch::RunAs::from_sudo(false)?;
     let owner = owner.as_ref();
     let loaded: Vec<report::Loaded> =
-        traces.iter().map(|t| report::Loaded::read(t)).collect::<Result<_>>()?;
+        traces.iter().map(|t| report::Loaded::read(t, owner)).collect::<Result<_>>()?;
     let stacks: Vec<Vec<String>> =
         loaded.iter().map(|l| fg::folded(&l.model, l.ansible(), weight, by)).collect();
     match (diff, stacks.as_slice()) {
@@ -326,8 +332,8 @@ fn flamegraph(
 
 fn timeline(trace: &std::path::Path, output: &std::path::Path) -> Result<()> {
     let owner = record::launch::RunAs::from_sudo(false)?;
-    let l = report::Loaded::read(trace)?;
     let owner = owner.as_ref();
+    let l = report::Loaded::read(trace, owner)?;
     spawntrace::output::write_file(output, owner, |w| {
         report::timeline::write_timeline(&l.trace.header, &l.model, l.ansible(), w)
     })

@@ -45,6 +45,7 @@ pub fn as_user<T: Send>(user: Option<&RunAs>, f: impl FnOnce() -> Result<T> + Se
 }
 
 fn enter_fs_identity(user: &RunAs) -> Result<()> {
+    // x86_64 only (as the probes' BTF offsets): elsewhere SYS_setgroups may be the 16-bit call.
     let groups: Vec<libc::gid_t> = user.groups.iter().map(|g| g.as_raw()).collect();
     // SAFETY: plain syscalls on this thread's credentials; `groups` outlives the call.
     let ok = unsafe {
@@ -57,7 +58,12 @@ fn enter_fs_identity(user: &RunAs) -> Result<()> {
                 && libc::setfsuid(u32::MAX) as u32 == user.uid.as_raw()
         }
     };
-    anyhow::ensure!(ok, "cannot take uid {}'s file credentials: {}", user.uid, std::io::Error::last_os_error());
+    anyhow::ensure!(
+        ok,
+        "cannot take uid {}'s file credentials: {}",
+        user.uid,
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 
@@ -68,7 +74,9 @@ pub fn check_target(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
         Ok(m) if m.file_type().is_file() => Ok(()),
-        Ok(m) => bail!("refusing to write {}: it exists and is {}, not a regular file", path.display(), kind(&m)),
+        Ok(m) => {
+            bail!("refusing to write {}: it exists and is {}, not a regular file", path.display(), kind(&m))
+        }
     }
 }
 
@@ -177,44 +185,39 @@ pub fn write_file(
     }
 }
 
-/// Opens (creating or truncating) a log file as `owner`, refusing a target that is not a
-/// regular file.
+/// Creates a log file anew as `owner` (like [`Partial::create`], without the rename: a log is
+/// useful while it is written), refusing a target that is not a regular file.
 pub fn open_log(path: &Path, owner: Option<&RunAs>) -> Result<File> {
     as_user(owner, || {
         check_target(path)?;
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o666)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .with_context(|| format!("cannot write {}", path.display()))
+        create_new(path).with_context(|| format!("cannot write {}", path.display()))
     })
 }
 
-/// Creates directory `path` (and its parents) as `owner`; an existing directory is fine, a
-/// symlink or other file is refused.
+/// Creates directory `path` (and its parents) as `owner`. An existing one must be a directory
+/// (not a link) of the writing user: files are put into it by name, and its owner could swap
+/// what is inside for links meanwhile.
 pub fn create_dir(path: &Path, owner: Option<&RunAs>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |o| o.uid.as_raw());
     as_user(owner, || {
         std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
-        let m = std::fs::symlink_metadata(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let m =
+            std::fs::symlink_metadata(path).with_context(|| format!("cannot create {}", path.display()))?;
         if !m.is_dir() {
             bail!("refusing to write into {}: it is {}, not a directory", path.display(), kind(&m));
+        }
+        if m.uid() != uid {
+            bail!("refusing to write into {}: it belongs to uid {}, not {uid}", path.display(), m.uid());
         }
         Ok(())
     })
 }
 
-/// Opens `path` for reading as `owner` (`O_NOFOLLOW`: the final component is not a link).
+/// Opens `path` for reading as `owner`: under sudo, only what the user could read themselves
+/// (a trace of root's is not theirs to render).
 pub fn open_read(path: &Path, owner: Option<&RunAs>) -> Result<File> {
-    as_user(owner, || {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .with_context(|| format!("cannot open {}", path.display()))
-    })
+    as_user(owner, || File::open(path).with_context(|| format!("cannot open {}", path.display())))
 }
 
 #[cfg(test)]
@@ -250,8 +253,14 @@ mod tests {
         // A target that is a link, a directory or a device is refused up front.
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&victim, &link).unwrap();
-        for (target, what) in [(link.as_path(), "symbolic link"), (dir.path(), "directory"), (Path::new("/dev/null"), "device")] {
-            let err = Partial::create(target, None).err().expect("refused");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        for (target, what) in
+            [(link.as_path(), "symbolic link"), (dir.path(), "directory"), (fifo.as_path(), "FIFO")]
+        {
+            let err = Partial::create(target, None)
+                .err()
+                .unwrap_or_else(|| panic!("{} not refused", target.display()));
             assert!(format!("{err:#}").contains(what), "{err:#}");
         }
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");

@@ -398,7 +398,10 @@ impl Trace {
         let mut next_line = |buf: &mut Vec<u8>| -> Result<Option<(usize, bool)>> {
             buf.clear();
             n += 1;
-            let got = (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', buf).with_context(|| format!("line {n}"))?;
+            let got = (&mut r)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', buf)
+                .with_context(|| format!("line {n}"))?;
             if got == 0 {
                 return Ok(None);
             }

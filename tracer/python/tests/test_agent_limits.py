@@ -195,6 +195,23 @@ def test_files_over_the_blob_limit_go_the_classic_way(limited_agent, tmp_path):
     assert ep.request({"op": "ping"})[0]["ok"]
 
 
+def test_a_fifo_or_device_at_a_transfer_path_holds_up_nobody(limited_agent, tmp_path):
+    """Another user can plant a FIFO where a playbook copies to or fetches from: the agent must
+    not block on opening it (the client then goes the classic way), nor read a device forever."""
+    path, _ = limited_agent
+    ep = client.Endpoint(path, os.getuid())
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for req, blob in (({"op": "fetch", "path": str(fifo)}, b""), ({"op": "put", "path": str(fifo)}, b"data"),
+                      ({"op": "fetch", "path": "/dev/zero"}, b"")):
+        t0 = time.monotonic()
+        with pytest.raises(client.AgentUnavailable):
+            ep.request(dict(req), blob)
+        assert time.monotonic() - t0 < 3, req
+        assert ping(path)[1] < 3
+    assert fifo.is_fifo()
+
+
 def test_recv_frame_checks_the_limits_before_allocating():
     """The client's side: a lying header costs nothing, a non-object reply is an error."""
     rss0, hwm0 = memory(os.getpid())

@@ -52,7 +52,6 @@ impl RunAs {
             home: user.dir.to_string_lossy().into_owned(),
         }))
     }
-
 }
 
 /// Why the command could not be started; maps to the shell's 126/127.
@@ -155,7 +154,7 @@ fn take_terminal() -> std::io::Result<()> {
 }
 
 /// Passes SIGINT/SIGTERM/SIGHUP/SIGQUIT sent to the tracer on to the command's process group,
-/// and ends the group with SIGKILL when it is still there [`SignalForwarder::grace`] later; the
+/// and ends the group with SIGKILL when it is still there the grace period later; the
 /// tracer itself keeps running until the command has ended, so the trace is completed.
 ///
 /// With a terminal the command's group is the foreground group, so Ctrl-C and Ctrl-Z reach it
@@ -175,6 +174,33 @@ struct Shared {
     terminal: AtomicBool,
     /// ms after the first forwarded signal at which what is left of the group is killed.
     grace_ms: std::sync::atomic::AtomicU64,
+    /// The last signal to pass on, for one that came before the command started.
+    pending: AtomicI32,
+    /// The thread that does that (see [`kill_group_after`]).
+    killer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Kills process group `pgid` with SIGKILL `grace` from now, unless it has emptied by then. A
+/// group id is not reused while the group has a member, so polling it (signal 0) until the
+/// deadline never hits a stranger's group.
+fn kill_group_after(pgid: i32, grace: std::time::Duration) {
+    use nix::sys::signal::{SIGKILL, killpg};
+    let group = nix::unistd::Pid::from_raw(pgid);
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if killpg(group, None).is_err() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50).min(grace));
+    }
+    let _ = killpg(group, SIGKILL);
+    // Until they are gone (a second at most), so that their exits make the trace.
+    for _ in 0..20 {
+        if killpg(group, None).is_err() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 impl SignalForwarder {
@@ -183,8 +209,9 @@ impl SignalForwarder {
             consts::{SIGCHLD, SIGCONT, SIGHUP, SIGINT, SIGQUIT, SIGTERM},
             iterator::{SignalsInfo, exfiltrator::WithOrigin},
         };
-        let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGCHLD, SIGCONT])
-            .context("installing signal handlers")?;
+        let mut signals =
+            SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGCHLD, SIGCONT])
+                .context("installing signal handlers")?;
         let handle = signals.handle();
         let shared = Arc::new(Shared::default());
         shared.grace_ms.store(grace.as_millis() as u64, Ordering::SeqCst);
@@ -192,7 +219,6 @@ impl SignalForwarder {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                let mut killer: Option<std::thread::JoinHandle<()>> = None;
                 for origin in signals.forever() {
                     let pid = s.child.load(Ordering::SeqCst);
                     match origin.signal {
@@ -200,23 +226,20 @@ impl SignalForwarder {
                         SIGCONT => {}
                         sig => {
                             s.interrupted.store(true, Ordering::SeqCst);
+                            s.pending.store(sig, Ordering::SeqCst);
                             if pid <= 0 {
-                                continue;
+                                continue; // passed on by set_child
                             }
                             if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
                                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
                             }
+                            let mut killer = s.killer.lock().unwrap_or_else(|e| e.into_inner());
                             if killer.is_none() {
-                                let grace = std::time::Duration::from_millis(s.grace_ms.load(Ordering::SeqCst));
-                                killer = std::thread::Builder::new()
+                                let grace =
+                                    std::time::Duration::from_millis(s.grace_ms.load(Ordering::SeqCst));
+                                *killer = std::thread::Builder::new()
                                     .name("grace".into())
-                                    .spawn(move || {
-                                        std::thread::sleep(grace);
-                                        let _ = nix::sys::signal::killpg(
-                                            nix::unistd::Pid::from_raw(pid),
-                                            nix::sys::signal::SIGKILL,
-                                        );
-                                    })
+                                    .spawn(move || kill_group_after(pid, grace))
                                     .ok();
                             }
                         }
@@ -231,10 +254,26 @@ impl SignalForwarder {
     pub fn set_child(&self, pid: u32, terminal: bool) {
         self.shared.terminal.store(terminal, Ordering::SeqCst);
         self.shared.child.store(pid as i32, Ordering::SeqCst);
+        // A signal that arrived while the command was being started is passed on now.
+        let sig = self.shared.pending.load(Ordering::SeqCst);
+        if sig > 0
+            && let Ok(sig) = nix::sys::signal::Signal::try_from(sig)
+        {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), sig);
+        }
     }
 
     pub fn interrupted(&self) -> bool {
         self.shared.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// After a forwarded signal: waits until COMMAND's group has emptied, or has been killed at
+    /// the end of the grace period (members that ignored the signal must not outlive the run).
+    pub fn finish(&self) {
+        let killer = self.shared.killer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(k) = killer {
+            let _ = k.join();
+        }
     }
 }
 

@@ -173,7 +173,10 @@ async fn record_into(
     };
     let terminal = log.is_none() && launch::foreground_terminal().is_some();
     let start_ns = monotonic_ns();
-    let mut child = launch::spawn(&opts.command, run_as, &env, log, terminal).map_err(LaunchFailed)?;
+    let mut child = launch::spawn(&opts.command, run_as, &env, log, terminal).map_err(|e| {
+        launch::restore_terminal(terminal);
+        LaunchFailed(e)
+    })?;
     let root_pid = child.id().unwrap_or(0);
     signals.set_child(root_pid, terminal);
 
@@ -233,6 +236,11 @@ async fn record_into(
         }
     }
     let status = status.expect("the loop ends after the command's exit");
+    if signals.interrupted() {
+        // What is left of COMMAND's group after a forwarded signal ends with the grace period.
+        tokio::task::block_in_place(|| signals.finish());
+        sink.drain(ring.get_mut())?;
+    }
     if let Some(ch) = channel.as_mut() {
         sink.drain_channel(ch.get_mut())?;
     }

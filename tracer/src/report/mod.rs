@@ -34,17 +34,12 @@ pub struct Loaded {
 
 impl Loaded {
     /// Reads a trace straight into its model: the events are not kept, so memory is what the
-    /// model needs, not the file's size.
-    pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
-        let mut model = Model::default();
-        let trace = crate::trace::Trace::stream(path, |e| model.apply(&e))?;
-        let attribution = Attribution::new(&model, &trace.ansible);
-        Ok(Self { trace, model, attribution })
-    }
-
-    /// [`Loaded::read`] of a file opened as `owner` (a trace we wrote for the sudo caller, who
-    /// could have replaced it since).
-    pub fn read_as(path: &std::path::Path, owner: Option<&crate::record::launch::RunAs>) -> anyhow::Result<Self> {
+    /// model needs, not the file's size. The file is opened as `owner` (under sudo, the user:
+    /// see [`crate::output::open_read`]).
+    pub fn read(
+        path: &std::path::Path,
+        owner: Option<&crate::record::launch::RunAs>,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let file = crate::output::open_read(path, owner)?;
         let mut model = Model::default();

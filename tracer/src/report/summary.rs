@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use crate::{
     model::Model,
+    report::labels::printable,
     trace::{Counters, Footer, Header, Status},
 };
 
@@ -175,7 +176,7 @@ impl Summary {
         let _ = writeln!(
             o,
             "spawntrace: `{}` ended with {} after {:.3} s",
-            self.command.join(" "),
+            printable(&self.command.join(" ")),
             self.status_text(),
             self.duration_ms / 1000.0
         );
@@ -197,7 +198,7 @@ impl Summary {
         if !self.top_executables.is_empty() {
             let _ = writeln!(o, "  top executables by execs:");
             for t in &self.top_executables {
-                let _ = writeln!(o, "    {:>7}  {}", t.execs, t.path);
+                let _ = writeln!(o, "    {:>7}  {}", t.execs, printable(&t.path));
             }
         }
         let _ = writeln!(o, "  {}", self.health_text());
@@ -208,8 +209,11 @@ impl Summary {
         if self.still_running == 0 {
             return None;
         }
-        let mut names: Vec<String> =
-            self.still_running_processes.iter().map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
+        let mut names: Vec<String> = self
+            .still_running_processes
+            .iter()
+            .map(|p| format!("{} (pid {})", printable(&p.name), p.pid))
+            .collect();
         let unnamed = self.still_running as usize - names.len();
         if unnamed > 0 {
             names.push(format!("{unnamed} more"));
@@ -219,7 +223,7 @@ impl Summary {
 
     pub fn markdown(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "## spawntrace: `{}`\n", self.command.join(" "));
+        let _ = writeln!(o, "## spawntrace: `{}`\n", printable(&self.command.join(" ")));
         let _ = writeln!(o, "| metric | value |\n|---|---|");
         let rows: [(&str, String); 11] = [
             ("exit", self.status_text()),
@@ -240,7 +244,7 @@ impl Summary {
         if !self.top_executables.is_empty() {
             let _ = writeln!(o, "\n| executable | execs |\n|---|---:|");
             for t in &self.top_executables {
-                let _ = writeln!(o, "| `{}` | {} |", t.path, t.execs);
+                let _ = writeln!(o, "| `{}` | {} |", printable(&t.path), t.execs);
             }
         }
         o

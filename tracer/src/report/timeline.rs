@@ -212,7 +212,10 @@ pub fn write_timeline(
     for (g, name) in groups.iter().enumerate() {
         let pid = g + 1;
         event(w, &json!({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}}))?;
-        event(w, &json!({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}}))?;
+        event(
+            w,
+            &json!({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}}),
+        )?;
     }
     for (&(g, level, n), &tid) in &tids {
         let mut name = if g < hosts && level == 0 { "tasks".to_owned() } else { format!("depth {level}") };
@@ -221,7 +224,10 @@ pub fn write_timeline(
         }
         let pid = g + 1;
         event(w, &json!({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}))?;
-        event(w, &json!({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}}))?;
+        event(
+            w,
+            &json!({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}}),
+        )?;
     }
     #[derive(Serialize)]
     struct Complete<'a> {
@@ -255,16 +261,19 @@ pub fn write_timeline(
     for (i, p) in model.processes.iter().enumerate() {
         let Some(&tid) = tid_of_proc.get(&i) else { continue };
         for f in &p.failed_execs {
-            event(w, &json!({
-                "ph": "i",
-                "s": "t",
-                "name": format!("exec {} failed: {}", basename(&f.filename), errno_name(f.errno)),
-                "cat": "exec_failed",
-                "pid": place[i].0 + 1,
-                "tid": tid,
-                "ts": us(f.ts),
-                "args": {"errno": f.errno, "error": errno_name(f.errno), "filename": f.filename, "pid": p.tgid()},
-            }))?;
+            event(
+                w,
+                &json!({
+                    "ph": "i",
+                    "s": "t",
+                    "name": format!("exec {} failed: {}", basename(&f.filename), errno_name(f.errno)),
+                    "cat": "exec_failed",
+                    "pid": place[i].0 + 1,
+                    "tid": tid,
+                    "ts": us(f.ts),
+                    "args": {"errno": f.errno, "error": errno_name(f.errno), "filename": f.filename, "pid": p.tgid()},
+                }),
+            )?;
         }
     }
     w.write_all(b"]}")?;

@@ -1133,11 +1133,30 @@ class Agent(object):
             self._reply(conn, *res)
         return False
 
+    # Files are opened O_NONBLOCK and must be regular: a FIFO or device at the path (another
+    # user may plant one where a playbook copies to or fetches from) would block the whole agent;
+    # those go the classic way (`unsupported`), which handles them as it always did.
+    _FILE_FLAGS = os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+    def _unsupported_file(self, conn, path, what):
+        self._send(conn, {"ok": False, "unsupported": True, "error": "%s: %s" % (path, what)})
+        return False
+
     def _put(self, conn, req, blob):
         path = req["path"]
         try:
             # like sftp's put: a new file gets the controller file's permissions (umask applies)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, int(req.get("mode", 0o666)) & 0o777)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | self._FILE_FLAGS, int(req.get("mode", 0o666)) & 0o777)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # a FIFO with no reader
+                return self._unsupported_file(conn, path, "not a regular file")
+            self._send(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                return self._unsupported_file(conn, path, "not a regular file")
+            os.ftruncate(fd, 0)
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
         except OSError as e:
@@ -1147,9 +1166,17 @@ class Agent(object):
         return False
 
     def _fetch(self, conn, req):
+        path = req["path"]
         try:
-            with open(req["path"], "rb") as f:
+            fd = os.open(path, os.O_RDONLY | self._FILE_FLAGS)
+        except OSError as e:
+            self._send(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
+            return False
+        try:
+            with os.fdopen(fd, "rb") as f:
                 st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    return self._unsupported_file(conn, path, "not a regular file")
                 mode = stat.S_IMODE(st.st_mode)
                 # a file over MAX_BLOB is not read: the client fetches it the classic way
                 data = f.read(MAX_BLOB + 1) if st.st_size <= MAX_BLOB else None
@@ -1157,8 +1184,7 @@ class Agent(object):
             self._send(conn, {"ok": False, "errno": e.errno, "error": _strerror(e)})
             return False
         if data is None or len(data) > MAX_BLOB:
-            self._send(conn, {"ok": False, "unsupported": True, "error": "file larger than %d bytes" % MAX_BLOB})
-            return False
+            return self._unsupported_file(conn, path, "larger than %d bytes" % MAX_BLOB)
         self._send(conn, {"ok": True, "mode": mode}, data)
         return False
 
@@ -2105,7 +2131,8 @@ def open_checked(path, flags, owners, mode=0o600, dir_fd=None):
     """os.open of a file in a checked directory, never through a symlink (O_NOFOLLOW), and only
     a regular file of one of the uids `owners`, not writable by group or others, one link."""
     try:
-        fd = os.open(path, flags | _NOFOLLOW, mode, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO planted at the name must not block the open (it is then refused)
+        fd = os.open(path, flags | _NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=dir_fd)
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise

@@ -243,7 +243,7 @@ mod tests {
     fn links_and_special_files_are_never_written_through() {
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");
-        std::fs::write(&victim, "precious").unwrap();
+        std::fs::write(&victim, "precious").unwrap(); // safe: test fixture in a private tempdir
         // A planted NAME.partial link is removed, not followed.
         let out = dir.path().join("out.jsonl");
         std::os::unix::fs::symlink(&victim, partial_path(&out).unwrap()).unwrap();

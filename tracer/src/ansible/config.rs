@@ -139,11 +139,9 @@ mod tests {
     #[test]
     fn config_file_values_merge_and_env_wins() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("ansible.cfg"),
-            "[defaults]\ncallbacks_enabled = profile_tasks, timer ; inline\ncallback_plugins = /opt/cb:rel\n",
-        )
-        .unwrap();
+        let cfg =
+            "[defaults]\ncallbacks_enabled = profile_tasks, timer ; inline\ncallback_plugins = /opt/cb:rel\n";
+        std::fs::write(dir.path().join("ansible.cfg"), cfg).unwrap(); // safe: test fixture, private tempdir
         let no_env = |_: &str| None;
         let s = plugin_settings(dir.path(), no_env, None).unwrap();
         assert_eq!(s.enabled.as_deref(), Some("profile_tasks, timer"));

@@ -282,7 +282,7 @@ def op_chmod(mode, paths):
         new = _apply_chmod(stat.S_IMODE(st.st_mode), clauses, stat.S_ISDIR(st.st_mode))
         if new != stat.S_IMODE(st.st_mode):
             try:
-                os.chmod(p, new)
+                os.chmod(p, new)  # safe: the `chmod` Ansible asked for, as the user its shell would run as
             except OSError as e:
                 rc = 1
                 err.append("chmod: changing permissions of '%s': %s\n" % (p, _strerror(e)))
@@ -2231,7 +2231,7 @@ def bootstrap(cfg):
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
             raise UnsafePath("spawntrace: agent socket %s replaced after bind (%s)" % (path, _describe(st)))
         if os.getuid() == 0 and cfg["client_uid"] != 0:
-            os.chown(name, cfg["client_uid"], -1, dir_fd=dfd, follow_symlinks=False)
+            os.chown(name, cfg["client_uid"], -1, dir_fd=dfd, follow_symlinks=False)  # safe: fchownat in the checked dir, no link followed
         os.close(dfd)
         listener.listen(128)
         cfg["_inode"] = (st.st_ino, st.st_dev)

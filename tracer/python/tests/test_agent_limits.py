@@ -195,6 +195,19 @@ def test_files_over_the_blob_limit_go_the_classic_way(limited_agent, tmp_path):
     assert ep.request({"op": "ping"})[0]["ok"]
 
 
+def test_a_second_request_before_the_reply_is_refused(limited_agent):
+    """Clients wait for each reply: a request sent behind another on one connection would sit
+    unparsed in the agent's buffer, keeping the connection (and the agent) alive for ever."""
+    path, _ = limited_agent
+    s = connect(path)
+    s.sendall(agent.encode_frame({"op": "ping", "version": client.VERSION}) * 2)
+    resp, _ = agent.recv_frame(s)
+    assert resp == {"ok": False, "error": "malformed frame: data after a request, before its reply"}, resp
+    assert closed_by_agent(s, 3)[0]
+    s.close()
+    assert ping(path)[0]["ok"]
+
+
 def test_a_fifo_or_device_at_a_transfer_path_holds_up_nobody(limited_agent, tmp_path):
     """Another user can plant a FIFO where a playbook copies to or fetches from: the agent must
     not block on opening it (the client then goes the classic way), nor read a device forever."""

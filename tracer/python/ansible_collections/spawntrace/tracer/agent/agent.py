@@ -1021,6 +1021,9 @@ class Agent(object):
             c.reader.feed(data)
             try:
                 frame = c.reader.frame()
+                if frame is not None and c.reader.pending():
+                    # clients wait for each reply: bytes past a request are not a request
+                    raise ProtocolError("data after a request, before its reply")
             except ProtocolError as e:
                 # answered instead of the hello: nothing was acted on
                 c.reading = False

@@ -51,10 +51,7 @@ fn a_planted_partial_link_does_not_redirect_roots_trace() {
 
 #[test]
 fn outputs_of_saved_traces_are_written_as_the_user() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root to create a user");
-        return;
-    }
+    require_root!();
     let root_dir = tempfile::tempdir().unwrap();
     let victim = victim(root_dir.path());
     let attacker = TestUser::create("render");
@@ -253,10 +250,7 @@ fn compare_writes_its_directory_as_the_user_and_refuses_planted_links_up_front()
 
 #[test]
 fn compare_asks_the_commands_python_about_mitogen_as_the_user_in_isolation() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root to create a user");
-        return;
-    }
+    require_root!();
     // The playbook repository (the current directory) holds an `ansible_mitogen` package: a
     // Python run as root from there with `-c` would import it.
     let attacker = TestUser::create("mitogen");
@@ -281,10 +275,7 @@ fn compare_asks_the_commands_python_about_mitogen_as_the_user_in_isolation() {
 
 #[test]
 fn saved_traces_are_read_as_the_user() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root to create a user");
-        return;
-    }
+    require_root!();
     let root_dir = tempfile::tempdir().unwrap();
     let secret = root_dir.path().join("root-only.jsonl");
     std::fs::write(&secret, common::minimal_trace()).unwrap();
@@ -304,10 +295,7 @@ fn saved_traces_are_read_as_the_user() {
 
 #[test]
 fn root_does_not_write_into_another_users_directory() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root to create a user");
-        return;
-    }
+    require_root!();
     // root's own run (no sudo) with -o a directory another user made first (in /tmp, say):
     // its entries could be swapped for links while root writes into it.
     let attacker = TestUser::create("outdir");

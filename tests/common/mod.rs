@@ -22,9 +22,11 @@ macro_rules! require_root {
     () => {
         if !nix::unistd::Uid::effective().is_root() {
             if std::env::var_os("CI").is_some() {
-                panic!("this test needs root to load eBPF probes, and CI must run it");
+                panic!("this test needs root (to load eBPF probes or create test users), and CI must run it");
             }
-            eprintln!("skipped: needs root to load eBPF probes (run the tests with sudo)");
+            eprintln!(
+                "skipped: needs root to load eBPF probes or create test users (run the tests with sudo)"
+            );
             return;
         }
     };

@@ -162,7 +162,7 @@ const MITOGEN_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// no environment, no current directory on sys.path, no user site) from `/`; the script's
 /// shebang is read as that user too, at most 256 bytes of it.
 fn mitogen_strategy_dir(command: &[OsString], owner: Option<&launch::RunAs>) -> Option<PathBuf> {
-    use std::{io::Read as _, os::unix::process::CommandExt as _};
+    use std::io::Read as _;
     let playbook = command
         .iter()
         .find(|a| crate::model::basename(&a.to_string_lossy()).starts_with("ansible-playbook"))?;
@@ -190,16 +190,7 @@ fn mitogen_strategy_dir(command: &[OsString], owner: Option<&launch::RunAs>) -> 
         .stderr(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
     if let Some(r) = owner {
-        let (uid, gid, groups) = (r.uid, r.gid, r.groups.clone());
-        // SAFETY: only async-signal-safe syscalls between fork and exec.
-        unsafe {
-            probe.pre_exec(move || {
-                nix::unistd::setgroups(&groups)?;
-                nix::unistd::setgid(gid)?;
-                nix::unistd::setuid(uid)?;
-                Ok(())
-            });
-        }
+        r.apply(&mut probe);
     }
     let mut child = probe.spawn().ok()?;
     let deadline = Instant::now() + MITOGEN_PROBE_TIMEOUT;

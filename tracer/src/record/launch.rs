@@ -54,6 +54,23 @@ impl RunAs {
     }
 }
 
+impl RunAs {
+    /// Makes `cmd` run as this user: groups, gid and uid set between fork and exec.
+    pub fn apply(&self, cmd: &mut std::process::Command) {
+        let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
+        // SAFETY: only async-signal-safe syscalls between fork and exec (nix's setgroups passes
+        // the slice to libc as it is).
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setgroups(&groups)?;
+                nix::unistd::setgid(gid)?;
+                nix::unistd::setuid(uid)?;
+                Ok(())
+            });
+        }
+    }
+}
+
 /// Why the command could not be started; maps to the shell's 126/127.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -102,7 +119,6 @@ pub fn spawn(
     if let Some(r) = run_as {
         cmd.env("HOME", &r.home).env("USER", &r.name).env("LOGNAME", &r.name);
     }
-    let ids = run_as.map(|r| (r.uid, r.gid, r.groups.clone()));
     // SAFETY: only async-signal-safe syscalls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -113,13 +129,11 @@ pub fn spawn(
             if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some((uid, gid, groups)) = &ids {
-                nix::unistd::setgroups(groups)?;
-                nix::unistd::setgid(*gid)?;
-                nix::unistd::setuid(*uid)?;
-            }
             Ok(())
         });
+    }
+    if let Some(r) = run_as {
+        r.apply(&mut cmd);
     }
     if let Some(file) = log {
         let err = file.try_clone().map_err(|e| SpawnError::Other(name(), e))?;

@@ -681,7 +681,10 @@ fn job_control_works_on_a_terminal() {
     let out = Command::new("python3").arg("-c").arg(JOB_CONTROL).arg(common::bin()).output().unwrap();
     let screen = String::from_utf8_lossy(&out.stdout);
     assert!(screen.contains("Stopped"), "Ctrl-Z did not stop the job:\n{screen}");
-    assert!(screen.lines().any(|l| l.trim().starts_with('T')), "the command was not stopped with it:\n{screen}");
+    assert!(
+        screen.lines().any(|l| l.trim().starts_with('T')),
+        "the command was not stopped with it:\n{screen}"
+    );
     assert!(screen.contains("rc=130"), "Ctrl-C after fg did not end the command:\n{screen}");
     assert!(running_with("sleep 34.5").is_empty(), "left running:\n{screen}");
 }

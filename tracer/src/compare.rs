@@ -211,6 +211,29 @@ fn mitogen_strategy_dir(command: &[OsString], owner: Option<&launch::RunAs>) -> 
     (status.success() && dir.is_dir()).then_some(dir)
 }
 
+/// The files a comparison writes, relative to its output directory (one place for their names:
+/// they are checked before the first run and written later).
+fn trace_file(m: Mode, run: usize) -> String {
+    format!("traces/{}-{run}.jsonl", m.name())
+}
+
+/// `tag`: the run number, `untraced` or `warmup-N`.
+fn log_file(m: Mode, tag: &str) -> String {
+    format!("logs/{}-{tag}.log", m.name())
+}
+
+fn flamegraph_file(m: Mode) -> String {
+    format!("flamegraph-{}.svg", m.name())
+}
+
+fn timeline_file(m: Mode) -> String {
+    format!("timeline-{}.json", m.name())
+}
+
+fn diff_file(m: Mode) -> String {
+    format!("flamegraph-diff-classic-{}.svg", m.name())
+}
+
 /// Runs the comparison and writes `opts.out`.
 pub async fn compare(opts: Options) -> Result<CompareReport> {
     launch::check_argv(&opts.command)?;
@@ -240,17 +263,10 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     anyhow::ensure!(!modes.is_empty(), "no mode can run here");
     // Every file this comparison will write, checked before anything runs (a link or special
     // file at any of them would only be refused at the end).
-    let names = modes.iter().flat_map(|(m, _)| {
-        let m = m.name();
-        let runs =
-            (1..=opts.runs).flat_map(move |r| [format!("traces/{m}-{r}.jsonl"), format!("logs/{m}-{r}.log")]);
-        let once = [
-            format!("logs/{m}-untraced.log"),
-            format!("flamegraph-{m}.svg"),
-            format!("timeline-{m}.json"),
-            format!("flamegraph-diff-classic-{m}.svg"),
-        ];
-        runs.chain(once).chain((0..opts.warmup).map(move |w| format!("logs/{m}-warmup-{w}.log")))
+    let names = modes.iter().flat_map(|&(m, _)| {
+        let runs = (1..=opts.runs).flat_map(move |r| [trace_file(m, r), log_file(m, &r.to_string())]);
+        let once = [log_file(m, "untraced"), flamegraph_file(m), timeline_file(m), diff_file(m)];
+        runs.chain(once).chain((0..opts.warmup).map(move |w| log_file(m, &format!("warmup-{w}"))))
     });
     let planned: Vec<PathBuf> =
         names.chain(["report.json".to_owned(), "report.md".to_owned()]).map(|n| opts.out.join(n)).collect();
@@ -271,7 +287,8 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     for r in 0..opts.runs {
         for (m, env) in &modes {
             label(*m, &format!("run {}/{}", r + 1, opts.runs));
-            let trace = opts.out.join("traces").join(format!("{}-{}.jsonl", m.name(), r + 1));
+            let trace = opts.out.join(trace_file(*m, r + 1));
+            let log = opts.out.join(log_file(*m, &(r + 1).to_string()));
             let rec = record::record(record::Options {
                 output: Some(trace.clone()),
                 as_root: opts.as_root,
@@ -279,19 +296,13 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
                 ansible: ansible::Mode::Always,
                 persistent: m.persistent(),
                 env: env.clone(),
-                log: Some(opts.out.join("logs").join(format!("{}-{}.log", m.name(), r + 1))),
+                log: Some(log.clone()),
                 progress: Some(progress.clone()),
                 ..record::Options::new(opts.command.clone())
             })
             .await?;
             if rec.footer.status != crate::trace::Status::Exited(0) {
-                bail!(
-                    "{} run {} ended with {}: see {}",
-                    m.name(),
-                    r + 1,
-                    rec.footer.status,
-                    opts.out.join("logs").join(format!("{}-{}.log", m.name(), r + 1)).display()
-                );
+                bail!("{} run {} ended with {}: see {}", m.name(), r + 1, rec.footer.status, log.display());
             }
             walls.entry(*m).or_default().push((rec.footer.end_ns - rec.header.start_ns) as f64 / 1e9);
             traces.entry(*m).or_default().push(trace);
@@ -346,7 +357,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
             let after = Loaded::read(&traces[m][0], owner)?;
             let after = flamegraph::folded(&after.model, after.ansible(), Weight::Count, FlameBy::Task);
             let title = format!("spawntrace: classic → {} (processes spawned)", m.name());
-            write_file(&opts.out.join(format!("flamegraph-diff-classic-{}.svg", m.name())), owner, |w| {
+            write_file(&opts.out.join(diff_file(*m)), owner, |w| {
                 flamegraph::diff_svg(&before, &after, Weight::Count, &title, w)
             })?;
         }
@@ -361,10 +372,10 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
 /// The flamegraph (processes spawned) and the timeline of one run of a mode.
 fn write_pictures(out: &Path, m: Mode, l: &Loaded, owner: Option<&launch::RunAs>) -> Result<()> {
     let stacks = flamegraph::folded(&l.model, l.ansible(), Weight::Count, FlameBy::Task);
-    write_file(&out.join(format!("flamegraph-{}.svg", m.name())), owner, |w| {
+    write_file(&out.join(flamegraph_file(m)), owner, |w| {
         flamegraph::svg(&l.trace.header, &stacks, Weight::Count, w)
     })?;
-    write_file(&out.join(format!("timeline-{}.json", m.name())), owner, |w| {
+    write_file(&out.join(timeline_file(m)), owner, |w| {
         crate::report::timeline::write_timeline(&l.trace.header, &l.model, l.ansible(), w)
     })
 }
@@ -409,7 +420,7 @@ async fn untraced(
     };
     let mut all = session.as_ref().map(|s| s.env.clone()).unwrap_or_default();
     all.extend(env.iter().cloned());
-    let log = opts.out.join("logs").join(format!("{}-{tag}.log", m.name()));
+    let log = opts.out.join(log_file(m, tag));
     let file = crate::output::open_log(&log, run_as)?;
     let start = Instant::now();
     let status = launch::spawn(&opts.command, run_as, &all, Some(file), false)
@@ -515,19 +526,13 @@ fn markdown_raw(r: &CompareReport) -> String {
     let _ = writeln!(
         o,
         "Timelines (Perfetto / chrome://tracing): {}.",
-        r.modes.iter().map(|m| format!("timeline-{}.json", m.mode.name())).collect::<Vec<_>>().join(", ")
+        r.modes.iter().map(|m| timeline_file(m.mode)).collect::<Vec<_>>().join(", ")
     );
     let _ = writeln!(o, "\nFlamegraphs: {}.", {
-        let mut v: Vec<String> =
-            r.modes.iter().map(|m| format!("flamegraph-{}.svg", m.mode.name())).collect();
+        let mut v: Vec<String> = r.modes.iter().map(|m| flamegraph_file(m.mode)).collect();
         // differentials against classic exist only when classic ran
         if r.modes.iter().any(|m| m.mode == Mode::Classic) {
-            v.extend(
-                r.modes
-                    .iter()
-                    .filter(|m| m.mode != Mode::Classic)
-                    .map(|m| format!("flamegraph-diff-classic-{}.svg", m.mode.name())),
-            );
+            v.extend(r.modes.iter().filter(|m| m.mode != Mode::Classic).map(|m| diff_file(m.mode)));
         }
         v.join(", ")
     });

@@ -349,7 +349,7 @@ impl TraceWriter {
 #[derive(Debug, Default)]
 pub struct Trace {
     pub header: Header,
-    /// The events, unless read with [`Trace::stream`] (which hands them out instead).
+    /// The events, unless read with [`Trace::read_file`] (which hands them out instead).
     pub events: Vec<Event>,
     /// Messages from the Ansible plugins, in arrival order.
     pub ansible: Vec<AnsibleRecord>,
@@ -365,16 +365,16 @@ pub struct Trace {
 impl Trace {
     /// Reads a trace file; errors name the file and line.
     pub fn read(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let mut events = Vec::new();
-        let mut t = Self::stream(path, |e| events.push(e))?;
+        let mut t = Self::read_file(file, path, |e| events.push(e))?;
         t.events = events;
         Ok(t)
     }
 
-    /// Reads a trace file, handing each event to `on_event` instead of keeping it (memory stays
-    /// with what the caller keeps).
-    pub fn stream(path: &Path, on_event: impl FnMut(Event)) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    /// Reads the trace open as `file` (named `path` in errors), handing each event to `on_event`
+    /// instead of keeping it (memory stays with what the caller keeps).
+    pub fn read_file(file: File, path: &Path, on_event: impl FnMut(Event)) -> Result<Self> {
         Self::from_reader_with(BufReader::new(file), on_event)
             .with_context(|| format!("{} is not a readable spawntrace trace", path.display()))
     }

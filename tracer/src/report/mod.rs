@@ -40,11 +40,9 @@ impl Loaded {
         path: &std::path::Path,
         owner: Option<&crate::record::launch::RunAs>,
     ) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
         let file = crate::output::open_read(path, owner)?;
         let mut model = Model::default();
-        let trace = crate::trace::Trace::from_reader_with(std::io::BufReader::new(file), |e| model.apply(&e))
-            .with_context(|| format!("{} is not a readable spawntrace trace", path.display()))?;
+        let trace = crate::trace::Trace::read_file(file, path, |e| model.apply(&e))?;
         let attribution = Attribution::new(&model, &trace.ansible);
         Ok(Self { trace, model, attribution })
     }

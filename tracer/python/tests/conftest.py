@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 
 CALLBACK_DIR = Path(__file__).resolve().parents[1] / "ansible_collections/spawntrace/tracer/plugins/callback"
+# the agent's package (spawntrace_agent), importable by every test as the connection plugins import it
+AGENT_PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ansible_collections/spawntrace/tracer/agent"
+if str(AGENT_PACKAGE_DIR) not in sys.path:
+    sys.path.append(str(AGENT_PACKAGE_DIR))
 BIN = Path(sys.executable).parent
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 

@@ -133,9 +133,9 @@ def run_playbook(
     )
     if mode == "persistent":
         e["ANSIBLE_CONNECTION_PLUGINS"] = str(CONNECTION_DIR)
-        if os.environ.get("SPAWNTRACE_TEST_AGENT_REUSE"):
+        if os.environ.get("SPAWNTRACE_TEST_AGENT_IN_PROCESS"):
             # the whole suite again with in-process runs (opt-in mode): same results expected
-            e["SPAWNTRACE_AGENT_REUSE"] = os.environ["SPAWNTRACE_TEST_AGENT_REUSE"]
+            e["SPAWNTRACE_AGENT_IN_PROCESS"] = os.environ["SPAWNTRACE_TEST_AGENT_IN_PROCESS"]
     elif mode != "classic":
         raise ValueError(mode)
     e.update(env or {})

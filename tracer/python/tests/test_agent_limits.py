@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from test_runner_protocol import PYTHON, agent, client
+from test_runner_protocol import PYTHON, client, framing
 
 MiB = 1024 * 1024
-OVER_BLOB = min(agent.MAX_BLOB + 1, 0xFFFFFFFF)  # (a u32 however the limit is set)
+OVER_BLOB = min(framing.MAX_BLOB + 1, 0xFFFFFFFF)  # (a u32 however the limit is set)
 
 
 def start_agent(tmp_path, **extra):
@@ -26,7 +26,7 @@ def start_agent(tmp_path, **extra):
     cfg = {"socket": path, "version": client.VERSION, "idle": 30, "key": "limits", "dir_owner": os.getuid(),
            "host": "h", "user": "u", "log": str(d / "agent.log")}
     cfg.update(extra)
-    p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
     assert p.returncode == 0 and ready["ok"], (p.stdout, p.stderr)
     return path, ready["pid"]
@@ -58,12 +58,12 @@ def ping(path, timeout=3.0):
     t0 = time.monotonic()
     s = connect(path, timeout)
     try:
-        agent.send_frame(s, {"op": "ping", "version": client.VERSION})
-        hello, _ = agent.recv_frame(s)
-        resp, _ = agent.recv_frame(s)
+        framing.send_frame(s, {"op": "ping", "version": client.VERSION})
+        hello, _ = framing.recv_frame(s)
+        resp, _ = framing.recv_frame(s)
     finally:
         s.close()
-    assert hello["hello"] == agent.PROTOCOL and resp["ok"], (hello, resp)
+    assert hello["hello"] == framing.PROTOCOL and resp["ok"], (hello, resp)
     return resp, time.monotonic() - t0
 
 
@@ -100,7 +100,7 @@ def test_a_frame_that_stops_midway_holds_up_nobody(limited_agent):
     path, _ = limited_agent
     stalled = connect(path)
     # a header announcing a 100-byte frame (8 + 92 bytes of JSON), then 10 bytes of it in all
-    stalled.sendall(agent.HEADER.pack(92, 0) + b'{"')
+    stalled.sendall(framing.HEADER.pack(92, 0) + b'{"')
     time.sleep(0.3)  # the agent has read them
     resp, secs = ping(path)
     assert secs < 3, secs
@@ -120,15 +120,15 @@ def test_a_frame_that_stops_midway_holds_up_nobody(limited_agent):
     assert ping(path)[0]["ok"]
 
 
-@pytest.mark.parametrize("jlen, blen", [(64 * MiB, 0xFFFFFFFF), (agent.MAX_JSON + 1, 0), (2, OVER_BLOB), (0xFFFFFFFF, 0xFFFFFFFF)])
+@pytest.mark.parametrize("jlen, blen", [(64 * MiB, 0xFFFFFFFF), (framing.MAX_JSON + 1, 0), (2, OVER_BLOB), (0xFFFFFFFF, 0xFFFFFFFF)])
 def test_lengths_over_the_limits_are_refused_before_allocating(limited_agent, jlen, blen):
     path, pid = limited_agent
     ping(path)
     rss0, hwm0 = memory(pid)
     s = connect(path)
-    s.sendall(agent.HEADER.pack(jlen, blen))
+    s.sendall(framing.HEADER.pack(jlen, blen))
     t0 = time.monotonic()
-    resp, blob = agent.recv_frame(s)  # instead of the hello
+    resp, blob = framing.recv_frame(s)  # instead of the hello
     assert time.monotonic() - t0 < 2
     assert resp["ok"] is False and resp["error"].startswith("malformed frame: ") and blob == b"", resp
     assert "hello" not in resp
@@ -144,8 +144,8 @@ def test_lengths_over_the_limits_are_refused_before_allocating(limited_agent, jl
 def test_malformed_frames_are_answered_and_closed(limited_agent, data):
     path, _ = limited_agent
     s = connect(path)
-    s.sendall(agent.HEADER.pack(len(data), 3) + data + b"abc")
-    resp, blob = agent.recv_frame(s)
+    s.sendall(framing.HEADER.pack(len(data), 3) + data + b"abc")
+    resp, blob = framing.recv_frame(s)
     assert resp["ok"] is False and resp["error"].startswith("malformed frame: ") and blob == b"", resp
     assert closed_by_agent(s, 2) == (True, 0)
     s.close()
@@ -158,7 +158,7 @@ def test_a_client_that_does_not_read_its_reply_holds_up_nobody(limited_agent, tm
     data = os.urandom(MiB) * 64
     big.write_bytes(data)
     lazy = connect(path)
-    agent.send_frame(lazy, {"op": "fetch", "path": str(big), "version": client.VERSION})
+    framing.send_frame(lazy, {"op": "fetch", "path": str(big), "version": client.VERSION})
     time.sleep(0.5)  # the agent has read the file and sent what the socket takes
     for _ in range(3):
         resp, secs = ping(path)
@@ -200,8 +200,8 @@ def test_a_second_request_before_the_reply_is_refused(limited_agent):
     unparsed in the agent's buffer, keeping the connection (and the agent) alive for ever."""
     path, _ = limited_agent
     s = connect(path)
-    s.sendall(agent.encode_frame({"op": "ping", "version": client.VERSION}) * 2)
-    resp, _ = agent.recv_frame(s)
+    s.sendall(framing.encode_frame({"op": "ping", "version": client.VERSION}) * 2)
+    resp, _ = framing.recv_frame(s)
     assert resp == {"ok": False, "error": "malformed frame: data after a request, before its reply"}, resp
     assert closed_by_agent(s, 3)[0]
     s.close()
@@ -228,26 +228,26 @@ def test_a_fifo_or_device_at_a_transfer_path_holds_up_nobody(limited_agent, tmp_
 def test_recv_frame_checks_the_limits_before_allocating():
     """The client's side: a lying header costs nothing, a non-object reply is an error."""
     rss0, hwm0 = memory(os.getpid())
-    for head in (agent.HEADER.pack(0, 0xFFFFFFFF), agent.HEADER.pack(0xFFFFFFFF, 0), agent.HEADER.pack(2, OVER_BLOB)):
+    for head in (framing.HEADER.pack(0, 0xFFFFFFFF), framing.HEADER.pack(0xFFFFFFFF, 0), framing.HEADER.pack(2, OVER_BLOB)):
         a, b = socket.socketpair()
         a.sendall(head + b"{}")
         a.close()
-        with pytest.raises(agent.ProtocolError):
-            agent.recv_frame(b)
+        with pytest.raises(framing.ProtocolError):
+            framing.recv_frame(b)
         b.close()
     for data in (b"[]", b"\xff", b"{"):
         a, b = socket.socketpair()
-        a.sendall(agent.HEADER.pack(len(data), 0) + data)
-        with pytest.raises(agent.ProtocolError):
-            agent.recv_frame(b)
+        a.sendall(framing.HEADER.pack(len(data), 0) + data)
+        with pytest.raises(framing.ProtocolError):
+            framing.recv_frame(b)
         a.close()
         b.close()
     # a blob within the limits but cut short: the buffer grows only with what arrived
     a, b = socket.socketpair()
-    a.sendall(agent.HEADER.pack(2, agent.MAX_BLOB) + b"{}" + b"x" * 1000)
+    a.sendall(framing.HEADER.pack(2, framing.MAX_BLOB) + b"{}" + b"x" * 1000)
     a.close()
-    with pytest.raises(agent.ProtocolError):
-        agent.recv_frame(b)
+    with pytest.raises(framing.ProtocolError):
+        framing.recv_frame(b)
     b.close()
     rss1, hwm1 = memory(os.getpid())
     assert rss1 - rss0 < 50 * MiB and hwm1 - hwm0 < 50 * MiB, (rss0, rss1, hwm0, hwm1)

@@ -3,7 +3,8 @@ native shell housekeeping compared with /bin/sh running the very commands ansibl
 plugin builds, command recognition, module runs, security checks and the agent's lifecycle."""
 from __future__ import annotations
 
-import importlib.util
+import base64
+import errno
 import json
 import os
 import pwd
@@ -20,11 +21,7 @@ import pytest
 
 from runner_fixtures import AGENT_DIR, BECOME_USER, become_user, ensure_user  # noqa: F401
 
-spec = importlib.util.spec_from_file_location("spawntrace_agent_client", AGENT_DIR / "client.py")
-client = importlib.util.module_from_spec(spec)
-sys.modules["spawntrace_agent_client"] = client
-spec.loader.exec_module(client)
-agent = client.agent
+from spawntrace_agent import ansiballz, client, framing, memory, safe_paths, shell_ops, wire  # noqa: E402,F401
 
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
@@ -51,27 +48,27 @@ def test_frames_round_trip():
     import threading
 
     a, b = socket.socketpair()
-    big = os.urandom(3 * agent.BIG + 7)
+    big = os.urandom(3 * framing.BIG + 7)
 
     def writer():
-        agent.send_frame(a, {"op": "x", "n": 1, "s": "é"}, big)
-        agent.send_frame(a, {"op": "y"})
+        framing.send_frame(a, {"op": "x", "n": 1, "s": "é"}, big)
+        framing.send_frame(a, {"op": "y"})
 
     t = threading.Thread(target=writer)
     t.start()
-    assert agent.recv_frame(b) == ({"op": "x", "n": 1, "s": "é"}, big)
-    assert agent.recv_frame(b) == ({"op": "y"}, b"")
+    assert framing.recv_frame(b) == ({"op": "x", "n": 1, "s": "é"}, big)
+    assert framing.recv_frame(b) == ({"op": "y"}, b"")
     t.join()
     a.close()
-    with pytest.raises(agent.ProtocolError):
-        agent.recv_frame(b)
+    with pytest.raises(framing.ProtocolError):
+        framing.recv_frame(b)
 
 
 def test_incremental_reader():
     a, b = socket.socketpair()
-    agent.send_frame(a, {"k": "v"}, b"blob")
+    framing.send_frame(a, {"k": "v"}, b"blob")
     data = b.recv(1000)
-    r = agent.FrameReader()
+    r = framing.FrameReader()
     for i in range(len(data)):
         assert r.frame() is None
         r.feed(data[i : i + 1])
@@ -98,7 +95,7 @@ def test_expand_user_matches_shell(tmp_path):
         cmd = shell.expand_user(word, username=username)
         op, args, become = rec.plan(cmd, None, False)
         assert op == "expand_user" and not become
-        same_as_shell(cmd, agent.run_op(op, args, os.environ))
+        same_as_shell(cmd, shell_ops.run_op(op, args, os.environ))
 
 
 def test_mkdtemp_matches_shell(tmp_path):
@@ -112,7 +109,7 @@ def test_mkdtemp_matches_shell(tmp_path):
         cmd = shell.mkdtemp(basefile=base, tmpdir=tmpdir)
         op, args, _ = rec.plan(cmd, None, False)
         assert op == "mkdtemp"
-        res = agent.run_op(op, args, os.environ)
+        res = shell_ops.run_op(op, args, os.environ)
         created = Path(tmpdir, base)
         if res[0] == 0:
             assert res[1] == ("%s=%s\n" % (base, created)).encode()
@@ -147,7 +144,7 @@ def test_chmod_matches_shell(tmp_path, mode):
         cmd = shell.chmod([str(tmp_path / "ours" / kind), str(tmp_path / "ours" / "missing")], mode)
         op, args, _ = rec.plan(cmd, None, False)
         assert op == "chmod"
-        res = agent.run_op(op, args, os.environ)
+        res = shell_ops.run_op(op, args, os.environ)
         rc, out, err = sh(shell.chmod([str(tmp_path / "shell" / kind), str(tmp_path / "shell" / "missing")], mode))
         assert (res[0], res[1]) == (rc, out) == (1, b"")
         assert res[2] and err
@@ -178,14 +175,14 @@ def test_rm_and_exists_match_shell(tmp_path):
             op, args, _ = rec.plan(e_cmd, None, False)
             assert op == "exists"
             if which == "ours":
-                exists = agent.run_op(op, args, os.environ)
+                exists = shell_ops.run_op(op, args, os.environ)
             else:
                 same_as_shell(e_cmd, exists)
             cmd = shell.remove(path, recurse=recurse)
             op, args, _ = rec.plan(cmd, None, False)
             assert op == "rm"
             if which == "ours":
-                res = agent.run_op(op, args, os.environ)
+                res = shell_ops.run_op(op, args, os.environ)
             else:
                 same_as_shell(cmd, res)
     assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "shell")) == []
@@ -224,13 +221,13 @@ def test_plan_unwraps_executable_sleep_and_become():
 def test_split_payload():
     head = b"#!/usr/bin/python3\nX = 1\ndef _ansiballz_main(zip_data, **kw):\n    print(len(zip_data))\n"
     tail = b'\nif __name__ == "__main__":\n    _ansiballz_main(\nzip_data=\'QUJD\',\nparams=\'x\',\n)\n'
-    parts = agent.split_payload(head + tail)
+    parts = ansiballz.split_payload(head + tail)
     assert parts[0] == head and parts[2] == b"QUJD" and b"__spawntrace_zip_data" in parts[1]
-    assert agent.split_payload(head) is None
-    assert agent.split_payload(head + tail.replace(b"QUJD", b"QU\\nJD")) is None
-    stripped, data = agent.strip_payload(head + tail)
-    assert data == b"QUJD" and b"QUJD" not in stripped and agent.unstrip_payload(stripped, data) == head + tail
-    assert agent.strip_payload(stripped) is None
+    assert ansiballz.split_payload(head) is None
+    assert ansiballz.split_payload(head + tail.replace(b"QUJD", b"QU\\nJD")) is None
+    stripped, data = ansiballz.strip_payload(head + tail)
+    assert data == b"QUJD" and b"QUJD" not in stripped and ansiballz.unstrip_payload(stripped, data) == head + tail
+    assert ansiballz.strip_payload(stripped) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +246,7 @@ def running_agent(tmp_path):
     path = str(d / "a.sock")
     cfg = {"socket": path, "version": client.VERSION, "idle": 30, "key": "test", "dir_owner": os.getuid(),
            "host": "h", "user": "u", "log": str(d / "agent.log")}
-    p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
     assert p.returncode == 0 and ready["ok"], (p.stdout, p.stderr)
     ep = client.Endpoint(path, os.getuid())
@@ -261,6 +258,56 @@ def running_agent(tmp_path):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and os.path.exists(f"/proc/{ready['pid']}"):
         time.sleep(0.05)
+
+
+def _start(payload, cfg, body=None):
+    return subprocess.run(payload.argv(PYTHON, json.dumps(cfg)), input=payload.body if body is None else body,
+                          capture_output=True, timeout=60)
+
+
+def test_payload_over_128_kib_goes_on_stdin(tmp_path):
+    """The agent's payload travels on stdin behind a first stage of a few hundred bytes: one of
+    over 128 KiB (MAX_ARG_STRLEN, the most a single argument may hold) starts an agent, whereas
+    as one argument, as `python -c <source>` used to pass it, it cannot even be executed."""
+    sources = wire.package_sources()
+    # incompressible: the compressed body is over the limit too
+    sources["spawntrace_agent.padding"] = (False, "PADDING = %r\n" % base64.b64encode(os.urandom(192 * 1024)).decode())
+    payload = wire.Payload(sources)
+    assert len(payload.body) > 128 * 1024 and payload.version != client.VERSION
+    with pytest.raises(OSError) as e:
+        subprocess.run([PYTHON, "-c", payload.program.decode()], capture_output=True)
+    assert e.value.errno == errno.E2BIG
+    d = tmp_path / "agents"
+    d.mkdir(mode=0o700)
+    cfg = {"socket": str(d / "big.sock"), "version": payload.version, "idle": 5, "key": "big", "dir_owner": os.getuid()}
+    argv = payload.argv(PYTHON, json.dumps(cfg))
+    assert len(argv[2]) < 1024, argv[2]
+    p = _start(payload, cfg)
+    ready = client.parse_ready(p.stdout)
+    assert p.returncode == 0 and ready["ok"], (p.stdout, p.stderr)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(cfg["socket"])
+        framing.send_frame(s, {"op": "exists", "args": {"path": str(d)}, "env": None})
+        hello, _ = framing.recv_frame(s)
+        resp, _ = framing.recv_frame(s)
+        assert hello["version"] == payload.version and resp["ok"] and resp["rc"] == 0, (hello, resp)
+        s.close()
+    finally:
+        os.kill(ready["pid"], signal.SIGTERM)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_payload_is_refused_with_one_line(tmp_path, damage):
+    d = tmp_path / "agents"
+    d.mkdir(mode=0o700)
+    cfg = {"socket": str(d / "x.sock"), "version": client.VERSION, "idle": 5, "key": "x", "dir_owner": os.getuid()}
+    body = client.PAYLOAD.body
+    body = body[:-100] if damage == "truncated" else body[:-100] + bytes(100)
+    p = _start(client.PAYLOAD, cfg, body)
+    ready = client.parse_ready(p.stdout)
+    assert p.returncode == 1 and not ready["ok"] and "spawntrace agent payload" in ready["error"], (p.stdout, p.stderr)
+    assert not (d / "x.sock").exists()
 
 
 def run(ep, src, **req):
@@ -275,7 +322,7 @@ def test_agent_ping_and_bootstrap_reuse(running_agent):
     ep, pid, cfg = running_agent
     resp, _ = ep.request({"op": "ping"})
     assert resp["ok"] and resp["pid"] == pid and resp["version"] == client.VERSION
-    p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     again = client.parse_ready(p.stdout)
     assert again == {"ok": True, "pid": pid, "reused": True, "socket": cfg["socket"], "reporting": False}
     st = os.stat(cfg["socket"])
@@ -369,7 +416,7 @@ def test_a_loops_zip_is_sent_once(running_agent):
                "    import base64, hashlib\n"
                "    print(hashlib.sha1(base64.b64decode(zip_data)).hexdigest(), params)\n" % PYTHON).encode()
     payload += b'\nif __name__ == "__main__":\n    _ansiballz_main(\nzip_data=\'' + zip_text + b"',\nparams='p',\n)\n"
-    stripped, data = agent.strip_payload(payload)
+    stripped, data = ansiballz.strip_payload(payload)
     req = {"op": "run", "env": dict(os.environ), "assign": {}, "cwd": "/", "umask": 0o022, "path": None,
            "zip_sha": hashlib.sha1(data).hexdigest()}
     want = ("%s p\n" % hashlib.sha1(base64.b64decode(zip_text)).hexdigest()).encode()
@@ -389,9 +436,9 @@ def test_a_loops_zip_is_sent_once(running_agent):
 def test_version_mismatch_refused(running_agent):
     ep, _, _ = running_agent
     s = ep.connect()
-    agent.send_frame(s, {"op": "run", "version": "0-other", "env": {}, "assign": {}}, payload_for("print(1)"))
-    hello, _ = agent.recv_frame(s)
-    resp, _ = agent.recv_frame(s)
+    framing.send_frame(s, {"op": "run", "version": "0-other", "env": {}, "assign": {}}, payload_for("print(1)"))
+    hello, _ = framing.recv_frame(s)
+    resp, _ = framing.recv_frame(s)
     assert hello["version"] == client.VERSION and resp == {"ok": False, "unsupported": True, "error": "agent version %s" % client.VERSION}
 
 
@@ -406,7 +453,7 @@ def test_peer_uid_checked(become_user):  # noqa: F811
         d.mkdir(mode=0o700)
         path = str(d / "a.sock")
         cfg = {"socket": path, "version": client.VERSION, "idle": 30, "key": "peer", "dir_owner": os.getuid()}
-        p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+        p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
         assert client.parse_ready(p.stdout)["ok"]
         code = (
             "import socket,sys\ns=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
@@ -441,7 +488,7 @@ def test_idle_timeout_and_controller_liveness(tmp_path):
         for name, idle, ctl in (("idle", 1, None), ("ctl", 60, controller.pid)):
             cfg = {"socket": str(d / (name + ".sock")), "version": client.VERSION, "idle": idle, "key": name,
                    "dir_owner": os.getuid(), "controller_pid": ctl, "controller_start": client.proc_start(ctl) if ctl else None}
-            p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+            p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
             agents[name] = (client.parse_ready(p.stdout)["pid"], cfg["socket"])
         time.sleep(3)
         assert not os.path.exists("/proc/%d" % agents["idle"][0]) and not os.path.exists(agents["idle"][1])
@@ -462,7 +509,7 @@ def test_connections_are_kept_and_replaced_when_the_agent_is_gone(tmp_path):
     cfg = {"socket": str(d / "k.sock"), "version": client.VERSION, "idle": 1, "key": "k", "dir_owner": os.getuid()}
 
     def start():
-        p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+        p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
         return client.parse_ready(p.stdout)["pid"]
 
     pid = start()
@@ -498,7 +545,7 @@ def test_stale_socket_replaced(tmp_path):
     s.bind(str(path))
     s.close()  # a socket file nobody listens on
     cfg = {"socket": str(path), "version": client.VERSION, "idle": 2, "key": "s", "dir_owner": os.getuid()}
-    p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
     assert ready["ok"] and not ready["reused"]
     assert client.Endpoint(str(path), os.getuid()).request({"op": "ping"})[0]["pid"] == ready["pid"]
@@ -510,7 +557,7 @@ def test_private_directory_checks(tmp_path):
     ensure_user(BECOME_USER)
     os.chown(d, pwd.getpwnam(BECOME_USER).pw_uid, -1)
     cfg = {"socket": str(d / "x.sock"), "version": client.VERSION, "key": "x", "dir_owner": os.getuid()}
-    p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
     assert p.returncode == 1 and not ready["ok"] and ready["unsafe"] and "must be a directory of uid %d" % os.getuid() in ready["error"]
     # a directory of ours with loose permissions is refused too, never repaired
@@ -518,7 +565,7 @@ def test_private_directory_checks(tmp_path):
     loose.mkdir(mode=0o777)
     os.chmod(loose, 0o777)
     cfg.update(socket=str(loose / "x.sock"))
-    p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
     assert p.returncode == 1 and ready["unsafe"] and "mode 0777" in ready["error"], ready
     assert stat.S_IMODE(loose.stat().st_mode) == 0o777 and not (loose / "x.sock").exists()
@@ -550,10 +597,10 @@ def test_hot_heap_pages_are_learnt_from_runners():
 
     buf = bytearray(64 * 1024)  # malloc'd: on the heap (below the mmap threshold)
     addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    heap = agent._heap_ranges()
+    heap = memory._heap_ranges()
     if not any(lo <= addr < hi for lo, hi in heap):
         pytest.skip("the test buffer is not on the [heap] here")
-    hot = agent.HotPages()
+    hot = memory.HotPages()
     assert hot.ranges() == []
     pid = os.fork()
     if pid == 0:
@@ -569,4 +616,4 @@ def test_hot_heap_pages_are_learnt_from_runners():
     for page in (first, last):
         assert any(lo <= page < lo + n for lo, n in ranges), (hex(page), [(hex(lo), n) for lo, n in ranges])
     # a later runner copies them before it runs (and the process is not harmed by it)
-    agent.prefault(hot)
+    memory.prefault(hot)

@@ -31,18 +31,7 @@ ATTACKER_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else 
 PLAYBOOK = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo hi\n"
 
 
-def _client():
-    mod = sys.modules.get("spawntrace_agent_client")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("spawntrace_agent_client", AGENT_DIR / "client.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["spawntrace_agent_client"] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-client = _client()
-agent = client.agent
+from spawntrace_agent import client, safe_paths  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +131,18 @@ def failed_msg(run):
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. compiled code planted where the plugins' loader looks for its cache
+# 1. compiled code planted where the plugins' former loader looked for its cache (it is gone: the
+# plugins import the agent's package from the run's private plugin directory)
 
 
 def _loaded_files():
-    """(module name, path string) of every file the connection plugins load through their
-    caching loader, with the very path strings they pass (the cache tag hashes them)."""
+    """(module name, path) of the files the connection plugins import."""
     import ansible.plugins.connection as pkg
 
-    plugin_dir = os.path.dirname(os.path.realpath(CONNECTION_DIR / "local.py"))
-    client_path = os.path.join(plugin_dir, "..", "..", "agent", "client.py")
-    return [
-        ("spawntrace_agent_client", client_path),
-        ("spawntrace_agent_protocol", os.path.join(os.path.dirname(os.path.realpath(client_path)), "agent.py")),
-        ("ansible.plugins.connection._spawntrace_builtin_local", os.path.join(os.path.dirname(pkg.__file__), "local.py")),
-    ]
+    package = os.path.join(os.path.dirname(os.path.realpath(CONNECTION_DIR / "local.py")), "..", "..", "agent", "spawntrace_agent")
+    return [("spawntrace_agent.client", os.path.join(package, "client.py")),
+            ("spawntrace_agent.framing", os.path.join(package, "framing.py")),
+            ("ansible.plugins.connection._spawntrace_builtin_local", os.path.join(os.path.dirname(pkg.__file__), "local.py"))]
 
 
 def test_planted_code_cache_is_never_run(tmp_path, place, attacker):
@@ -251,7 +237,7 @@ def _bootstrap(place, attacker, key, **extra):
            "dir_owner": attacker.pw_uid, "client_uid": 0, "controller_pid": os.getpid(),
            "controller_start": client.proc_start(os.getpid())}
     cfg.update(extra)
-    p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     return client.parse_ready(p.stdout), cfg
 
 
@@ -332,7 +318,7 @@ def test_target_bootstrap_reports_one_line(place, attacker):
     as_attacker(attacker, "mkdir", "-m", "0700", str(d))
     cfg = {"socket": None, "version": client.VERSION, "idle": 30, "key": "remote", "dir_owner": "self",
            "client_uid": "sudo", "dir_base": str(place.shared)}
-    p = subprocess.run([PYTHON, "-c", client.AGENT_SOURCE.decode(), json.dumps(cfg)], capture_output=True, timeout=60)
+    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
     assert p.returncode == 1 and p.stdout.decode().count("\n") == 1 and ready["unsafe"], (p.stdout, p.stderr)
     assert ready["error"].startswith("spawntrace: unsafe agent directory %s: a directory, owner uid %d" % (d, attacker.pw_uid))
@@ -347,22 +333,22 @@ def test_target_bootstrap_reports_one_line(place, attacker):
 
 
 def test_private_dir_accepts_a_good_chain_and_makes_it_for_its_owner(place, attacker):
-    fd, real = agent.private_dir(str(place.shared / "mine"), 0)
+    fd, real = safe_paths.private_dir(str(place.shared / "mine"), 0)
     os.close(fd)
     st = os.lstat(real)
     assert real == str(place.shared / "mine") and st.st_uid == 0 and (st.st_mode & 0o777) == 0o700
-    fd, _ = agent.private_dir(real, 0)  # an existing one is fine
+    fd, _ = safe_paths.private_dir(real, 0)  # an existing one is fine
     os.close(fd)
     # root making one for another user: created 0700 and handed over by fd
-    fd, real = agent.private_dir(str(place.shared / "theirs"), attacker.pw_uid)
+    fd, real = safe_paths.private_dir(str(place.shared / "theirs"), attacker.pw_uid)
     os.close(fd)
     st = os.lstat(real)
     assert st.st_uid == attacker.pw_uid and (st.st_mode & 0o777) == 0o700
 
 
 def _refused(path, owner):
-    with pytest.raises(agent.UnsafePath) as e:
-        agent.private_dir(str(path), owner)
+    with pytest.raises(safe_paths.UnsafePath) as e:
+        safe_paths.private_dir(str(path), owner)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("spawntrace: unsafe agent directory ") and "SPAWNTRACE_AGENT_DIR" in msg, msg
     return msg
@@ -396,44 +382,6 @@ def test_private_dir_refusals(place, attacker):
     # a parent reached through a symlink is checked where it leads
     as_attacker(attacker, "ln", "-s", str(theirs), str(place.shared / "via"))
     assert "its parent %s" % theirs in _refused(place.shared / "via" / "x", 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. the plugins' code cache
-
-
-def _fresh_loader():
-    spec = importlib.util.spec_from_file_location("spawntrace_sec_loader", AGENT_DIR / "loader.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_code_cache_only_in_a_private_place(place, attacker, monkeypatch, tmp_path):
-    loader = _fresh_loader()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(place.shared / "cache"))
-    assert loader.cache_dir() is None  # under a world-writable (if sticky) /tmp-like directory
-    src = tmp_path / "m.py"
-    src.write_text("VALUE = 42\n")
-    assert loader.load("spawntrace_sec_probe_mod", str(src)).VALUE == 42  # compiled, not cached
-    sys.modules.pop("spawntrace_sec_probe_mod", None)
-    assert not (place.shared / "cache").exists()
-    # a cache file is read only when it is this uid's regular file, not writable by others
-    good = compile("VALUE = 1\n", "x", "exec")
-    d = place.base / "cachefiles"
-    d.mkdir()
-    ok = d / "ok.bin"
-    ok.write_bytes(marshal.dumps(good))
-    assert loader._read(str(ok)).co_consts == good.co_consts
-    (d / "link.bin").symlink_to(ok)
-    assert loader._read(str(d / "link.bin")) is None
-    loose = d / "loose.bin"
-    loose.write_bytes(marshal.dumps(good))
-    os.chmod(loose, 0o666)
-    assert loader._read(str(loose)) is None
-    os.chmod(d, 0o777)
-    as_attacker(attacker, "cp", str(ok), str(d / "theirs.bin"))
-    assert loader._read(str(d / "theirs.bin")) is None
 
 
 def test_persistent_run_still_works_in_a_shared_base(tmp_path, place):

@@ -65,8 +65,8 @@ pub fn has_persistent_plugins() -> bool {
 }
 
 /// The environment that makes the persistent agents run modules in-process: one runner process
-/// runs up to this many modules in a row instead of one (opt-in; see the agent's `_Reuse`).
-pub const IN_PROCESS_ENV: (&str, &str) = ("SPAWNTRACE_AGENT_REUSE", "100");
+/// runs up to this many modules in a row instead of one (opt-in; see the agent's `runner.InProcess`).
+pub const IN_PROCESS_ENV: (&str, &str) = ("SPAWNTRACE_AGENT_IN_PROCESS", "100");
 
 /// What a [`Session`] injects.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,38 +5,19 @@
 # See tracer/python/RUNNER.md.
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
+# the agent's package, agent/spawntrace_agent in this collection
+_AGENT = os.path.normpath(os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "agent"))
+if _AGENT not in sys.path:
+    sys.path.append(_AGENT)
+
 from ansible.errors import AnsibleError, AnsibleFileNotFound
+from spawntrace_agent import client  # noqa: E402
 
-
-def _load(name, path):
-    """Imports `path` as module `name` once per process, through agent/loader.py (compiled code
-    cached in the user's own cache directory, only where nobody else can write; see there)."""
-    loader = sys.modules.get("spawntrace_agent_loader")
-    if loader is None:
-        where = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "agent", "loader.py")
-        spec = importlib.util.spec_from_file_location("spawntrace_agent_loader", where)
-        loader = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loader)
-        sys.modules["spawntrace_agent_loader"] = loader
-    return loader.load(name, path)
-
-
-def _builtin(name):
-    """ansible-core's own plugin module, under an alias: Ansible loads plugins found on a
-    configured path under the builtin's module name (this file is `ansible.plugins.connection.ssh`
-    while it loads)."""
-    import ansible.plugins.connection as pkg
-
-    return _load("ansible.plugins.connection._spawntrace_builtin_" + name, os.path.join(os.path.dirname(pkg.__file__), name + ".py"))
-
-
-_c = _load("spawntrace_agent_client", os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "agent", "client.py"))
-_builtin_ssh = _builtin("ssh")
+_builtin_ssh = client.builtin_connection("ssh")
 _SSHConnection = _builtin_ssh.Connection
 
 DOCUMENTATION = _builtin_ssh.DOCUMENTATION.replace(
@@ -46,7 +27,7 @@ DOCUMENTATION = _builtin_ssh.DOCUMENTATION.replace(
 )
 
 
-class Connection(_c.AgentConnectionMixin, _SSHConnection):
+class Connection(client.AgentConnectionMixin, _SSHConnection):
     """ssh connection through a spawntrace persistent agent on the target."""
 
     def _st_target(self):
@@ -65,33 +46,32 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
         return self.__dict__["_st_fwd_ok"]
 
     def _st_pointer(self, host, port, user):
-        ctl = list(_c.controller())
-        return os.path.join(_c.agent_dir(), "d-%d-%s" % (ctl[0], _c.key_name({"host": host, "port": port, "user": user, "controller": ctl})))
+        controller = list(client.controller())
+        return os.path.join(client.agent_dir(), "d-%d-%s" % (controller[0], client.key_name({"host": host, "port": port, "user": user, "controller": controller})))
 
     def _st_module_endpoint(self, args, become, retry=False):
-        c = _c
         host, port, user = self._st_target()
         if not self._st_forwardable():
             return None, None
         interp = args["interpreter"]
-        sens = c.startup_env(args["env"])
-        bkey = self._st_become_key() if become else None
-        if become and user != "root" and bkey["user"] not in ("root", user):
+        startup_env = client.startup_env(args["env"])
+        become_key = self._st_become_key() if become else None
+        if become and user != "root" and become_key["user"] not in ("root", user):
             # an agent of one unprivileged user cannot hand its socket to another: classic
             return None, None
-        key = {"kind": "ssh", "host": host, "port": port, "user": user, "become": bkey, "interp": interp, "env": sens,
-               "version": c.VERSION, "controller": list(c.controller())}
+        key = {"kind": "ssh", "host": host, "port": port, "user": user, "become": become_key, "interp": interp, "env": startup_env,
+               "version": client.VERSION, "controller": list(client.controller())}
 
         def make(name):
-            return c.Endpoint(os.path.join(c.agent_dir(), "f-%d-%s.sock" % (c.controller()[0], name)), os.getuid(), remote=True)
+            return client.Endpoint(os.path.join(client.agent_dir(), "f-%d-%s.sock" % (client.controller()[0], name)), os.getuid(), remote=True)
 
         def start(name, ep):
-            cfg = c.base_config(key, None, host, user)
+            cfg = client.base_config(key, None, host, user)
             cfg.update(socket=None, key=name, controller_pid=None, controller_start=None, report="", _interpreter=interp,
                        log=bool(cfg.get("log")))
             if become:
-                cfg.update(become_user=bkey["user"], client_uid="sudo", dir_owner="self" if user == "root" else "sudo")
-            ready = self._st_run_bootstrap_shell(cfg, sens, become)
+                cfg.update(become_user=become_key["user"], client_uid="sudo", dir_owner="self" if user == "root" else "sudo")
+            ready = self._st_run_bootstrap_shell(cfg, startup_env, become)
             self._st_forward(ep.path, ready["socket"])
             return self._st_ping(ep)
 
@@ -108,15 +88,15 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
         cmd = self._build_command(self.get_option("ssh_executable"), "ssh", "-O", "forward", "-L", "%s:%s" % (local, remote), self.host)
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
         if p.returncode != 0:
-            raise _c.AgentUnavailable("ssh -O forward failed: %s" % p.stderr.decode("utf-8", "replace")[-500:])
+            raise client.AgentUnavailable("ssh -O forward failed: %s" % p.stderr.decode("utf-8", "replace")[-500:])
 
     def _st_set_default(self, ep, host, port, user):
-        st = _c._proc_state()
+        st = client._proc_state()
         st.setdefault("default", {})[(host, port, user)] = ep
         pointer = self._st_pointer(host, port, user)  # in the agent directory _st_endpoint checked
         if not os.path.exists(pointer):
             tmp = "%s.%d" % (pointer, os.getpid())
-            with os.fdopen(_c.agent.create_file(tmp), "w") as f:
+            with os.fdopen(client.safe_paths.create_file(tmp), "w") as f:
                 f.write(ep.path)
             os.replace(tmp, pointer)
 
@@ -124,20 +104,20 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
         """The plain (no become) agent of this host and user, for housekeeping and transfers, if
         one was started already in this run."""
         host, port, user = self._st_target()
-        st = _c._proc_state()
+        st = client._proc_state()
         ep = st.setdefault("default", {}).get((host, port, user))
         if ep is None:
             pointer = self._st_pointer(host, port, user)
             try:
-                _c.ensure_private_dir(os.path.dirname(pointer))  # UnsafeAgentDir is not caught
-                fd = _c.agent.open_checked(pointer, os.O_RDONLY, (os.getuid(),))
-            except _c.agent.UnsafePath as e:
-                raise _c.UnsafeAgentDir(str(e))
+                client.ensure_private_dir(os.path.dirname(pointer))  # UnsafeAgentDir is not caught
+                fd = client.safe_paths.open_checked(pointer, os.O_RDONLY, (os.getuid(),))
+            except client.safe_paths.UnsafePath as e:
+                raise client.UnsafeAgentDir(str(e))
             except OSError:
                 return None
             with os.fdopen(fd) as f:
                 path = f.read().strip()
-            ep = _c.Endpoint(path, os.getuid(), remote=True)
+            ep = client.Endpoint(path, os.getuid(), remote=True)
             st["default"][(host, port, user)] = ep
         return ep
 
@@ -147,49 +127,49 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
             return None
         try:
             resp, blob = ep.request({"op": op, "args": args, "env": None})
-        except _c.AgentUnavailable:
+        except client.AgentUnavailable:
             return None
         if not resp.get("ok"):
             return None
-        _c.display.vvv("EXEC (spawntrace agent %s) %s" % (ep.path, cmd), host=self.host)
+        client.display.vvv("EXEC (spawntrace agent %s) %s" % (ep.path, cmd), host=self.host)
         n = resp["out"]
         return resp["rc"], blob[:n], blob[n:]
 
     def put_file(self, in_path, out_path):
-        ep = self._st_default_endpoint() if _c.enabled() else None
+        ep = self._st_default_endpoint() if client.enabled() else None
         if ep is None:
             return super().put_file(in_path, out_path)
         if not self._connected:
             self._connect()
         if not os.path.exists(in_path):
             raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
-        if os.path.getsize(in_path) > _c.agent.MAX_BLOB:  # held in memory by the agent: classic
+        if os.path.getsize(in_path) > client.framing.MAX_BLOB:  # held in memory by the agent: classic
             return super().put_file(in_path, out_path)
         with open(in_path, "rb") as f:
             data = f.read()
             mode = os.fstat(f.fileno()).st_mode & 0o777
         try:
             resp, _ = ep.request({"op": "put", "path": out_path, "mode": mode}, data)
-        except _c.AgentUnavailable:
+        except client.AgentUnavailable:
             return super().put_file(in_path, out_path)
-        except _c.AgentFailed as e:
+        except client.AgentFailed as e:
             raise AnsibleError("failed to transfer file to %s: %s" % (out_path, e))
         if not resp.get("ok"):
             raise AnsibleError("failed to transfer file to %s: %s" % (out_path, resp.get("error")))
-        _c.display.vvv("PUT (spawntrace agent) %s TO %s" % (in_path, out_path), host=self.host)
+        client.display.vvv("PUT (spawntrace agent) %s TO %s" % (in_path, out_path), host=self.host)
         return 0, b"", b""
 
     def fetch_file(self, in_path, out_path):
-        ep = self._st_default_endpoint() if _c.enabled() else None
+        ep = self._st_default_endpoint() if client.enabled() else None
         if ep is None:
             return super().fetch_file(in_path, out_path)
         if not self._connected:
             self._connect()
         try:
             resp, data = ep.request({"op": "fetch", "path": in_path})
-        except _c.AgentUnavailable:
+        except client.AgentUnavailable:
             return super().fetch_file(in_path, out_path)
-        except _c.AgentFailed as e:
+        except client.AgentFailed as e:
             raise AnsibleError("failed to transfer file from %s: %s" % (in_path, e))
         if not resp.get("ok"):
             raise AnsibleError("failed to transfer file from %s: %s" % (in_path, resp.get("error")))
@@ -197,5 +177,5 @@ class Connection(_c.AgentConnectionMixin, _SSHConnection):
         fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, (resp.get("mode", 0o644) & 0o777) | 0o200)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        _c.display.vvv("FETCH (spawntrace agent) %s TO %s" % (in_path, out_path), host=self.host)
+        client.display.vvv("FETCH (spawntrace agent) %s TO %s" % (in_path, out_path), host=self.host)
         return 0, b"", b""

@@ -1,4 +1,4 @@
-"""In-process runs (SPAWNTRACE_AGENT_REUSE=N, opt-in): one runner process runs up to N modules in
+"""In-process runs (SPAWNTRACE_AGENT_IN_PROCESS=N, opt-in): one runner process runs up to N modules in
 a row. What one module leaves in the process (warnings, working directory, environment, a
 failure) must not show in the next one's result, and results must equal classic ones."""
 from __future__ import annotations
@@ -25,10 +25,10 @@ PLAYBOOK = """
     - name: cwd back
       command: pwd
     - name: environment
-      shell: echo "[$ST_REUSE_VAR]"
-      environment: {ST_REUSE_VAR: set}
+      shell: echo "[$ST_IN_PROCESS_VAR]"
+      environment: {ST_IN_PROCESS_VAR: set}
     - name: environment gone
-      shell: echo "[${ST_REUSE_VAR:-}]"
+      shell: echo "[${ST_IN_PROCESS_VAR:-}]"
     - name: fails
       command: /bin/false
       ignore_errors: true
@@ -47,8 +47,8 @@ def warnings_by_task(run):
     return [(r["task"], r["item"], r["result"].get("warnings") or []) for r in run.results]
 
 
-def test_reuse_same_results_no_leaks(tmp_path):
-    pair = run_both(tmp_path, PLAYBOOK, env={"SPAWNTRACE_AGENT_REUSE": "50"})
+def test_in_process_same_results_no_leaks(tmp_path):
+    pair = run_both(tmp_path, PLAYBOOK, env={"SPAWNTRACE_AGENT_IN_PROCESS": "50"})
     c, p = pair.classic, pair.persistent
     # warnings are left out of the generic comparison: compare them here
     assert warnings_by_task(c) == warnings_by_task(p)
@@ -64,7 +64,7 @@ def test_reuse_same_results_no_leaks(tmp_path):
     assert len(counts) < len(pids), counts
 
 
-def test_no_reuse_by_default(tmp_path):
+def test_not_in_process_by_default(tmp_path):
     pair = run_both(tmp_path, PLAYBOOK)
     pids = [t["runner_pid"] for t in pair.persistent.timing]
-    assert len(set(pids)) == len(pids), "without SPAWNTRACE_AGENT_REUSE every module run has its own process"
+    assert len(set(pids)) == len(pids), "without SPAWNTRACE_AGENT_IN_PROCESS every module run has its own process"

@@ -1,12 +1,10 @@
 # The connection-plugin side of the spawntrace persistent agent: recognising the commands Ansible's
 # action plugins build, finding (or starting) the agent for a target, and talking to it.
-# Loaded by plugins/connection/{local,ssh}.py with importlib (it is not on any plugin path).
+# Imported by plugins/connection/{local,ssh}.py (controller only: not shipped to targets).
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -14,34 +12,18 @@ import re
 import shlex
 import socket
 import struct
-import subprocess
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.realpath(__file__))
-AGENT_PATH = os.path.join(_HERE, "agent.py")
+from . import framing, procs, safe_paths, shell_ops
+from .ansiballz import strip_payload
+from .reporter import Reporter
+from .wire import Payload
 
-
-def _load_agent():
-    name = "spawntrace_agent_protocol"
-    mod = sys.modules.get(name)
-    if mod is None:
-        # the plugins' caching loader (compiled code kept in the agent directory)
-        loader_cls = type(getattr(sys.modules.get("spawntrace_agent_client"), "__loader__", None))
-        loader = loader_cls(name, AGENT_PATH) if loader_cls.__name__ == "_Loader" else None
-        spec = importlib.util.spec_from_file_location(name, AGENT_PATH, loader=loader)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-agent = _load_agent()
-with open(AGENT_PATH, "rb") as _f:
-    AGENT_SOURCE = _f.read()
+PAYLOAD = Payload()
 # Agents of another version are never reused: the version is part of the socket's name, and the
 # agent refuses requests that name another version.
-VERSION = "%d-%s" % (agent.PROTOCOL, hashlib.sha256(AGENT_SOURCE).hexdigest()[:16])
+VERSION = PAYLOAD.version
 
 try:
     from ansible.release import __version__ as ANSIBLE_VERSION
@@ -69,15 +51,15 @@ def agent_dir(uid=None):
 
 def ensure_private_dir(path, owner=None):
     """Checks (creating it if missing) `path` as uid `owner`'s (default: ours) private agent
-    directory, once per process (agent.private_dir). Raises UnsafeAgentDir (an AnsibleError:
+    directory, once per process (safe_paths.private_dir). Raises UnsafeAgentDir (an AnsibleError:
     the task fails with its one-line message, it never falls back to the classic path)."""
     owner = os.getuid() if owner is None else owner
     done = _proc_state()["dirs"]
     if (path, owner) in done:
         return
     try:
-        fd, _ = agent.private_dir(path, owner)
-    except agent.UnsafePath as e:
+        fd, _ = safe_paths.private_dir(path, owner)
+    except safe_paths.UnsafePath as e:
         raise UnsafeAgentDir(str(e))
     os.close(fd)
     done.add((path, owner))
@@ -151,7 +133,7 @@ def _proc_state():
 def reporter():
     st = _proc_state()
     if st["reporter"] is None:
-        st["reporter"] = agent.Reporter(os.environ.get("SPAWNTRACE_SOCKET"))
+        st["reporter"] = Reporter(os.environ.get("SPAWNTRACE_SOCKET"))
     return st["reporter"]
 
 
@@ -174,7 +156,7 @@ def current_umask():
 
 
 def proc_start(pid):
-    return agent._proc_start(pid)
+    return procs.proc_start(pid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +278,7 @@ class Recorder:
         def chmod(paths, mode):
             cmd = orig["chmod"](paths, mode)
             paths = list(paths)
-            if agent.parse_chmod(mode) is not None and paths and all(p.startswith("/") for p in paths):
+            if shell_ops.parse_chmod(mode) is not None and paths and all(p.startswith("/") for p in paths):
                 rec._put(rec.ops, cmd, ("chmod", {"mode": mode, "paths": paths}))
             return cmd
 
@@ -441,22 +423,22 @@ class Endpoint:
         kept = False
         try:
             try:
-                agent.send_frame(s, req, blob)
-            except (OSError, agent.ProtocolError) as e:  # over the limits (agent.MAX_BLOB): classic
+                framing.send_frame(s, req, blob)
+            except (OSError, framing.ProtocolError) as e:  # over the limits (framing.MAX_BLOB): classic
                 raise AgentUnavailable("send: %s" % e)
             try:
-                hello, _ = agent.recv_frame(s)
-            except (OSError, agent.ProtocolError, ValueError) as e:
+                hello, _ = framing.recv_frame(s)
+            except (OSError, framing.ProtocolError, ValueError) as e:
                 raise AgentUnavailable("no agent behind %s: %s" % (self.path, e))
             if hello.get("version") != VERSION:
                 raise AgentUnavailable("agent version %s, expected %s" % (hello.get("version"), VERSION))
             try:
-                resp, rblob = agent.recv_frame(s)
+                resp, rblob = framing.recv_frame(s)
                 if resp.get("started"):
                     if on_started is not None:
                         on_started(resp)
-                    resp, rblob = agent.recv_frame(s)
-            except (OSError, agent.ProtocolError, ValueError) as e:
+                    resp, rblob = framing.recv_frame(s)
+            except (OSError, framing.ProtocolError, ValueError) as e:
                 raise AgentFailed("agent at %s did not answer: %s" % (self.path, e))
             if resp.get("unsupported"):
                 raise AgentUnavailable("unsupported by the agent")
@@ -475,8 +457,8 @@ def locked(path, timeout=120.0):
     class _Lock:
         def __enter__(self):
             try:
-                self.fd = agent.open_checked(path, os.O_RDWR | os.O_CREAT, (os.getuid(),))
-            except agent.UnsafePath as e:
+                self.fd = safe_paths.open_checked(path, os.O_RDWR | os.O_CREAT, (os.getuid(),))
+            except safe_paths.UnsafePath as e:
                 raise UnsafeAgentDir(str(e))
             deadline = time.monotonic() + timeout
             while True:
@@ -531,12 +513,12 @@ def base_config(key, socket_path, host, user):
     }
     if os.environ.get("SPAWNTRACE_AGENT_LOG"):
         cfg["log"] = socket_path + ".log" if socket_path else True
-    reuse = os.environ.get("SPAWNTRACE_AGENT_REUSE")
-    if reuse:  # opt-in: modules per runner process (in-process runs; see agent._Reuse)
+    in_process = os.environ.get("SPAWNTRACE_AGENT_IN_PROCESS")
+    if in_process:  # opt-in: modules per runner process (in-process runs; see runner.InProcess)
         try:
-            cfg["reuse"] = max(0, int(reuse))
+            cfg["in_process"] = max(0, int(in_process))
         except ValueError:
-            raise AnsibleError("SPAWNTRACE_AGENT_REUSE must be a number of modules per runner, not %r" % reuse)
+            raise AnsibleError("SPAWNTRACE_AGENT_IN_PROCESS must be a number of modules per runner, not %r" % in_process)
     if os.environ.get("SPAWNTRACE_AGENT_PREFAULT"):  # diagnostics: 0 turns the spares' memory copy off
         cfg["prefault"] = os.environ["SPAWNTRACE_AGENT_PREFAULT"] != "0"
     if os.environ.get("SPAWNTRACE_AGENT_SPARES"):  # diagnostics: spare runners kept ready
@@ -556,8 +538,30 @@ display = Display()
 
 
 class UnsafeAgentDir(AnsibleError):
-    """An agent directory, or a file in it, failed its check (see agent.private_dir): the task
+    """An agent directory, or a file in it, failed its check (see safe_paths.private_dir): the task
     fails with this one-line message; nothing is sent to, or read from, that place."""
+
+
+def builtin_connection(name):
+    """ansible-core's own connection plugin module `name`, imported under an alias: Ansible loads
+    plugins found on a configured path under the builtin's module name (plugins/connection/local.py
+    is `ansible.plugins.connection.local` while it loads), so the builtin is imported from its file."""
+    import importlib.util
+
+    import ansible.plugins.connection as pkg
+
+    alias = "ansible.plugins.connection._spawntrace_builtin_" + name
+    mod = sys.modules.get(alias)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(alias, os.path.join(os.path.dirname(pkg.__file__), name + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[alias]
+            raise
+    return mod
 
 
 def _text(v):
@@ -721,7 +725,7 @@ class AgentConnectionMixin:
         t0 = time.monotonic_ns()
         # every item of a loop carries the same module zip: sent once per agent (`need_zip`
         # when the agent does not have it)
-        parts = agent.strip_payload(in_data) if in_data and len(in_data) > 16384 else None
+        parts = strip_payload(in_data) if in_data and len(in_data) > 16384 else None
         resp = {}
         if parts is not None:
             req["zip_sha"] = hashlib.sha1(parts[1]).hexdigest()
@@ -808,8 +812,8 @@ class AgentConnectionMixin:
         return bool(resp.get("ok"))
 
     def _st_bootstrap_command(self, cfg, assign):
-        """`K=V... <python> -c <agent source> <cfg>` for a shell."""
-        argv = [cfg.pop("_interpreter"), "-c", AGENT_SOURCE.decode("utf-8"), json.dumps(cfg, separators=(",", ":"))]
+        """`K=V... <python> -c <first stage> <cfg>` for a shell (the payload goes on its stdin)."""
+        argv = PAYLOAD.argv(cfg.pop("_interpreter"), json.dumps(cfg, separators=(",", ":")))
         prefix = " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in sorted(assign.items()))
         return (prefix + " " if prefix else "") + shlex.join(argv)
 
@@ -827,7 +831,7 @@ class AgentConnectionMixin:
         if executable:
             cmd = executable + " -c " + shlex.quote(cmd)
         try:
-            rc, out, err = super().exec_command(cmd, in_data=None, sudoable=become)
+            rc, out, err = super().exec_command(cmd, in_data=PAYLOAD.body, sudoable=become)
         finally:
             for k, v in (saved or {}).items():
                 setattr(self.become, k, v)

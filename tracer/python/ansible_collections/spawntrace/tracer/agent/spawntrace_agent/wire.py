@@ -1,0 +1,71 @@
+# The agent on the wire (controller side): the payload is built from this package's sources and
+# sent on the interpreter's stdin; its command line carries only a first stage of a few hundred
+# bytes (one argv string is capped at 128 KiB, MAX_ARG_STRLEN, and the whole command line,
+# quoted again by `sudo sh -c` and ssh, at ARG_MAX).
+#
+#   <python> -c '<first stage>' '<config JSON>'    stdin: zlib(<payload>)
+#
+# The first stage reads exactly the payload's length from stdin, checks its SHA-256, inflates it
+# and runs it. The payload is importer.py's source, the package's sources as a dict, and the call
+# of bootstrap.entry. The agent version is derived from the payload's hash: agents of another
+# version are never reused (see client.VERSION).
+from __future__ import absolute_import
+
+import hashlib
+import os
+import zlib
+
+from .framing import PROTOCOL
+
+PACKAGE = __name__.rsplit(".", 1)[0]
+HERE = os.path.dirname(os.path.abspath(__file__))
+# modules of the controller only: not shipped
+CONTROLLER_ONLY = ("client", "wire")
+
+_FIRST_STAGE = (
+    "import sys,zlib,hashlib\n"
+    "b=sys.stdin.buffer.read(%(n)d)\n"
+    "if hashlib.sha256(b).hexdigest()!='%(sha)s':\n"
+    " sys.stdout.write('{\"ok\":false,\"error\":\"spawntrace agent payload: %%d of %(n)d bytes, or corrupt\"}\\n'%%len(b));sys.exit(1)\n"
+    "exec(compile(zlib.decompress(b),'<spawntrace agent %(version)s>','exec'))\n"
+)
+
+
+def package_sources(directory=HERE):
+    """{module name: (is_package, source)} of the shipped modules."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".py") or name[:-3] in CONTROLLER_ONLY:
+            continue
+        with open(os.path.join(directory, name), "rb") as f:
+            source = f.read().decode("utf-8")
+        mod = name[:-3]
+        out[PACKAGE if mod == "__init__" else PACKAGE + "." + mod] = (mod == "__init__", source)
+    return out
+
+
+class Payload(object):
+    """The agent's payload for `sources` (default: this package's)."""
+
+    def __init__(self, sources=None):
+        sources = package_sources() if sources is None else sources
+        importer = sources[PACKAGE + ".importer"][1]
+        program = "%s\n\nload(%r)\nimport sys\nfrom %s.bootstrap import entry\nentry(sys.argv[1:])\n" % (importer, sources, PACKAGE)
+        self.program = program.encode("utf-8")
+        self.version = "%d-%s" % (PROTOCOL, hashlib.sha256(self.program).hexdigest()[:16])
+        self._body = None
+
+    @property
+    def body(self):
+        """What the interpreter reads on stdin (compressed once, on first use)."""
+        if self._body is None:
+            self._body = zlib.compress(self.program, 9)
+        return self._body
+
+    def first_stage(self):
+        body = self.body
+        return _FIRST_STAGE % {"n": len(body), "sha": hashlib.sha256(body).hexdigest(), "version": self.version}
+
+    def argv(self, python, config_json):
+        """The agent's command line (its stdin must be `body`)."""
+        return [python, "-c", self.first_stage(), config_json]

@@ -1,4 +1,4 @@
-//! spawntrace's tasks: `cargo xtask setup | test | demo | integration | bench tracer|runner`.
+//! spawntrace's tasks: `cargo xtask setup | lint | test | demo | integration | bench tracer|runner`.
 mod bench;
 mod integration;
 mod setup;
@@ -22,8 +22,12 @@ struct Cli {
 enum Cmd {
     /// Install everything a fresh machine needs (idempotent).
     Setup,
-    /// Set up, then run every test: Rust (default members, including eBPF and ansible-playbook
-    /// ones), pytest, and ansible-core's integration targets classic vs persistent.
+    /// The lint gate: rustfmt, clippy with warnings denied (default members, all targets, and
+    /// the eBPF crate for its bpf target), ruff check and ruff format for the Python.
+    Lint,
+    /// Set up, run the lint gate, then every test: Rust (default members, including eBPF and
+    /// ansible-playbook ones), pytest, and ansible-core's integration targets classic vs
+    /// persistent.
     Test,
     /// Set up, build, and compare classic, persistent and Mitogen runs of the benchmark
     /// playbook (the main job).
@@ -81,6 +85,7 @@ enum Bench {
 fn main() -> ExitCode {
     let result = match Cli::parse().cmd {
         Cmd::Setup => setup::setup(),
+        Cmd::Lint => setup::setup().and_then(|()| lint()),
         Cmd::Test => test(),
         Cmd::Demo { runs, count } => demo(runs, count),
         Cmd::Integration { targets } => integration::integration(&targets),
@@ -97,9 +102,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// The lint gate, before any test runs (CI runs it through `test`).
+fn lint() -> Result<()> {
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(root()))?;
+    run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]).current_dir(root()))?;
+    // the eBPF crate builds only for its own target (see the workspace's default-members)
+    run(Command::new("cargo")
+        .args([
+            "+nightly",
+            "clippy",
+            "-p",
+            "tracer-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .args(["--", "-D", "warnings"])
+        .env("CARGO_TARGET_DIR", root().join("target/bpf-clippy"))
+        .current_dir(root()))?;
+    let ruff = setup::default_env()?.join(".venv/bin/ruff");
+    let python = root().join("tracer/python");
+    run(Command::new(&ruff).args(["check", "--no-cache", "."]).current_dir(&python))?;
+    run(Command::new(&ruff).args(["format", "--check", "--no-cache", "."]).current_dir(&python))
+}
+
 /// The README's test command.
 fn test() -> Result<()> {
     setup::setup()?;
+    lint()?;
     run(Command::new("cargo").arg("test").current_dir(root()))?;
     for env in setup::envs()? {
         run(Command::new(env.join(".venv/bin/python"))

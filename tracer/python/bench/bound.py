@@ -7,6 +7,7 @@ connection plugin can take. `cargo xtask bench runner` reports it as `bound`.
 
 A measuring instrument, not a runner: nothing reaches the target, and only the modules the
 benchmark uses get a faithful result (tests/test_bench_bound.py compares it with classic runs)."""
+
 from __future__ import annotations
 
 import ast
@@ -43,8 +44,17 @@ def result(module, args):
     if module == "stat":
         out.update(changed=False, stat={"exists": False})
     elif module == "copy":
-        out.update(dest=args.get("dest"), src=args.get("src"), checksum=args.get("checksum"), md5sum=None,
-                   mode=args.get("mode"), state="file", size=0, uid=os.getuid(), gid=os.getgid())
+        out.update(
+            dest=args.get("dest"),
+            src=args.get("src"),
+            checksum=args.get("checksum"),
+            md5sum=None,
+            mode=args.get("mode"),
+            state="file",
+            size=0,
+            uid=os.getuid(),
+            gid=os.getgid(),
+        )
     elif module == "lineinfile":
         out.update(msg="line replaced", backup="")
     elif module == "tempfile":

@@ -1,5 +1,6 @@
 """Helpers for running real ansible-playbook (from the environment running pytest) with the
 spawntrace callback and receiving its messages like spawntrace does."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,15 +88,11 @@ class Run:
 
 def write_inventory(directory: Path) -> Path:
     path = directory / "inventory.ini"
-    path.write_text(
-        "".join(f"{h} ansible_connection=local ansible_python_interpreter={sys.executable}\n" for h in ("h1", "h2"))
-    )
+    path.write_text("".join(f"{h} ansible_connection=local ansible_python_interpreter={sys.executable}\n" for h in ("h1", "h2")))
     return path
 
 
-def run_playbook(
-    directory: Path, playbook: str, *, callback: bool = True, socket_path: str | None = None, timeout: float = 300
-) -> Run:
+def run_playbook(directory: Path, playbook: str, *, callback: bool = True, socket_path: str | None = None, timeout: float = 300) -> Run:
     """Runs `playbook` (YAML text) against h1 and h2 (local connection), forks=2, without any
     ansible.cfg. With `callback`, the plugin is enabled; `socket_path` sets SPAWNTRACE_SOCKET."""
     pb = directory / "playbook.yml"

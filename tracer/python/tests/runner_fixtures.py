@@ -1,13 +1,14 @@
 """Fixtures and helpers for the persistent-agent runner tests (test_runner_*.py): running real
 ansible-playbook classic and through the spawntrace connection plugins, capturing every task
 result with a small callback, and an sshd test host in its own network namespace."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ BECOME_USER = "spawntrace-become"
 SSH_USER = "spawntrace-test"
 
 # A callback that writes every result (per item too) as JSON lines to $RESULTS_FILE.
-RESULTS_CALLBACK = r'''
+RESULTS_CALLBACK = r"""
 from __future__ import annotations
 import json, os
 from ansible.plugins.callback import CallbackBase
@@ -66,7 +67,7 @@ class CallbackModule(CallbackBase):
     def v2_runner_item_on_ok(self, result): self._w("ok", result, True)
     def v2_runner_item_on_failed(self, result): self._w("failed", result, True)
     def v2_runner_item_on_skipped(self, result): self._w("skipped", result, True)
-'''
+"""
 
 
 @dataclasses.dataclass
@@ -151,9 +152,33 @@ def run_playbook(
 # number of `until` attempts a background job needed, which depends on scheduling).
 VOLATILE = {
     "attempts",
-    "start", "end", "delta", "invocation", "src", "backup_file", "ansible_job_id", "results_file",
-    "started", "finished", "_ansible_no_log", "pid", "uid", "gid", "atime", "mtime", "ctime",
-    "inode", "dev", "version", "erased", "tmpdir", "path_tmp", "ansible_facts", "deprecations", "warnings", "_ansible_verbose_always",
+    "start",
+    "end",
+    "delta",
+    "invocation",
+    "src",
+    "backup_file",
+    "ansible_job_id",
+    "results_file",
+    "started",
+    "finished",
+    "_ansible_no_log",
+    "pid",
+    "uid",
+    "gid",
+    "atime",
+    "mtime",
+    "ctime",
+    "inode",
+    "dev",
+    "version",
+    "erased",
+    "tmpdir",
+    "path_tmp",
+    "ansible_facts",
+    "deprecations",
+    "warnings",
+    "_ansible_verbose_always",
 }
 
 
@@ -298,16 +323,36 @@ def ssh_host():
             f"AllowStreamLocalForwarding yes\n"
         )
         log = open(d / "sshd.log", "wb")
-        sshd = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
-                                stdout=subprocess.DEVNULL, stderr=log)
+        sshd = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "/usr/sbin/sshd", "-D", "-e", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=log
+        )
         deadline = time.monotonic() + 15
         while True:
-            ok = subprocess.run(
-                ["ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                 "-o", "IdentitiesOnly=yes", "-i", str(d / "client_key"), "-o", "BatchMode=yes", "-o", "ConnectTimeout=2",
-                 f"{SSH_USER}@{addr}", "true"],
-                capture_output=True,
-            ).returncode == 0
+            ok = (
+                subprocess.run(
+                    [
+                        "ssh",
+                        "-F",
+                        "/dev/null",
+                        "-o",
+                        "StrictHostKeyChecking=no",
+                        "-o",
+                        "UserKnownHostsFile=/dev/null",
+                        "-o",
+                        "IdentitiesOnly=yes",
+                        "-i",
+                        str(d / "client_key"),
+                        "-o",
+                        "BatchMode=yes",
+                        "-o",
+                        "ConnectTimeout=2",
+                        f"{SSH_USER}@{addr}",
+                        "true",
+                    ],
+                    capture_output=True,
+                ).returncode
+                == 0
+            )
             if ok:
                 break
             if time.monotonic() > deadline:

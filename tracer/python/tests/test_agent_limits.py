@@ -2,6 +2,7 @@
 started as tests/test_runner_protocol.py starts one: a frame that stops mid-way, lengths far over
 the limits, malformed JSON, a client that does not read its reply. None of them may hold up
 another client or make the agent allocate what was only announced."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,16 @@ def start_agent(tmp_path, **extra):
     d = tmp_path / "agents"
     d.mkdir(mode=0o700)
     path = str(d / "a.sock")
-    cfg = {"socket": path, "version": client.VERSION, "idle": 30, "key": "limits", "dir_owner": os.getuid(),
-           "host": "h", "user": "u", "log": str(d / "agent.log")}
+    cfg = {
+        "socket": path,
+        "version": client.VERSION,
+        "idle": 30,
+        "key": "limits",
+        "dir_owner": os.getuid(),
+        "host": "h",
+        "user": "u",
+        "log": str(d / "agent.log"),
+    }
     cfg.update(extra)
     p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
@@ -139,8 +148,11 @@ def test_lengths_over_the_limits_are_refused_before_allocating(limited_agent, jl
     assert ping(path)[0]["ok"]
 
 
-@pytest.mark.parametrize("data", [b"[1, 2]", b'"text"', b"42", b"null", b"{not json", b'{"op": "ping"', b'\xff\xfe{"op": "ping"}', b"[" * 200000],
-                         ids=["array", "string", "number", "null", "garbage", "truncated", "not-utf8", "deep"])
+@pytest.mark.parametrize(
+    "data",
+    [b"[1, 2]", b'"text"', b"42", b"null", b"{not json", b'{"op": "ping"', b'\xff\xfe{"op": "ping"}', b"[" * 200000],
+    ids=["array", "string", "number", "null", "garbage", "truncated", "not-utf8", "deep"],
+)
 def test_malformed_frames_are_answered_and_closed(limited_agent, data):
     path, _ = limited_agent
     s = connect(path)
@@ -215,8 +227,11 @@ def test_a_fifo_or_device_at_a_transfer_path_holds_up_nobody(limited_agent, tmp_
     ep = client.Endpoint(path, os.getuid())
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    for req, blob in (({"op": "fetch", "path": str(fifo)}, b""), ({"op": "put", "path": str(fifo)}, b"data"),
-                      ({"op": "fetch", "path": "/dev/zero"}, b"")):
+    for req, blob in (
+        ({"op": "fetch", "path": str(fifo)}, b""),
+        ({"op": "put", "path": str(fifo)}, b"data"),
+        ({"op": "fetch", "path": "/dev/zero"}, b""),
+    ):
         t0 = time.monotonic()
         with pytest.raises(client.AgentUnavailable):
             ep.request(dict(req), blob)

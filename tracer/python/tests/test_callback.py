@@ -1,4 +1,5 @@
 """The spawntrace callback against real ansible-playbook runs (no mocks)."""
+
 from __future__ import annotations
 
 import collections
@@ -109,9 +110,7 @@ def test_item_windows(traced):
         items = [m for m in traced.messages if m["ev"] in ("item_start", "item_end") and m.cred_pid == worker.cred_pid]
         assert all(m["host"] == host and m["task_uuid"] == worker["task_uuid"] for m in items)
         if task == "loop":
-            assert [(m["ev"], m["index"]) for m in items] == [
-                (ev, i) for i in range(3) for ev in ("item_start", "item_end")
-            ]
+            assert [(m["ev"], m["index"]) for m in items] == [(ev, i) for i in range(3) for ev in ("item_start", "item_end")]
             assert [m["label"] for m in items if m["ev"] == "item_start"] == ["a", "b", "c"]
             assert all(m["status"] == "changed" for m in items if m["ev"] == "item_end")
         elif task == "secret loop":
@@ -128,7 +127,7 @@ def test_item_windows(traced):
 def test_runner_end(traced):
     assert sorted(traced.runner_end) == sorted(traced.workers)
     assert len(traced.by_ev["runner_end"]) == len(traced.runner_end)
-    for (host, task), m in traced.runner_end.items():
+    for (_host, task), m in traced.runner_end.items():
         assert m.cred_pid == traced.main_pid
         assert m["status"] == ("failed" if task == "failing" else "changed"), m.body
     assert all(traced.runner_end[h, "failing"]["ignore_errors"] for h in HOSTS)

@@ -2,6 +2,7 @@
 classic (ansible-core's connection plugins) and persistent (spawntrace's on
 ANSIBLE_CONNECTION_PLUGINS), each in its own directory, and the results (changed, failed, msg,
 rc, stdout, diff, ...), file contents and modes must be the same."""
+
 from __future__ import annotations
 
 import collections
@@ -233,7 +234,7 @@ COMMANDS_PLAYBOOK = """
 
 
 def test_commands(tmp_path):
-    files = {"files/script.sh": "#!/bin/sh\necho script \"$@\" $(pwd)\necho to-err >&2\n"}
+    files = {"files/script.sh": '#!/bin/sh\necho script "$@" $(pwd)\necho to-err >&2\n'}
     pair = run_both(tmp_path, COMMANDS_PLAYBOOK, files=files)
     st = dict(((t, s) for t, s, _ in statuses(pair.persistent)))
     assert st["exits 1"] == "failed" and st["module exception"] == "failed" and st["command"] == "ok"
@@ -343,8 +344,12 @@ def test_become(tmp_path, become_user):  # noqa: F811
 
 
 def test_disabled_by_env(tmp_path):
-    pair = run_both(tmp_path, "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo hi\n",
-                    env={"SPAWNTRACE_AGENT": "0"}, expect_agent=False)
+    pair = run_both(
+        tmp_path,
+        "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo hi\n",
+        env={"SPAWNTRACE_AGENT": "0"},
+        expect_agent=False,
+    )
     assert not pair.persistent.timing
 
 
@@ -377,10 +382,18 @@ def test_attribution_messages(tmp_path):
     try:
         inv = tmp_path / "inv.ini"
         inv.write_text("".join(f"{h} ansible_connection=local ansible_python_interpreter={PYTHON}\n" for h in ("h1", "h2")))
-        run = run_playbook(tmp_path / "run", playbook, mode="persistent", inventory=str(inv), args=["-f", "2", "-e", f"base={base}"],
-                           env={"ANSIBLE_CALLBACK_PLUGINS": f"{tmp_path / 'run' / 'callbacks'}:{CALLBACK_DIR}",
-                                "ANSIBLE_CALLBACKS_ENABLED": "results_dump,spawntrace",
-                                "SPAWNTRACE_SOCKET": str(tmp_path / "events.sock")})
+        run = run_playbook(
+            tmp_path / "run",
+            playbook,
+            mode="persistent",
+            inventory=str(inv),
+            args=["-f", "2", "-e", f"base={base}"],
+            env={
+                "ANSIBLE_CALLBACK_PLUGINS": f"{tmp_path / 'run' / 'callbacks'}:{CALLBACK_DIR}",
+                "ANSIBLE_CALLBACKS_ENABLED": "results_dump,spawntrace",
+                "SPAWNTRACE_SOCKET": str(tmp_path / "events.sock"),
+            },
+        )
     finally:
         time.sleep(0.3)
         msgs = rec.close()
@@ -417,10 +430,12 @@ def test_attribution_messages(tmp_path):
 
 
 def count_execs(tmp_path, mode, n):
-    playbook = "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: warm\n      lineinfile: {path: \"{{ base }}/w\", line: w, create: true}\n"
+    playbook = (
+        '- hosts: all\n  gather_facts: false\n  tasks:\n    - name: warm\n      lineinfile: {path: "{{ base }}/w", line: w, create: true}\n'
+    )
     for i in range(n):
-        playbook += f"    - copy: {{content: \"{i}\\n\", dest: \"{{{{ base }}}}/c{i}\"}}\n"
-        playbook += f"    - lineinfile: {{path: \"{{{{ base }}}}/c{i}\", line: \"x={i}\"}}\n"
+        playbook += f'    - copy: {{content: "{i}\\n", dest: "{{{{ base }}}}/c{i}"}}\n'
+        playbook += f'    - lineinfile: {{path: "{{{{ base }}}}/c{i}", line: "x={i}"}}\n'
     base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}execs-"))
     d = tmp_path / f"{mode}-{n}"
     log = d / "strace.log"
@@ -434,9 +449,31 @@ def count_execs(tmp_path, mode, n):
         env = clean_env({"ANSIBLE_CONFIG": str(d / "ansible.cfg"), "ANSIBLE_PIPELINING": "True", "ANSIBLE_LOCAL_TEMP": str(d / "tmp")})
         if mode == "persistent":
             env["ANSIBLE_CONNECTION_PLUGINS"] = str(CONNECTION_DIR)
-        p = subprocess.run(["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=execve", "-e", "signal=none", "-o", str(log),
-                            str(BIN / "ansible-playbook"), "-i", str(d / "inventory.ini"), "-e", f"base={base}", str(d / "pb.yml")],
-                           env=env, cwd=d, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            [
+                "strace",
+                "-f",
+                "--seccomp-bpf",
+                "-qq",
+                "-e",
+                "trace=execve",
+                "-e",
+                "signal=none",
+                "-o",
+                str(log),
+                str(BIN / "ansible-playbook"),
+                "-i",
+                str(d / "inventory.ini"),
+                "-e",
+                f"base={base}",
+                str(d / "pb.yml"),
+            ],
+            env=env,
+            cwd=d,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stdout[-2000:]
         execs = [line for line in log.read_text().splitlines() if "execve(" in line and "= 0" in line]
         return execs

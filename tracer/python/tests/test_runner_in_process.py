@@ -1,12 +1,14 @@
 """In-process runs (SPAWNTRACE_AGENT_IN_PROCESS=N, opt-in): one runner process runs up to N modules in
 a row. What one module leaves in the process (warnings, working directory, environment, a
 failure) must not show in the next one's result, and results must equal classic ones."""
+
 from __future__ import annotations
 
 import collections
 
-from runner_fixtures import results_equal  # noqa: F401
 from test_runner_e2e import _cleanup_bases, run_both  # noqa: F401
+
+from runner_fixtures import results_equal  # noqa: F401
 
 PLAYBOOK = """
 - hosts: all

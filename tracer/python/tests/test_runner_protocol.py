@@ -1,6 +1,7 @@
 """The persistent agent's protocol and ops, against a real agent process (no mocks): framing,
 native shell housekeeping compared with /bin/sh running the very commands ansible-core's shell
 plugin builds, command recognition, module runs, security checks and the agent's lifecycle."""
+
 from __future__ import annotations
 
 import base64
@@ -20,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from runner_fixtures import AGENT_DIR, BECOME_USER, become_user, ensure_user  # noqa: F401
-
 from spawntrace_agent import ansiballz, client, framing, memory, safe_paths, shell_ops, wire  # noqa: E402,F401
 
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -148,7 +148,10 @@ def test_chmod_matches_shell(tmp_path, mode):
         rc, out, err = sh(shell.chmod([str(tmp_path / "shell" / kind), str(tmp_path / "shell" / "missing")], mode))
         assert (res[0], res[1]) == (rc, out) == (1, b"")
         assert res[2] and err
-        assert stat.S_IMODE((tmp_path / "ours" / kind).stat().st_mode) == stat.S_IMODE((tmp_path / "shell" / kind).stat().st_mode), (kind, mode)
+        assert stat.S_IMODE((tmp_path / "ours" / kind).stat().st_mode) == stat.S_IMODE((tmp_path / "shell" / kind).stat().st_mode), (
+            kind,
+            mode,
+        )
 
 
 def test_unhandled_chmod_modes_are_not_recorded():
@@ -199,7 +202,11 @@ def test_plan_unwraps_executable_sleep_and_become():
     rec.wrap_become(sudo)
     env = shell.env_prefix(FOO="a b", BAR="x'y")
     mod = shell.build_module_command(env, "#!/usr/bin/python3", "")
-    assert rec.plan(mod, None, True) == ("module", {"env": {"FOO": "a b", "BAR": "x'y"}, "interpreter": "/usr/bin/python3", "path": None}, False)
+    assert rec.plan(mod, None, True) == (
+        "module",
+        {"env": {"FOO": "a b", "BAR": "x'y"}, "interpreter": "/usr/bin/python3", "path": None},
+        False,
+    )
     wrapped = "/bin/sh -c " + shlex.quote(mod)
     assert rec.plan(wrapped, "/bin/sh", True)[0] == "module"
     assert rec.plan("/bin/sh -c " + shlex.quote(mod + " && sleep 0"), "/bin/sh", True)[0] == "module"
@@ -211,7 +218,10 @@ def test_plan_unwraps_executable_sleep_and_become():
     for cmd in ("/bin/sh -c 'echo hi'", "/bin/sh -c " + shlex.quote(mod) + " ; true", mod, "/bin/bash -c " + shlex.quote(mod)):
         assert rec.plan(cmd, "/bin/sh", True) is None, cmd
     # file-based runs, old-style modules (args file), odd interpreters
-    assert rec.plan(shell.build_module_command("", "#!/usr/bin/python3", "/tmp/t/AnsiballZ_x.py"), None, True)[1]["path"] == "/tmp/t/AnsiballZ_x.py"
+    assert (
+        rec.plan(shell.build_module_command("", "#!/usr/bin/python3", "/tmp/t/AnsiballZ_x.py"), None, True)[1]["path"]
+        == "/tmp/t/AnsiballZ_x.py"
+    )
     assert rec.plan(shell.build_module_command("", "#!/usr/bin/python3", "/tmp/t/x", arg_path="/tmp/t/args"), None, True) is None
     assert rec.plan(shell.build_module_command("", "#!/usr/bin/env python3", ""), None, True) is None
     unknown_env = shell.build_module_command("X=1", "#!/usr/bin/python3", "")
@@ -220,7 +230,7 @@ def test_plan_unwraps_executable_sleep_and_become():
 
 def test_split_payload():
     head = b"#!/usr/bin/python3\nX = 1\ndef _ansiballz_main(zip_data, **kw):\n    print(len(zip_data))\n"
-    tail = b'\nif __name__ == "__main__":\n    _ansiballz_main(\nzip_data=\'QUJD\',\nparams=\'x\',\n)\n'
+    tail = b"\nif __name__ == \"__main__\":\n    _ansiballz_main(\nzip_data='QUJD',\nparams='x',\n)\n"
     parts = ansiballz.split_payload(head + tail)
     assert parts[0] == head and parts[2] == b"QUJD" and b"__spawntrace_zip_data" in parts[1]
     assert ansiballz.split_payload(head) is None
@@ -244,8 +254,16 @@ def running_agent(tmp_path):
     d = tmp_path / "agents"
     d.mkdir(mode=0o700)
     path = str(d / "a.sock")
-    cfg = {"socket": path, "version": client.VERSION, "idle": 30, "key": "test", "dir_owner": os.getuid(),
-           "host": "h", "user": "u", "log": str(d / "agent.log")}
+    cfg = {
+        "socket": path,
+        "version": client.VERSION,
+        "idle": 30,
+        "key": "test",
+        "dir_owner": os.getuid(),
+        "host": "h",
+        "user": "u",
+        "log": str(d / "agent.log"),
+    }
     p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
     assert p.returncode == 0 and ready["ok"], (p.stdout, p.stderr)
@@ -261,8 +279,9 @@ def running_agent(tmp_path):
 
 
 def _start(payload, cfg, body=None):
-    return subprocess.run(payload.argv(PYTHON, json.dumps(cfg)), input=payload.body if body is None else body,
-                          capture_output=True, timeout=60)
+    return subprocess.run(
+        payload.argv(PYTHON, json.dumps(cfg)), input=payload.body if body is None else body, capture_output=True, timeout=60
+    )
 
 
 def test_payload_over_128_kib_goes_on_stdin(tmp_path):
@@ -333,8 +352,14 @@ def test_runs_output_rc_env_cwd_umask(running_agent, tmp_path):
     ep, pid, _ = running_agent
     rc, out, err = run(ep, "import os,sys; print('out'); print('err', file=sys.stderr); sys.exit(3)")
     assert (rc, out, err) == (3, b"out\n", b"err\n")
-    rc, out, _ = run(ep, "import os; print(os.environ['FOO'], os.environ['BAR'], os.getcwd(), oct(os.umask(0)))",
-                     env={"PATH": "/usr/bin:/bin", "BAR": "base"}, assign={"FOO": "a b"}, cwd=str(tmp_path), umask=0o027)
+    rc, out, _ = run(
+        ep,
+        "import os; print(os.environ['FOO'], os.environ['BAR'], os.getcwd(), oct(os.umask(0)))",
+        env={"PATH": "/usr/bin:/bin", "BAR": "base"},
+        assign={"FOO": "a b"},
+        cwd=str(tmp_path),
+        umask=0o027,
+    )
     assert out.decode().split() == ["a", "b", "base", str(tmp_path), "0o27"]
     rc, out, _ = run(ep, "import os; print(sorted(os.environ))", env={"ONLY": "1"}, assign={})
     assert eval(out) == ["ONLY"]
@@ -412,13 +437,22 @@ def test_a_loops_zip_is_sent_once(running_agent):
 
     ep, _, _ = running_agent
     zip_text = base64.b64encode(os.urandom(30000))
-    payload = ("#!%s\n_ANSIBALLZ_WRAPPER = True\ndef _ansiballz_main(zip_data, params):\n"
-               "    import base64, hashlib\n"
-               "    print(hashlib.sha1(base64.b64decode(zip_data)).hexdigest(), params)\n" % PYTHON).encode()
+    payload = (
+        "#!%s\n_ANSIBALLZ_WRAPPER = True\ndef _ansiballz_main(zip_data, params):\n"
+        "    import base64, hashlib\n"
+        "    print(hashlib.sha1(base64.b64decode(zip_data)).hexdigest(), params)\n" % PYTHON
+    ).encode()
     payload += b'\nif __name__ == "__main__":\n    _ansiballz_main(\nzip_data=\'' + zip_text + b"',\nparams='p',\n)\n"
     stripped, data = ansiballz.strip_payload(payload)
-    req = {"op": "run", "env": dict(os.environ), "assign": {}, "cwd": "/", "umask": 0o022, "path": None,
-           "zip_sha": hashlib.sha1(data).hexdigest()}
+    req = {
+        "op": "run",
+        "env": dict(os.environ),
+        "assign": {},
+        "cwd": "/",
+        "umask": 0o022,
+        "path": None,
+        "zip_sha": hashlib.sha1(data).hexdigest(),
+    }
     want = ("%s p\n" % hashlib.sha1(base64.b64decode(zip_text)).hexdigest()).encode()
     resp, _ = ep.request(dict(req, stripped=True), stripped)
     assert resp == {"ok": False, "need_zip": True}
@@ -486,8 +520,15 @@ def test_idle_timeout_and_controller_liveness(tmp_path):
     try:
         agents = {}
         for name, idle, ctl in (("idle", 1, None), ("ctl", 60, controller.pid)):
-            cfg = {"socket": str(d / (name + ".sock")), "version": client.VERSION, "idle": idle, "key": name,
-                   "dir_owner": os.getuid(), "controller_pid": ctl, "controller_start": client.proc_start(ctl) if ctl else None}
+            cfg = {
+                "socket": str(d / (name + ".sock")),
+                "version": client.VERSION,
+                "idle": idle,
+                "key": name,
+                "dir_owner": os.getuid(),
+                "controller_pid": ctl,
+                "controller_start": client.proc_start(ctl) if ctl else None,
+            }
             p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
             agents[name] = (client.parse_ready(p.stdout)["pid"], cfg["socket"])
         time.sleep(3)

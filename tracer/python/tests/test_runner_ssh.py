@@ -1,6 +1,7 @@
 """The persistent-agent runner over ssh, against a real sshd in a network namespace: same results
 as ansible-core's ssh connection, the agent reached through the ControlMaster (no ssh exec per
 task once it runs), housekeeping, transfers and become through agents on the target."""
+
 from __future__ import annotations
 
 import collections
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_runner_e2e import tree
 
 from conftest import Receiver
 from runner_fixtures import (  # noqa: F401
@@ -29,7 +31,6 @@ from runner_fixtures import (  # noqa: F401
     run_playbook,
     ssh_host,
 )
-from test_runner_e2e import tree
 
 PLAYBOOK = """
 - hosts: all
@@ -117,10 +118,10 @@ def test_ssh_without_pipelining(tmp_path, ssh_host):  # noqa: F811
 
 
 def count_ssh_execs(tmp_path, host, n, mode):
-    playbook = "- hosts: all\n  gather_facts: false\n  tasks:\n    - lineinfile: {path: \"{{ base }}/w\", line: w, create: true}\n"
+    playbook = '- hosts: all\n  gather_facts: false\n  tasks:\n    - lineinfile: {path: "{{ base }}/w", line: w, create: true}\n'
     for i in range(n):
-        playbook += f"    - copy: {{content: \"{i}\\n\", dest: \"{{{{ base }}}}/c{i}\"}}\n"
-        playbook += f"    - lineinfile: {{path: \"{{{{ base }}}}/c{i}\", line: \"x={i}\"}}\n"
+        playbook += f'    - copy: {{content: "{i}\\n", dest: "{{{{ base }}}}/c{i}"}}\n'
+        playbook += f'    - lineinfile: {{path: "{{{{ base }}}}/c{i}", line: "x={i}"}}\n'
     d = tmp_path / f"{mode}-{n}"
     d.mkdir()
     base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}ssh-"))
@@ -130,15 +131,42 @@ def count_ssh_execs(tmp_path, host, n, mode):
         (d / "pb.yml").write_text(playbook)
         (d / "ansible.cfg").write_text("")
         # a short ControlPersist: strace -f waits for the mux it traces to exit
-        env = clean_env({"ANSIBLE_CONFIG": str(d / "ansible.cfg"), "ANSIBLE_PIPELINING": "True",
-                         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(d / "cp"),
-                         "ANSIBLE_SSH_ARGS": "-C -o ControlMaster=auto -o ControlPersist=3s"})
+        env = clean_env(
+            {
+                "ANSIBLE_CONFIG": str(d / "ansible.cfg"),
+                "ANSIBLE_PIPELINING": "True",
+                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(d / "cp"),
+                "ANSIBLE_SSH_ARGS": "-C -o ControlMaster=auto -o ControlPersist=3s",
+            }
+        )
         if mode == "persistent":
             env["ANSIBLE_CONNECTION_PLUGINS"] = str(CONNECTION_DIR)
         log = d / "strace.log"
-        p = subprocess.run(["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=execve", "-e", "signal=none", "-o", str(log),
-                            str(BIN / "ansible-playbook"), "-i", str(d / "inventory.ini"), "-e", f"base={base}", str(d / "pb.yml")],
-                           env=env, cwd=d, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            [
+                "strace",
+                "-f",
+                "--seccomp-bpf",
+                "-qq",
+                "-e",
+                "trace=execve",
+                "-e",
+                "signal=none",
+                "-o",
+                str(log),
+                str(BIN / "ansible-playbook"),
+                "-i",
+                str(d / "inventory.ini"),
+                "-e",
+                f"base={base}",
+                str(d / "pb.yml"),
+            ],
+            env=env,
+            cwd=d,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stdout[-2000:]
         return [x for x in log.read_text().splitlines() if "execve(" in x and "= 0" in x and '/ssh"' in x.split(",")[0]]
     finally:
@@ -166,12 +194,20 @@ def test_ssh_runner_start_is_remote(tmp_path, ssh_host):  # noqa: F811
     try:
         inv = d / "inventory.ini"
         inv.write_text(ssh_host.inventory())
-        playbook = "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: loop\n      lineinfile: {path: \"{{ base }}/{{ item }}\", line: x, create: true}\n      loop: [a, b]\n"
-        run = run_playbook(d, playbook, mode="persistent", inventory=str(inv), args=["-e", f"base={base}"],
-                           env={"ANSIBLE_CALLBACK_PLUGINS": f"{d / 'callbacks'}:{CALLBACK_DIR}",
-                                "ANSIBLE_CALLBACKS_ENABLED": "results_dump,spawntrace",
-                                "SPAWNTRACE_SOCKET": str(tmp_path / "events.sock"),
-                                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(d / "cp")})
+        playbook = '- hosts: all\n  gather_facts: false\n  tasks:\n    - name: loop\n      lineinfile: {path: "{{ base }}/{{ item }}", line: x, create: true}\n      loop: [a, b]\n'
+        run = run_playbook(
+            d,
+            playbook,
+            mode="persistent",
+            inventory=str(inv),
+            args=["-e", f"base={base}"],
+            env={
+                "ANSIBLE_CALLBACK_PLUGINS": f"{d / 'callbacks'}:{CALLBACK_DIR}",
+                "ANSIBLE_CALLBACKS_ENABLED": "results_dump,spawntrace",
+                "SPAWNTRACE_SOCKET": str(tmp_path / "events.sock"),
+                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(d / "cp"),
+            },
+        )
     finally:
         time.sleep(0.3)
         msgs = rec.close()
@@ -200,7 +236,8 @@ def remote_sudo():
 
 
 def test_ssh_become(tmp_path, ssh_host, remote_sudo):  # noqa: F811
-    playbook = """
+    playbook = (
+        """
 - hosts: all
   gather_facts: false
   tasks:
@@ -217,7 +254,9 @@ def test_ssh_become(tmp_path, ssh_host, remote_sudo):  # noqa: F811
       command: id -un
       become: true
       become_user: %s
-""" % BECOME_USER
+"""
+        % BECOME_USER
+    )
     c, p = run_both_ssh(tmp_path, ssh_host, playbook)
     assert p.returncode == 0, p.stdout[-3000:]
     assert [r["result"]["stdout"] for r in p.results if r["task"] == "root"] == ["root"]

@@ -3,6 +3,7 @@ unprivileged local user (made and removed here) plants files, directories, symli
 in a shared base made like /tmp (root-owned, 01777, passed as SPAWNTRACE_AGENT_DIR) before root
 runs; nothing of theirs may be executed, followed, written to or connected to, and a hostile agent
 directory fails the task with a one-line message instead of being skipped."""
+
 from __future__ import annotations
 
 import base64
@@ -104,8 +105,12 @@ print(json.dumps({"conns": conns, "new": sorted(seen)}), flush=True)
 class Watcher:
     def __init__(self, user, place, directory, sockpath):
         self.stop = place.base / ("stop-%d" % time.monotonic_ns())
-        self.p = subprocess.Popen(["runuser", "-u", user.pw_name, "--", ATTACKER_PYTHON, "-c", WATCHER, str(directory),
-                                   str(sockpath), str(self.stop)], cwd="/", stdout=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(
+            ["runuser", "-u", user.pw_name, "--", ATTACKER_PYTHON, "-c", WATCHER, str(directory), str(sockpath), str(self.stop)],
+            cwd="/",
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.p.stdout.readline().strip() == "ready"
 
     def result(self):
@@ -140,9 +145,11 @@ def _loaded_files():
     import ansible.plugins.connection as pkg
 
     package = os.path.join(os.path.dirname(os.path.realpath(CONNECTION_DIR / "local.py")), "..", "..", "agent", "spawntrace_agent")
-    return [("spawntrace_agent.client", os.path.join(package, "client.py")),
-            ("spawntrace_agent.framing", os.path.join(package, "framing.py")),
-            ("ansible.plugins.connection._spawntrace_builtin_local", os.path.join(os.path.dirname(pkg.__file__), "local.py"))]
+    return [
+        ("spawntrace_agent.client", os.path.join(package, "client.py")),
+        ("spawntrace_agent.framing", os.path.join(package, "framing.py")),
+        ("ansible.plugins.connection._spawntrace_builtin_local", os.path.join(os.path.dirname(pkg.__file__), "local.py")),
+    ]
 
 
 def test_planted_code_cache_is_never_run(tmp_path, place, attacker):
@@ -196,7 +203,10 @@ def test_hostile_agent_dir_fails_the_task(tmp_path, place, attacker, mode):
 def test_hostile_become_agent_dir_fails_the_task(tmp_path, place, attacker, become_user):  # noqa: F811
     d = place.shared / ("spawntrace-%d" % become_user.pw_uid)
     as_attacker(attacker, "mkdir", "-m", "0700", str(d))
-    playbook = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: id -u\n      become: true\n      become_user: %s\n" % become_user.pw_name
+    playbook = (
+        "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: id -u\n      become: true\n      become_user: %s\n"
+        % become_user.pw_name
+    )
     run = persistent_run(tmp_path, place, playbook=playbook)
     msg = failed_msg(run)
     assert ("spawntrace: unsafe agent directory %s: " % d) in msg and "owner uid %d" % attacker.pw_uid in msg, msg
@@ -233,9 +243,16 @@ def _unchanged(v):
 
 def _bootstrap(place, attacker, key, **extra):
     d = place.shared / ("spawntrace-%d" % attacker.pw_uid)
-    cfg = {"socket": str(d / (key + ".sock")), "version": client.VERSION, "idle": 30, "key": key,
-           "dir_owner": attacker.pw_uid, "client_uid": 0, "controller_pid": os.getpid(),
-           "controller_start": client.proc_start(os.getpid())}
+    cfg = {
+        "socket": str(d / (key + ".sock")),
+        "version": client.VERSION,
+        "idle": 30,
+        "key": key,
+        "dir_owner": attacker.pw_uid,
+        "client_uid": 0,
+        "controller_pid": os.getpid(),
+        "controller_start": client.proc_start(os.getpid()),
+    }
     cfg.update(extra)
     p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     return client.parse_ready(p.stdout), cfg
@@ -260,8 +277,12 @@ def test_symlinked_lock_is_not_followed(place, attacker, user_dir):
     as_attacker(attacker, "ln", "-s", str(victim), str(user_dir / "k1.sock.lock"))
     ready, cfg = _bootstrap(place, attacker, "k1")
     try:
-        assert not ready["ok"] and ready["unsafe"] and ready["error"] == (
-            "spawntrace: %s is a symlink; remove it or set SPAWNTRACE_AGENT_DIR to a private directory" % (user_dir / "k1.sock.lock")), ready
+        assert (
+            not ready["ok"]
+            and ready["unsafe"]
+            and ready["error"]
+            == ("spawntrace: %s is a symlink; remove it or set SPAWNTRACE_AGENT_DIR to a private directory" % (user_dir / "k1.sock.lock"))
+        ), ready
     finally:
         if ready.get("ok"):
             _quit(cfg)
@@ -293,15 +314,32 @@ def test_symlinked_zips_and_log_are_not_written(place, attacker, user_dir):
         # attacker points every name of the pids likely next at the victim
         pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
         names = " ".join("warm-%d.zip" % ((ready["pid"] + i) % pid_max) for i in range(1, 1500))
-        as_attacker(attacker, ATTACKER_PYTHON, "-c", "import os,sys\nfor n in sys.argv[2].split(): os.symlink(sys.argv[1], os.path.join(sys.argv[3], n))",
-                    str(zip_victim), names, str(user_dir))
+        as_attacker(
+            attacker,
+            ATTACKER_PYTHON,
+            "-c",
+            "import os,sys\nfor n in sys.argv[2].split(): os.symlink(sys.argv[1], os.path.join(sys.argv[3], n))",
+            str(zip_victim),
+            names,
+            str(user_dir),
+        )
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as z:
             z.writestr("spawntrace_sec_probe.py", "X = 1\n")
-        payload = ("#!%s\n_ANSIBALLZ_WRAPPER = True\nZ = \"zip_data='%s'\"\nprint('ran')\n"
-                   % (PYTHON, base64.b64encode(buf.getvalue()).decode())).encode()
-        req = {"op": "run", "env": dict(os.environ), "assign": {}, "cwd": "/", "umask": 0o022, "path": None,
-               "ansible_version": "probe", "warm": True, "module": "probe"}
+        payload = (
+            "#!%s\n_ANSIBALLZ_WRAPPER = True\nZ = \"zip_data='%s'\"\nprint('ran')\n" % (PYTHON, base64.b64encode(buf.getvalue()).decode())
+        ).encode()
+        req = {
+            "op": "run",
+            "env": dict(os.environ),
+            "assign": {},
+            "cwd": "/",
+            "umask": 0o022,
+            "path": None,
+            "ansible_version": "probe",
+            "warm": True,
+            "module": "probe",
+        }
         resp, blob = client.Endpoint(cfg["socket"], 0).request(req, payload)
         assert resp["ok"] and blob[: resp["out"]] == b"ran\n", (resp, blob)
         children = Path("/proc/%d/task/%d/children" % (ready["pid"], ready["pid"])).read_text().split()
@@ -316,8 +354,15 @@ def test_target_bootstrap_reports_one_line(place, attacker):
     carries the refusal, which the plugin turns into the task's error (check_ready), not classic."""
     d = place.shared / "spawntrace-0"
     as_attacker(attacker, "mkdir", "-m", "0700", str(d))
-    cfg = {"socket": None, "version": client.VERSION, "idle": 30, "key": "remote", "dir_owner": "self",
-           "client_uid": "sudo", "dir_base": str(place.shared)}
+    cfg = {
+        "socket": None,
+        "version": client.VERSION,
+        "idle": 30,
+        "key": "remote",
+        "dir_owner": "self",
+        "client_uid": "sudo",
+        "dir_base": str(place.shared),
+    }
     p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
     ready = client.parse_ready(p.stdout)
     assert p.returncode == 1 and p.stdout.decode().count("\n") == 1 and ready["unsafe"], (p.stdout, p.stderr)
@@ -361,7 +406,9 @@ def test_private_dir_refusals(place, attacker):
     link.symlink_to(real)
     assert "%s: a symlink, owner uid 0" % link in _refused(link, 0)
     as_attacker(attacker, "mkdir", "-m", "0700", str(place.shared / "planted"))
-    assert "a directory, owner uid %d, mode 0700 (must be a directory of uid 0, mode 0700)" % attacker.pw_uid in _refused(place.shared / "planted", 0)
+    assert "a directory, owner uid %d, mode 0700 (must be a directory of uid 0, mode 0700)" % attacker.pw_uid in _refused(
+        place.shared / "planted", 0
+    )
     for mode in (0o770, 0o755, 0o701, 0o1777):
         d = place.shared / ("mode-%o" % mode)
         d.mkdir()
@@ -397,4 +444,3 @@ def test_persistent_run_still_works_in_a_shared_base(tmp_path, place):
     while time.monotonic() < deadline and any(p.exists() for p in socks):
         time.sleep(0.1)
     assert not any(p.exists() for p in socks)
-

@@ -229,10 +229,10 @@ async fn record_into(
                 guard.clear_ready();
             }
         }
-        if let Some(until) = linger_until {
-            if tokio::time::Instant::now() >= until || sink.model.still_running().next().is_none() {
-                break;
-            }
+        if let Some(until) = linger_until
+            && (tokio::time::Instant::now() >= until || sink.model.still_running().next().is_none())
+        {
+            break;
         }
     }
     let status = status.expect("the loop ends after the command's exit");

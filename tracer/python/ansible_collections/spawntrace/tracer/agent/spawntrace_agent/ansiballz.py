@@ -8,7 +8,6 @@ import sys
 
 from .framing import ProtocolError
 
-
 _MAIN_MARK = b'\nif __name__ == "__main__":\n'
 _ZIP_MARK = b"zip_data='"
 
@@ -157,7 +156,8 @@ def fast_ansiballz_main(ns, modlib_path):
         sys.path.insert(0, modlib_path)
         from ansible.module_utils._internal._ansiballz import _loader
 
-        _loader.run_module(json_params=params.encode(), profile=profile, module_fqn=module_fqn,
-                           modlib_path=modlib_path, extensions=extensions)
+        _loader.run_module(
+            json_params=params.encode(), profile=profile, module_fqn=module_fqn, modlib_path=modlib_path, extensions=extensions
+        )
 
     ns["_ansiballz_main"] = _ansiballz_main

@@ -68,12 +68,16 @@ def bootstrap(cfg):
         if st is not None:
             # an agent's socket (chowned to its client when we are root), never anything else
             if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in (os.getuid(), cfg["client_uid"]):
-                raise UnsafePath("spawntrace: unsafe agent socket %s: %s (must be a socket of uid %d); %s"
-                                 % (path, describe(st), os.getuid(), HINT))
+                raise UnsafePath(
+                    "spawntrace: unsafe agent socket %s: %s (must be a socket of uid %d); %s" % (path, describe(st), os.getuid(), HINT)
+                )
             try:
                 info = _ping(path)
                 if info.get("ok") and info.get("version") == cfg.get("version"):
-                    sys.stdout.write(json.dumps({"ok": True, "pid": info["pid"], "reused": True, "socket": path, "reporting": info.get("reporting")}) + "\n")
+                    sys.stdout.write(
+                        json.dumps({"ok": True, "pid": info["pid"], "reused": True, "socket": path, "reporting": info.get("reporting")})
+                        + "\n"
+                    )
                     return 0
             except (OSError, ProtocolError, ValueError):
                 pass

@@ -215,9 +215,7 @@ def module_name(payload, path):
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9_.,:@%+=/-]*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _USER_HOME = re.compile(r"^~[_.A-Za-z0-9][-_.A-Za-z0-9]*$")
-_MKDTEMP = re.compile(
-    r'^\( umask ([0-7]+) && mkdir -p "` echo (\S+) `"&& mkdir "` echo (\S+) `" && echo (\S+?)="` echo (\S+) `" \)$'
-)
+_MKDTEMP = re.compile(r'^\( umask ([0-7]+) && mkdir -p "` echo (\S+) `"&& mkdir "` echo (\S+) `" && echo (\S+?)="` echo (\S+) `" \)$')
 # Variables read when the interpreter starts: a different value needs a different agent.
 _STARTUP_ENV = re.compile(r"^(PYTHON\w*|LD_\w+|LC_\w+|LANG|LANGUAGE)$")
 
@@ -737,8 +735,17 @@ class AgentConnectionMixin:
             # diagnostics: where a module run's time went (monotonic ns): request sent, agent
             # accepted, request read, runner started, runner done, reply sent, reply received
             t = resp["t"]
-            rec = {"module": req["module"], "runner_pid": started.get("pid"), "sent": t0, "accepted": t[4] if len(t) > 4 else None, "read": t[0],
-                   "runner_start": t[1], "runner_done": t[2], "replied": t[3], "received": time.monotonic_ns()}
+            rec = {
+                "module": req["module"],
+                "runner_pid": started.get("pid"),
+                "sent": t0,
+                "accepted": t[4] if len(t) > 4 else None,
+                "read": t[0],
+                "runner_start": t[1],
+                "runner_done": t[2],
+                "replied": t[3],
+                "received": time.monotonic_ns(),
+            }
             with open(timing, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if not resp.get("ok"):

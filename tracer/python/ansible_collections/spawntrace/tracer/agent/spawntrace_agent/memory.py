@@ -6,7 +6,6 @@ import errno
 import os
 import struct
 
-
 PAGE = 4096
 
 
@@ -110,7 +109,7 @@ def prefault(hot=None):
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 ranges.append((lo, hi - lo))
         heap = _heap_ranges()
-        for lo, n in (hot.ranges() if hot is not None else []):
+        for lo, n in hot.ranges() if hot is not None else []:
             # within the heap as it is now (it may have shrunk)
             for hlo, hhi in heap:
                 a, b = max(lo, hlo), min(lo + n, hhi)

@@ -127,7 +127,11 @@ class RunnerPool(object):
     def _want_spare(self, needed=False):
         """Asks the zygote for spares up to the pool size (`needed`: one for a run at hand, even
         while stopping)."""
-        while self.zsock is not None and (needed or not self.stopping) and len(self.spares) + self.spare_pending - self.spare_stale < (self.pool if not self.stopping else 1):
+        while (
+            self.zsock is not None
+            and (needed or not self.stopping)
+            and len(self.spares) + self.spare_pending - self.spare_stale < (self.pool if not self.stopping else 1)
+        ):
             self.spare_pending += 1
             self._zsend({"op": "spare"})
 
@@ -196,9 +200,15 @@ class RunnerPool(object):
             reported = False
             if self.reporter.usable:
                 reported = self.reporter.send(
-                    "runner_start", pid=runner["pid"], agent_pid=os.getpid(), task_uuid=req.get("task_uuid"),
-                    host=req.get("host"), worker_pid=req.get("worker_pid"), item=req.get("item"),
-                    module=req.get("module"))
+                    "runner_start",
+                    pid=runner["pid"],
+                    agent_pid=os.getpid(),
+                    task_uuid=req.get("task_uuid"),
+                    host=req.get("host"),
+                    worker_pid=req.get("worker_pid"),
+                    item=req.get("item"),
+                    module=req.get("module"),
+                )
             os.write(runner["req_w"], b"!")
         except OSError:
             reusable = False

@@ -128,7 +128,9 @@ class Runner(object):
 
         sys.stdin = sys.__stdin__ = stream(0, "r", self.base.stdio[0])
         sys.stdout = sys.__stdout__ = stream(1, "w", self.base.stdio[1])
-        sys.stderr = sys.__stderr__ = stream(2, "w", ("utf-8" if self.base.stdio[2][0] is None else self.base.stdio[2][0], "backslashreplace"))
+        sys.stderr = sys.__stderr__ = stream(
+            2, "w", ("utf-8" if self.base.stdio[2][0] is None else self.base.stdio[2][0], "backslashreplace")
+        )
         if req.get("ansible_version") != self.warm_version:
             in_process.dirty = True
             for name in list(sys.modules):
@@ -156,7 +158,9 @@ class Runner(object):
                 profiler = cProfile.Profile()
                 profiler.enable()
                 n = in_process.runs
-                atexit.register(lambda: (profiler.disable(), profiler.dump_stats(os.path.join(prof, "runner-%d-%d.prof" % (os.getpid(), n)))))
+                atexit.register(
+                    lambda: (profiler.disable(), profiler.dump_stats(os.path.join(prof, "runner-%d-%d.prof" % (os.getpid(), n))))
+                )
             # pipelined payloads run as "<stdin>", file-based ones (no pipelining) as their file
             filename = path or "<stdin>"
             parts = split_payload(payload)
@@ -228,7 +232,14 @@ class InProcess(object):
     whether the runner may take another request: not after an exception, a fork, a thread left
     running, a payload whose zip is not kept, or `limit` runs."""
 
-    SIGNALS = [s for s in (getattr(signal, n, None) for n in ("SIGALRM", "SIGCHLD", "SIGTERM", "SIGHUP", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGQUIT")) if s]
+    SIGNALS = [
+        s
+        for s in (
+            getattr(signal, n, None)
+            for n in ("SIGALRM", "SIGCHLD", "SIGTERM", "SIGHUP", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGQUIT")
+        )
+        if s
+    ]
 
     def __init__(self, limit):
         self.limit = limit

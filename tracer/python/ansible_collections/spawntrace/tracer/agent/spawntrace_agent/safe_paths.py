@@ -9,7 +9,6 @@ import errno
 import os
 import stat
 
-
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 HINT = "remove it or set SPAWNTRACE_AGENT_DIR to a private directory"
 
@@ -19,8 +18,13 @@ class UnsafePath(RuntimeError):
 
 
 def describe(st):
-    kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else (
-        "a socket" if stat.S_ISSOCK(st.st_mode) else "a file" if stat.S_ISREG(st.st_mode) else "not a directory")
+    kind = (
+        "a symlink"
+        if stat.S_ISLNK(st.st_mode)
+        else "a directory"
+        if stat.S_ISDIR(st.st_mode)
+        else ("a socket" if stat.S_ISSOCK(st.st_mode) else "a file" if stat.S_ISREG(st.st_mode) else "not a directory")
+    )
     return "%s, owner uid %d, mode %04o" % (kind, st.st_uid, stat.S_IMODE(st.st_mode))
 
 
@@ -33,11 +37,12 @@ def check_parents(path, owner):
     for part in [""] + [p for p in real.split("/") if p]:
         cur = os.path.join(cur, part) if part else "/"
         st = os.lstat(cur)
-        if (not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, owner)
-                or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX)):
-            raise UnsafePath("spawntrace: unsafe agent directory %s: its parent %s is %s (must be owned by root or uid %d "
-                             "and not writable by others unless sticky); set SPAWNTRACE_AGENT_DIR to a private directory"
-                             % (path, cur, describe(st), owner))
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, owner) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise UnsafePath(
+                "spawntrace: unsafe agent directory %s: its parent %s is %s (must be owned by root or uid %d "
+                "and not writable by others unless sticky); set SPAWNTRACE_AGENT_DIR to a private directory"
+                % (path, cur, describe(st), owner)
+            )
     return real
 
 
@@ -61,16 +66,20 @@ def private_dir(path, owner):
     except OSError as e:
         if e.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
-        raise UnsafePath("spawntrace: unsafe agent directory %s: %s (must be a directory of uid %d, mode 0700); %s"
-                         % (real, describe(os.lstat(real)), owner, HINT))
+        raise UnsafePath(
+            "spawntrace: unsafe agent directory %s: %s (must be a directory of uid %d, mode 0700); %s"
+            % (real, describe(os.lstat(real)), owner, HINT)
+        )
     try:
         st = os.fstat(fd)
         if created and st.st_uid == os.getuid() != owner:
             os.fchown(fd, owner, -1)
             st = os.fstat(fd)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or stat.S_IMODE(st.st_mode) & 0o077:
-            raise UnsafePath("spawntrace: unsafe agent directory %s: %s (must be a directory of uid %d, mode 0700); %s"
-                             % (real, describe(st), owner, HINT))
+            raise UnsafePath(
+                "spawntrace: unsafe agent directory %s: %s (must be a directory of uid %d, mode 0700); %s"
+                % (real, describe(st), owner, HINT)
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -90,8 +99,10 @@ def open_checked(path, flags, owners, mode=0o600, dir_fd=None):
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o022 or st.st_nlink != 1:
         os.close(fd)
-        raise UnsafePath("spawntrace: unsafe file %s: %s, %d links (must be a file of uid %s); %s"
-                         % (path, describe(st), st.st_nlink, "/".join(str(u) for u in sorted(set(owners))), HINT))
+        raise UnsafePath(
+            "spawntrace: unsafe file %s: %s, %d links (must be a file of uid %s); %s"
+            % (path, describe(st), st.st_nlink, "/".join(str(u) for u in sorted(set(owners))), HINT)
+        )
     return fd
 
 

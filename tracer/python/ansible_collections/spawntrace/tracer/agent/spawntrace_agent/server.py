@@ -68,8 +68,13 @@ class Agent(RunnerPool):
         self._pool_init(cfg)
 
     def serve(self):
-        self.reporter.send("agent_start", host=self.cfg.get("host"), user=self.cfg.get("user"),
-                           become_user=self.cfg.get("become_user"), version=self.cfg.get("version"))
+        self.reporter.send(
+            "agent_start",
+            host=self.cfg.get("host"),
+            user=self.cfg.get("user"),
+            become_user=self.cfg.get("become_user"),
+            version=self.cfg.get("version"),
+        )
         rfd, wfd = os.pipe()
         for fd in (rfd, wfd):
             os.set_blocking(fd, False)
@@ -353,9 +358,17 @@ class Agent(RunnerPool):
             self._send(conn, {"ok": False, "unsupported": True, "error": "agent version %s" % self.cfg.get("version")})
             return False
         if op == "ping":
-            self._send(conn, {"ok": True, "pid": os.getpid(), "version": self.cfg.get("version"),
-                              "reporting": self.reporter.usable, "served": self.served,
-                              "accepted": self.accepted})
+            self._send(
+                conn,
+                {
+                    "ok": True,
+                    "pid": os.getpid(),
+                    "version": self.cfg.get("version"),
+                    "reporting": self.reporter.usable,
+                    "served": self.served,
+                    "accepted": self.accepted,
+                },
+            )
             return False
         if op == "quit":
             self.stopping = True

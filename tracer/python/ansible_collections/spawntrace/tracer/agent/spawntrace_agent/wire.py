@@ -26,7 +26,7 @@ _FIRST_STAGE = (
     "import sys,zlib,hashlib\n"
     "b=sys.stdin.buffer.read(%(n)d)\n"
     "if hashlib.sha256(b).hexdigest()!='%(sha)s':\n"
-    " sys.stdout.write('{\"ok\":false,\"error\":\"spawntrace agent payload: %%d of %(n)d bytes, or corrupt\"}\\n'%%len(b));sys.exit(1)\n"
+    ' sys.stdout.write(\'{"ok":false,"error":"spawntrace agent payload: %%d of %(n)d bytes, or corrupt"}\\n\'%%len(b));sys.exit(1)\n'
     "exec(compile(zlib.decompress(b),'<spawntrace agent %(version)s>','exec'))\n"
 )
 

@@ -52,7 +52,7 @@ class Zygote(object):
                     events = poller.poll(5000)
                 except InterruptedError:
                     events = []
-                for fd, ev in events:
+                for fd, _ev in events:
                     if fd == self.sock.fileno():
                         try:
                             msg, fds = recv_fds(self.sock)
@@ -112,7 +112,9 @@ class Zygote(object):
         pid = os.fork()
         if pid == 0:
             try:
-                Runner(self.agent.cfg, self.agent.baseline, self.agent.hot, self.agent.warm.version).main(req_r, done_w, out_fd, err_fd, in_fd)
+                Runner(self.agent.cfg, self.agent.baseline, self.agent.hot, self.agent.warm.version).main(
+                    req_r, done_w, out_fd, err_fd, in_fd
+                )
             finally:
                 os._exit(1)
         os.close(req_r)

@@ -47,8 +47,16 @@ class Connection(client.AgentConnectionMixin, _LocalConnection):
             ep = st.get("fast", {}).get(fast) if not retry else None
             if ep is not None:
                 return ep, {"env": dict(os.environ), "cwd": self._st_cwd(), "umask": client.current_umask()}
-            key = {"kind": "local", "host": host, "user": user, "become": None, "interp": interp, "env": startup_env,
-                   "version": client.VERSION, "controller": controller}
+            key = {
+                "kind": "local",
+                "host": host,
+                "user": user,
+                "become": None,
+                "interp": interp,
+                "env": startup_env,
+                "version": client.VERSION,
+                "controller": controller,
+            }
 
             def make(name):
                 return client.Endpoint(os.path.join(client.agent_dir(), name + ".sock"), uid)
@@ -59,8 +67,7 @@ class Connection(client.AgentConnectionMixin, _LocalConnection):
                 env = dict(os.environ)
                 env.update(startup_env)
                 argv = client.PAYLOAD.argv(interp, client.json.dumps(cfg, separators=(",", ":")))
-                p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=env, close_fds=True)
+                p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True)
                 out, err = p.communicate(client.PAYLOAD.body, timeout=120)
                 ready = client.parse_ready(out)
                 client.check_ready(ready)
@@ -87,16 +94,29 @@ class Connection(client.AgentConnectionMixin, _LocalConnection):
         else:
             return None, None  # unprivileged to another unprivileged user: classic
         startup_env = client.startup_env(assign)
-        key = {"kind": "local", "host": host, "user": user, "become": become_key, "interp": interp, "env": startup_env,
-               "version": client.VERSION, "controller": controller}
+        key = {
+            "kind": "local",
+            "host": host,
+            "user": user,
+            "become": become_key,
+            "interp": interp,
+            "env": startup_env,
+            "version": client.VERSION,
+            "controller": controller,
+        }
 
         def make(name):
             return client.Endpoint(os.path.join(client.agent_dir(owner), name + ".sock"), become_uid, dir_owner=owner)
 
         def start(name, ep):
             cfg = client.base_config(key, ep.path, host, user)
-            cfg.update(dir_owner=owner, client_uid=uid, become_user=become_key["user"], _interpreter=interp,
-                       report=os.environ.get("SPAWNTRACE_SOCKET") or "")
+            cfg.update(
+                dir_owner=owner,
+                client_uid=uid,
+                become_user=become_key["user"],
+                _interpreter=interp,
+                report=os.environ.get("SPAWNTRACE_SOCKET") or "",
+            )
             self._st_run_bootstrap_shell(cfg, startup_env, True)
             return self._st_ping(ep)
 

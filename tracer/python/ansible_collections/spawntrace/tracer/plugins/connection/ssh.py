@@ -15,6 +15,7 @@ if _AGENT not in sys.path:
     sys.path.append(_AGENT)
 
 from ansible.errors import AnsibleError, AnsibleFileNotFound
+
 from spawntrace_agent import client  # noqa: E402
 
 _builtin_ssh = client.builtin_connection("ssh")
@@ -47,7 +48,10 @@ class Connection(client.AgentConnectionMixin, _SSHConnection):
 
     def _st_pointer(self, host, port, user):
         controller = list(client.controller())
-        return os.path.join(client.agent_dir(), "d-%d-%s" % (controller[0], client.key_name({"host": host, "port": port, "user": user, "controller": controller})))
+        return os.path.join(
+            client.agent_dir(),
+            "d-%d-%s" % (controller[0], client.key_name({"host": host, "port": port, "user": user, "controller": controller})),
+        )
 
     def _st_module_endpoint(self, args, become, retry=False):
         host, port, user = self._st_target()
@@ -59,16 +63,28 @@ class Connection(client.AgentConnectionMixin, _SSHConnection):
         if become and user != "root" and become_key["user"] not in ("root", user):
             # an agent of one unprivileged user cannot hand its socket to another: classic
             return None, None
-        key = {"kind": "ssh", "host": host, "port": port, "user": user, "become": become_key, "interp": interp, "env": startup_env,
-               "version": client.VERSION, "controller": list(client.controller())}
+        key = {
+            "kind": "ssh",
+            "host": host,
+            "port": port,
+            "user": user,
+            "become": become_key,
+            "interp": interp,
+            "env": startup_env,
+            "version": client.VERSION,
+            "controller": list(client.controller()),
+        }
 
         def make(name):
-            return client.Endpoint(os.path.join(client.agent_dir(), "f-%d-%s.sock" % (client.controller()[0], name)), os.getuid(), remote=True)
+            return client.Endpoint(
+                os.path.join(client.agent_dir(), "f-%d-%s.sock" % (client.controller()[0], name)), os.getuid(), remote=True
+            )
 
         def start(name, ep):
             cfg = client.base_config(key, None, host, user)
-            cfg.update(socket=None, key=name, controller_pid=None, controller_start=None, report="", _interpreter=interp,
-                       log=bool(cfg.get("log")))
+            cfg.update(
+                socket=None, key=name, controller_pid=None, controller_start=None, report="", _interpreter=interp, log=bool(cfg.get("log"))
+            )
             if become:
                 cfg.update(become_user=become_key["user"], client_uid="sudo", dir_owner="self" if user == "root" else "sudo")
             ready = self._st_run_bootstrap_shell(cfg, startup_env, become)

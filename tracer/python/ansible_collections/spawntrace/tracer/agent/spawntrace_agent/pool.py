@@ -20,7 +20,7 @@ import time
 from .ansiballz import split_payload, unstrip_payload
 from .framing import HEADER
 from .memory import HotPages
-from .procs import memfd, now, rc_of, read_all, recv_fds
+from .procs import memfd, now, rc_of, read_all, reaped, recv_fds
 from .warm import WarmState
 from .zygote import Zygote
 
@@ -312,15 +312,7 @@ class RunnerPool(object):
         self.last = time.monotonic()
 
     def _reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
+        for pid, _status in reaped():
             if pid == self.zpid:
                 # the zygote died: runners in flight report through their done pipes; start anew
                 try:

@@ -5,6 +5,7 @@ from __future__ import absolute_import
 import errno
 import json
 import os
+import signal
 import socket
 import struct
 import time
@@ -94,3 +95,38 @@ def open_fds():
         return [int(x) for x in os.listdir("/proc/self/fd")]
     except OSError:
         return list(range(3, 256))
+
+
+def sigchld_wakeup():
+    """(read fd, write fd) of a non-blocking pipe that becomes readable when a child ends
+    (SIGCHLD through signal.set_wakeup_fd), for a poll loop; drain() its read end."""
+    rfd, wfd = os.pipe()
+    for fd in (rfd, wfd):
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    signal.set_wakeup_fd(wfd)
+    return rfd, wfd
+
+
+def drain(fd):
+    """Reads a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except OSError:
+        pass
+
+
+def reaped():
+    """(pid, wait status) of each child that has ended, without waiting."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+        yield pid, status

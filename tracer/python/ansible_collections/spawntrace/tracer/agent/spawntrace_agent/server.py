@@ -10,7 +10,7 @@ import time
 from . import files
 from .framing import BIG, PROTOCOL, FrameReader, ProtocolError, encode_frame
 from .pool import RunnerPool
-from .procs import alive, now, peer_uid
+from .procs import alive, drain, now, peer_uid, sigchld_wakeup
 from .reporter import Reporter
 from .runner import Baseline
 from .shell_ops import run_op
@@ -75,13 +75,7 @@ class Agent(RunnerPool):
             become_user=self.cfg.get("become_user"),
             version=self.cfg.get("version"),
         )
-        rfd, wfd = os.pipe()
-        for fd in (rfd, wfd):
-            os.set_blocking(fd, False)
-            os.set_inheritable(fd, False)
-        self.wakeup = (rfd, wfd)
-        signal.signal(signal.SIGCHLD, lambda *a: None)
-        signal.set_wakeup_fd(wfd)
+        rfd, wfd = self.wakeup = sigchld_wakeup()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.listener.setblocking(False)
@@ -98,11 +92,7 @@ class Agent(RunnerPool):
                 if fd == self.listener.fileno():
                     self._accept()
                 elif fd == rfd:
-                    try:
-                        while os.read(rfd, 512):
-                            pass
-                    except OSError:
-                        pass
+                    drain(rfd)
                     self._reap()
                 elif fd in self.conns:
                     self._conn_event(fd, ev)

@@ -8,7 +8,7 @@ import signal
 import socket
 import struct
 
-from .procs import memfd, open_fds, read_all, recv_fds
+from .procs import drain, memfd, open_fds, read_all, reaped, recv_fds, sigchld_wakeup
 from .runner import Runner
 
 
@@ -37,12 +37,7 @@ class Zygote(object):
                     os.close(fd)
                 except OSError:
                     pass
-        rfd, wfd = os.pipe()
-        for fd in (rfd, wfd):
-            os.set_blocking(fd, False)
-        signal.signal(signal.SIGCHLD, lambda *x: None)
-        signal.set_wakeup_fd(wfd)
-        self.wakeup = (rfd, wfd)
+        rfd, wfd = self.wakeup = sigchld_wakeup()
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(rfd, select.POLLIN)
@@ -62,11 +57,7 @@ class Zygote(object):
                             return  # the agent is gone
                         self._handle(msg, fds)
                     elif fd == rfd:
-                        try:
-                            while os.read(rfd, 512):
-                                pass
-                        except OSError:
-                            pass
+                        drain(rfd)
                 self._reap()
         finally:
             a.warm.cleanup()
@@ -122,15 +113,7 @@ class Zygote(object):
         return pid, [req_w, done_r, out_fd, err_fd, in_fd]
 
     def _reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
+        for pid, status in reaped():
             try:
                 self._send({"ev": "exit", "pid": pid, "status": status})
             except OSError:

@@ -1,17 +1,23 @@
 //! spawntrace: run a command under eBPF tracing and explain where its time went.
-use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::LazyLock, time::Duration};
 
-use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
-use spawntrace::{record, report};
+use anyhow::{Context as _, Result};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use spawntrace::{record, report, trace};
 
 /// Exit code for spawntrace's own failures while running a command (as timeout(1) and env(1)).
 const EXIT_TOOL_FAILURE: u8 = 125;
 
+/// `--version` names the trace format too, so a user can tell which traces this build reads.
+/// Built from the format's constants (a u32 cannot go into `concat!`), once.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!("{} (trace format {} {})", env!("CARGO_PKG_VERSION"), trace::FORMAT, trace::VERSION)
+});
+
 #[derive(Parser, Debug)]
 #[command(
     name = "spawntrace",
-    version,
+    version = VERSION.as_str(),
     about = "Trace every fork, exec, exit and open of a command's process tree with eBPF",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
@@ -117,6 +123,17 @@ enum Cmd {
     },
 }
 
+/// Shell completions and man pages from this very CLI definition, for `cargo xtask install`.
+/// Not a variant of [`Cmd`]: clap_complete would offer a hidden subcommand all the same, so
+/// it is added beside the documented CLI (see [`cli`]).
+#[derive(Subcommand, Debug)]
+enum Generate {
+    /// Print SHELL's completion script on stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Write spawntrace.1 and one page per subcommand (spawntrace-report.1, ...) into DIR.
+    Man { dir: PathBuf },
+}
+
 #[derive(Args, Debug, Clone)]
 struct RecordArgs {
     /// Write the trace (JSON Lines) to FILE.
@@ -162,7 +179,11 @@ struct RecordArgs {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    let matches = cli().get_matches();
+    if let Some(("generate", m)) = matches.subcommand() {
+        return done(Generate::from_arg_matches(m).map_err(Into::into).and_then(generate));
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cli()).exit());
     match cli.cmd {
         Some(Cmd::Record(args)) => run_record(args),
         None => run_record(cli.record),
@@ -210,6 +231,30 @@ fn main() -> ExitCode {
                 }
                 Err(e) => fail(&e, 2),
             }
+        }
+    }
+}
+
+/// The documented CLI plus the hidden `spawntrace generate`.
+fn cli() -> clap::Command {
+    let generate = clap::Command::new("generate").hide(true).subcommand_required(true);
+    Cli::command().subcommand(Generate::augment_subcommands(generate))
+}
+
+/// What `spawntrace generate` writes: it describes [`Cli`] only, without itself.
+fn generate(what: Generate) -> Result<()> {
+    let mut cmd = Cli::command();
+    match what {
+        Generate::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "spawntrace", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).context("writing the completions")
+        }
+        Generate::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("writing man pages to {}", dir.display()))
         }
     }
 }
@@ -381,5 +426,22 @@ fn percent(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("{s:?} is not a percentage (a finite number, at least 0)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        cli().debug_assert();
+    }
+
+    #[test]
+    fn version_names_the_trace_format() {
+        let v = Cli::command().render_version();
+        assert!(v.contains(&format!("(trace format {} {})", trace::FORMAT, trace::VERSION)), "{v}");
+        assert!(v.starts_with(&format!("spawntrace {}", env!("CARGO_PKG_VERSION"))), "{v}");
     }
 }

@@ -1,10 +1,14 @@
-//! spawntrace's tasks: `cargo xtask setup | lint | test | demo | integration | bench tracer|runner`.
+//! spawntrace's tasks: `cargo xtask setup | lint | test | demo | install | integration | bench tracer|runner`.
 mod bench;
+mod install;
 mod integration;
 mod setup;
 mod util;
 
-use std::process::{Command, ExitCode};
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -38,6 +42,16 @@ enum Cmd {
         /// Files per loop in playbooks/bench.yml.
         #[arg(long, default_value_t = 200)]
         count: usize,
+    },
+    /// Build the release binary and install it as PREFIX/bin/spawntrace (where sudo finds it)
+    /// with its bash, zsh and fish completions and man pages.
+    Install {
+        /// Where it goes: PREFIX/bin, PREFIX/share/man, PREFIX/share/<shell completions>.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Staging root put before every installed path (as make's DESTDIR), for packaging.
+        #[arg(long)]
+        destdir: Option<PathBuf>,
     },
     /// ansible-core's integration targets (copy, lineinfile, file, stat, command_shell from its
     /// sdist) classic and persistent, side by side; fails when persistent ends differently.
@@ -88,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Lint => setup::setup().and_then(|()| lint()),
         Cmd::Test => test(),
         Cmd::Demo { runs, count } => demo(runs, count),
+        Cmd::Install { prefix, destdir } => install::install(&prefix, destdir.as_deref()),
         Cmd::Integration { targets } => integration::integration(&targets),
         Cmd::Bench { which: Bench::Tracer { count, rounds } } => bench::tracer(count, rounds),
         Cmd::Bench { which: Bench::Runner { count, runs, ssh } } => bench::runner(count, runs, ssh),

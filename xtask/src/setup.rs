@@ -17,12 +17,18 @@ const UV_VERSION: &str = "0.13.9";
 
 pub fn setup() -> Result<()> {
     apt_packages()?;
-    nightly_rust_src()?;
-    bpf_linker()?;
+    build_tools()?;
     tracefs()?;
     python_envs()?;
     eprintln!("setup: done");
     Ok(())
+}
+
+/// What building the eBPF probes needs (nightly rust-src, bpf-linker): all that `cargo xtask
+/// install` needs, without the packages and Python environments of the tests.
+pub fn build_tools() -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()
 }
 
 fn apt_packages() -> Result<()> {

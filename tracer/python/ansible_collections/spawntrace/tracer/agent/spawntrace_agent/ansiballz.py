@@ -116,7 +116,7 @@ _WRAPPER_ARGS = ("zip_data", "ansible_module", "module_fqn", "params", "profile"
 def fast_ansiballz_main(ns, modlib_path):
     """Replaces the `_ansiballz_main` an AnsiballZ wrapper (ansible-core 2.19+) just defined in
     `ns` with one that runs the module from `modlib_path`, the same zip the payload carries
-    already written out with the wrapper's sitecustomize (see Agent._keep_payload_zip), instead
+    already written out with the wrapper's sitecustomize (see WarmState._keep_payload_zip), instead
     of decoding and writing it to a fresh temporary directory each time. Every other step is the
     wrapper's own: working directory check, RLIMIT_NOFILE, sys.path cleaning, then
     `_loader.run_module`. The wrapper's debug subcommands (explode/execute) and wrappers of any

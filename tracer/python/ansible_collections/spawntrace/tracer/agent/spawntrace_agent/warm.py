@@ -102,7 +102,7 @@ class WarmState(object):
         self._dynamic_paths()
         install_code_cache()
         # tempfile finds its directory by creating a test file, once per process: do it here for
-        # runners whose environment names the same candidates (see _runner_main)
+        # runners whose environment names the same candidates (see Runner.run_one)
         import tempfile
 
         try:

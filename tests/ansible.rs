@@ -99,19 +99,19 @@ fn loop_items_hosts_and_handlers_are_attributed_exactly() {
                 &[],
             );
             let what = format!("{} {strategy}", env_name(&env));
-            let a = &pb.attribution;
-            assert!(a.available, "{what}: no plugin messages");
+            let a = pb.attribution();
             // delegate_to: the delegated run is still the work of the delegating host's task.
-            assert_eq!(check_tags(&pb.run.model, a, &items), 2 * (3 + 2 + 1 + 1 + 1), "{what}");
+            assert_eq!(check_tags(&pb.run.analysis.model, a, &items), 2 * (3 + 2 + 1 + 1 + 1), "{what}");
             assert_eq!(a.unattributed(), 0, "{what}");
             assert_eq!(a.dropped_messages, 0, "{what}");
             assert_eq!(a.pid_mismatches, 0, "{what}");
+            assert_eq!(pb.run.trace.footer.as_ref().unwrap().malformed_messages, 0, "{what}");
             assert!(a.tasks.iter().any(|t| t.name == "handler_one" && t.handler), "{what}");
-            let report = TaskReport::new(&pb.run.model, a, By::Task);
+            let report = TaskReport::new(&pb.run.analysis, By::Task);
             let first = report.tasks.iter().find(|r| r.name == "first").unwrap();
             assert_eq!((first.hosts.len(), first.items), (2, 6), "{what}");
             // Per-item rows split the loop task by host and item.
-            let by_item = TaskReport::new(&pb.run.model, a, By::Item);
+            let by_item = TaskReport::new(&pb.run.analysis, By::Item);
             let rows: Vec<_> =
                 by_item.tasks.iter().filter(|r| r.name == "first" && r.item.is_some()).collect();
             assert_eq!(rows.len(), 6, "{what}");
@@ -149,7 +149,7 @@ const SHAPES_PLAYBOOK: &str = r#"
 
 /// Execs per loop item of each task, checked to be the same for every item.
 fn execs_per_item(pb: &common::ansible::PlaybookRun) -> BTreeMap<String, u64> {
-    let report = TaskReport::new(&pb.run.model, &pb.attribution, By::Item);
+    let report = TaskReport::new(&pb.run.analysis, By::Item);
     let mut per: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for r in report.tasks.iter().filter(|r| r.item.is_some()) {
         per.entry(r.name.clone()).or_default().push(r.execs);
@@ -178,7 +178,7 @@ fn module_exec_shapes_with_and_without_pipelining() {
             &[("ANSIBLE_PIPELINING", pipelining), ("SHAPES_DIR", dir.path().to_str().unwrap())],
             &[],
         );
-        assert_eq!(pb.attribution.unattributed(), 0);
+        assert_eq!(pb.attribution().unattributed(), 0);
         shapes.insert(pipelining, execs_per_item(&pb));
     }
     eprintln!("execs per item (pipelining on / off): {shapes:?}");
@@ -203,7 +203,7 @@ fn users_own_callbacks_keep_working() {
         &[("ANSIBLE_CALLBACKS_ENABLED", "junit"), ("JUNIT_OUTPUT_DIR", junit.path().to_str().unwrap())],
         &[],
     );
-    assert!(pb.attribution.available);
+    assert!(pb.run.analysis.attribution.is_some());
     let xml: Vec<_> = std::fs::read_dir(junit.path()).unwrap().collect();
     assert_eq!(xml.len(), 1, "the junit callback wrote its report");
     assert!(pb.run.stdout().contains("PLAY RECAP"), "the default stdout callback is untouched");
@@ -214,7 +214,7 @@ fn users_own_callbacks_keep_working() {
 fn ssh_spawns_go_to_their_task_and_host_and_the_mux_is_infrastructure() {
     require_root!();
     let env = envs().into_iter().next_back().expect("an environment");
-    let lab = common::lab::Lab::start(2);
+    let lab = sshlab::Lab::start(2, "targets").expect("the ssh test hosts");
     let cp = tempfile::tempdir().unwrap();
     let pb = playbook(
         &env,
@@ -231,11 +231,11 @@ fn ssh_spawns_go_to_their_task_and_host_and_the_mux_is_infrastructure() {
         content: "hello\n"
         dest: "/tmp/spawntrace-test-{{ inventory_hostname }}"
 "#,
-        lab.inventory("targets").to_str().unwrap(),
+        lab.inventory.to_str().unwrap(),
         &[("ANSIBLE_FORKS", "2"), ("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path().to_str().unwrap())],
         &[],
     );
-    let (model, a) = (&pb.run.model, &pb.attribution);
+    let (model, a) = (&pb.run.analysis.model, pb.attribution());
     let items: BTreeMap<&str, Vec<&str>> = [("first", vec!["a", "b"])].into();
     assert_eq!(check_tags(model, a, &items), 0, "the echo runs on the targets, not here");
     let addr_of: BTreeMap<&str, &str> =
@@ -271,6 +271,39 @@ fn a_silent_channel_is_reported_not_hidden() {
     assert!(err.contains("Ansible attribution unavailable"), "{err}");
 }
 
+/// What the traced command writes to the attribution socket that is not a message of the
+/// protocol is dropped and counted in the footer and the report; the messages it sends that are
+/// well-formed but lie about their pid are counted too.
+#[test]
+#[file_serial(ebpf)]
+fn malformed_and_lying_messages_are_counted() {
+    require_root!();
+    let script = r#"
+import json, os, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect(os.environ["SPAWNTRACE_SOCKET"])
+def send(ev, **fields):
+    m = dict(v=1, ev=ev, ts=1, pid=os.getpid(), dropped=2)
+    m.update(fields)
+    s.send(json.dumps(m).encode())
+s.send(b"not json")
+send("task_start", name="no uuid")
+send("runner_end", host="h", task_uuid="t", status="fine")
+send("an_event_nobody_knows")
+send("playbook_start", playbook="/p.yml")
+send("play_start", uuid="p", name="a play", pid=1)
+"#;
+    let run = common::record_with(&["-q", "--ansible", "always"], &[], &["/usr/bin/python3", "-c", script]);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr());
+    assert_eq!(run.trace.footer.as_ref().unwrap().malformed_messages, 4);
+    assert_eq!(run.trace.plugin_messages.len(), 2, "the well-formed ones are kept");
+    let a = run.analysis.attribution.as_ref().expect("attribution from the well-formed messages");
+    assert_eq!((a.pid_mismatches, a.dropped_messages), (1, 2));
+    let report = common::spawntrace().arg("report").arg(run.trace_path()).output().unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(text.contains("plugin messages lost: 2, malformed: 4, pid mismatches: 1"), "{text}");
+}
+
 #[test]
 #[file_serial(ebpf)]
 fn persistent_runs_exec_nothing_per_module_task_and_stay_attributed() {
@@ -288,16 +321,16 @@ fn persistent_runs_exec_nothing_per_module_task_and_stay_attributed() {
                 &[],
             );
             let what = format!("{} {args:?}", env_name(&env));
-            let a = &pb.attribution;
+            let a = pb.attribution();
             assert_eq!(a.unattributed(), 0, "{what}");
             assert!(a.owners.contains(&Owner::Agent), "{what}: the agent is classified");
             let mut runners = std::collections::HashMap::new();
-            for r in pb.run.trace.ansible.iter().filter(|r| r.ev() == "runner_start") {
-                *runners.entry(r.u64("pid")).or_insert(0) += 1;
+            for runner in pb.run.trace.plugin_messages.iter().filter_map(|m| m.runner_pid()) {
+                *runners.entry(runner).or_insert(0) += 1;
             }
             let most = runners.values().copied().max().unwrap_or(0);
             assert_eq!(most > 1, in_process, "{what}: module runs per runner process {runners:?}");
-            let report = TaskReport::new(&pb.run.model, a, By::Task);
+            let report = TaskReport::new(&pb.run.analysis, By::Task);
             for row in &report.tasks {
                 // `command` execs the program it runs (`true`); the other modules exec nothing.
                 let want = if row.name == "command" { 3 } else { 0 };
@@ -306,7 +339,7 @@ fn persistent_runs_exec_nothing_per_module_task_and_stay_attributed() {
             }
             // a runner process per module carries its loop item; in-process, one runner serves
             // many modules and what it starts carries the item of its time
-            for row in &TaskReport::new(&pb.run.model, a, By::Item).tasks {
+            for row in &TaskReport::new(&pb.run.analysis, By::Item).tasks {
                 if row.item.is_some() && (!in_process || row.name == "command") {
                     assert!(row.processes >= 1, "{what}: {} item {:?} has no process", row.name, row.item);
                 }

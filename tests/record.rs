@@ -20,7 +20,8 @@ fn shell_loop_of_true_gives_exact_exec_count() {
     assert_eq!(footer.counters.read_failures, 0);
     assert_eq!(footer.counters.track_failures, 0);
     // Every exec'd /bin/true is its own process that exited 0.
-    let trues: Vec<_> = run.model.processes.iter().filter(|p| p.exe() == Some("/bin/true")).collect();
+    let trues: Vec<_> =
+        run.analysis.model.processes.iter().filter(|p| p.exe() == Some("/bin/true")).collect();
     assert_eq!(trues.len(), 500);
     assert!(trues.iter().all(|p| p.status == Some(Status::Exited(0)) && p.end_ns.is_some()));
 }
@@ -46,14 +47,15 @@ ts = [threading.Thread(target=lambda: None) for _ in range(4)]
     let run = record(&[python.trim(), "-c", script, "marker-forks"]);
     assert_eq!(run.code(), Some(0), "{}", run.stderr());
     let i = run
+        .analysis
         .model
         .processes
         .iter()
         .position(|p| p.execs.iter().any(|e| e.argv.last().map(String::as_str) == Some("marker-forks")))
         .expect("the python process");
-    let py = &run.model.processes[i];
+    let py = &run.analysis.model.processes[i];
     assert_eq!(py.threads, 4, "four threads, not processes");
-    let kids: Vec<_> = py.children.iter().map(|&c| &run.model.processes[c]).collect();
+    let kids: Vec<_> = py.children.iter().map(|&c| &run.analysis.model.processes[c]).collect();
     assert_eq!(kids.len(), 3, "three forked children");
     assert!(kids.iter().all(|k| k.execs.is_empty() && k.status == Some(Status::Exited(0))));
 }
@@ -85,7 +87,7 @@ fn failed_execs_carry_their_errno() {
 fn exit_codes_and_signals() {
     require_root!();
     let run = sh("(exit 3); sh -c 'kill -9 $$'; exit 0");
-    let statuses: Vec<Status> = run.model.processes.iter().filter_map(|p| p.status).collect();
+    let statuses: Vec<Status> = run.analysis.model.processes.iter().filter_map(|p| p.status).collect();
     assert!(statuses.contains(&Status::Exited(3)), "{statuses:?}");
     assert!(statuses.contains(&Status::Signaled(libc::SIGKILL)), "{statuses:?}");
     // spawntrace exits with the command's status, 128+signal when it was killed.
@@ -126,14 +128,15 @@ fn daemonised_descendants_stay_traced() {
     // away from the traced tree's shell before it execs.
     let run = sh("( setsid sh -c 'sleep 0.3; exec /bin/echo daemon-marker' & ); sleep 1.5");
     let daemon = run
+        .analysis
         .model
         .processes
         .iter()
         .position(|p| p.execs.iter().any(|e| e.argv.iter().any(|a| a == "daemon-marker")))
         .expect("the daemon's exec was recorded");
-    let parent = run.model.processes[daemon].parent.expect("parent known");
-    let exec_ts = run.model.processes[daemon].execs.last().unwrap().ts;
-    let parent_end = run.model.processes[parent].end_ns.expect("the subshell exited");
+    let parent = run.analysis.model.processes[daemon].parent.expect("parent known");
+    let exec_ts = run.analysis.model.processes[daemon].execs.last().unwrap().ts;
+    let parent_end = run.analysis.model.processes[parent].end_ns.expect("the subshell exited");
     assert!(parent_end < exec_ts, "parent exited before the daemon's exec (it was reparented)");
 }
 
@@ -164,7 +167,7 @@ fn argv_longer_than_the_cap_is_flagged() {
 #[file_serial(ebpf)]
 fn exec_counts_match_strace() {
     require_root!();
-    let Some(strace) = common::which("strace") else {
+    let Ok(strace) = which::which("strace") else {
         panic!("strace is not installed: `cargo xtask setup` installs it");
     };
     let script = "for i in 1 2 3; do ls / >/dev/null; date >/dev/null; done; /bin/true; env true; \
@@ -190,7 +193,7 @@ fn exec_counts_match_strace() {
     }
     let run = sh(script);
     let mut got: BTreeMap<String, usize> = BTreeMap::new();
-    for p in &run.model.processes {
+    for p in &run.analysis.model.processes {
         for e in &p.execs {
             *got.entry(e.filename.clone()).or_default() += 1;
         }
@@ -392,12 +395,13 @@ fn daemons_left_behind_are_named_and_recorded_with_linger() {
     let run = common::record_with(&["-q", "--linger", "20"], &[], &["sh", "-c", script]);
     assert!(started.elapsed() < Duration::from_secs(15), "waited for the linger time, not the tree");
     let daemon = run
+        .analysis
         .model
         .processes
         .iter()
         .find(|p| p.execs.iter().any(|e| e.argv.iter().any(|a| a == "daemon-marker-1")));
     assert!(daemon.is_some_and(|p| p.end_ns.is_some()), "the daemon's exec and exit were recorded");
-    assert_eq!(run.model.still_running().count(), 0);
+    assert_eq!(run.analysis.model.still_running().count(), 0);
     // ... and stops after SECS when something lives on.
     let started = std::time::Instant::now();
     let run = common::record_with(
@@ -406,7 +410,7 @@ fn daemons_left_behind_are_named_and_recorded_with_linger() {
         &["sh", "-c", "(exec sleep 9.1234 >/dev/null 2>&1) & exit 0"],
     );
     assert!(started.elapsed() < Duration::from_secs(8), "lingered past SECS");
-    assert_eq!(run.model.still_running().count(), 1);
+    assert_eq!(run.analysis.model.still_running().count(), 1);
     for pid in running_with("sleep 9.1234") {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
     }
@@ -629,7 +633,7 @@ fn each_recording_measures_its_own_cpu_and_frees_what_it_loaded() {
     assert!(fds() <= after_first, "fds grew from {after_first} to {} over three recordings", fds());
     // Cumulative figures would make the third small run's at least the storm's plus the first
     // small run's; each run's own is about one small run's.
-    let cpu = |r: &spawntrace::record::Recording| r.footer.tracer_cpu_ns;
+    let cpu = |r: &spawntrace::record::Recording| r.footer().tracer_cpu_ns;
     assert!(
         cpu(&small[2]) < cpu(&big) + cpu(&small[0]),
         "tracer CPU of `true` runs after a storm: {} {} {} (storm {}): cumulative?",

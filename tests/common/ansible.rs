@@ -24,10 +24,16 @@ pub fn env_name(env: &Path) -> String {
     env.file_name().unwrap().to_string_lossy().into_owned()
 }
 
-/// A playbook run traced by spawntrace, with its attribution.
+/// A playbook run traced by spawntrace.
 pub struct PlaybookRun {
     pub run: Run,
-    pub attribution: Attribution,
+}
+
+impl PlaybookRun {
+    /// The run's attribution; panics when no plugin message arrived.
+    pub fn attribution(&self) -> &Attribution {
+        self.run.analysis.attribution.as_ref().expect("no plugin message arrived")
+    }
 }
 
 /// Writes `playbook` (YAML) next to `inventory` (INI text or a path) in a fresh directory and
@@ -80,6 +86,5 @@ pub fn playbook_with(
     opts.extend_from_slice(spawntrace_args);
     let run = record_with(&opts, &all_vars, &argv);
     assert_eq!(run.code(), Some(0), "ansible-playbook failed:\n{}\n{}", run.stdout(), run.stderr());
-    let attribution = Attribution::new(&run.model, &run.trace.ansible);
-    PlaybookRun { run, attribution }
+    PlaybookRun { run }
 }

@@ -7,14 +7,13 @@
 #![allow(dead_code)]
 
 pub mod ansible;
-pub mod lab;
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output},
 };
 
-use spawntrace::{model::Model, trace::Trace};
+use spawntrace::{analysis::Analysis, trace::Trace};
 
 /// Skips the calling test (with a message) unless we are root; under CI, fails instead.
 #[macro_export]
@@ -40,11 +39,11 @@ pub fn spawntrace() -> Command {
     Command::new(bin())
 }
 
-/// A finished recording: the process output and the trace it wrote.
+/// A finished recording: the process output, the trace it wrote (events kept) and its analysis.
 pub struct Run {
     pub output: Output,
     pub trace: Trace,
-    pub model: Model,
+    pub analysis: Analysis,
     pub dir: tempfile::TempDir,
 }
 
@@ -67,7 +66,7 @@ impl Run {
 
     /// Successful execs of exactly this path.
     pub fn execs_of(&self, path: &str) -> usize {
-        self.model.processes.iter().flat_map(|p| &p.execs).filter(|e| e.filename == path).count()
+        self.analysis.model.processes.iter().flat_map(|p| &p.execs).filter(|e| e.filename == path).count()
     }
 
     pub fn dropped(&self) -> u64 {
@@ -87,8 +86,13 @@ pub fn record_with(extra: &[&str], env: &[(&str, &str)], argv: &[&str]) -> Run {
     let output = cmd.output().expect("running spawntrace");
     let trace = Trace::read(&out)
         .unwrap_or_else(|e| panic!("{e:#}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr)));
-    let model = Model::from_events(&trace.events);
-    Run { output, trace, model, dir }
+    let analysis = Analysis::from_events(
+        trace.header.clone(),
+        trace.footer.clone(),
+        &trace.events,
+        &trace.plugin_messages,
+    );
+    Run { output, trace, analysis, dir }
 }
 
 pub fn record(argv: &[&str]) -> Run {
@@ -97,11 +101,6 @@ pub fn record(argv: &[&str]) -> Run {
 
 pub fn sh(script: &str) -> Run {
     record(&["sh", "-c", script])
-}
-
-/// Path of an executable on PATH.
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
 /// A real unprivileged user, created for a test and removed (with their files under /tmp) when

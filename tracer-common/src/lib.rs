@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Bytes of argv captured per exec. Longer command lines are cut and flagged with
-/// [`EXEC_ARGV_TRUNCATED`]; [`ExecEvent::argv_total`] keeps the true length.
+/// [`ExecFlags::ARGV_TRUNCATED`]; [`ExecEvent::argv_total`] keeps the true length.
 pub const ARGV_CAP: usize = 4096;
 /// Bytes of a path (exec filename, open path) captured, including the trailing NUL.
 /// Longer paths are cut and flagged.
@@ -35,22 +35,52 @@ pub mod counter {
     pub const COUNT: u32 = 4;
 }
 
-/// `ExecEvent::flags` / `ExecFailedEvent::flags` / `OpenEvent::flags` bits.
-pub const EXEC_ARGV_TRUNCATED: u32 = 1 << 0;
-/// argv could not be read at all (e.g. kernel struct offsets unknown).
-pub const EXEC_ARGV_UNREADABLE: u32 = 1 << 1;
-pub const PATH_TRUNCATED: u32 = 1 << 2;
-pub const PATH_UNREADABLE: u32 = 1 << 3;
+bitflags::bitflags! {
+    /// [`EventHeader::flags`] of a [`ForkEvent`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ForkFlags: u32 {
+        /// The new task is a thread (CLONE_THREAD) of the parent's process.
+        const THREAD = 1 << 0;
+        /// The parent is the tracer itself: the new process is a traced command's root.
+        const ROOT = 1 << 1;
+    }
 
-/// `ExitEvent::flags` bit: the CPU time could not be read.
-pub const EXIT_CPU_UNAVAILABLE: u32 = 1 << 0;
-/// `ExitEvent::flags` bit: the exit code could not be read.
-pub const EXIT_CODE_UNAVAILABLE: u32 = 1 << 1;
+    /// [`EventHeader::flags`] of an [`ExecEvent`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ExecFlags: u32 {
+        /// argv was longer than [`ARGV_CAP`] and was cut; [`ExecEvent::argv_total`] keeps its
+        /// true length.
+        const ARGV_TRUNCATED = 1 << 0;
+        /// argv could not be read at all (e.g. kernel struct offsets unknown).
+        const ARGV_UNREADABLE = 1 << 1;
+        /// The filename was longer than [`PATH_CAP`] and was cut.
+        const PATH_TRUNCATED = 1 << 2;
+        const PATH_UNREADABLE = 1 << 3;
+    }
 
-/// `ForkEvent::flags` bit: the new task is a thread (CLONE_THREAD) of the parent's process.
-pub const FORK_THREAD: u32 = 1 << 0;
-/// `ForkEvent::flags` bit: the parent is the tracer itself, i.e. this is a traced command's root.
-pub const FORK_ROOT: u32 = 1 << 2;
+    /// [`EventHeader::flags`] of an [`ExecFailedEvent`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ExecFailedFlags: u32 {
+        const PATH_TRUNCATED = 1 << 0;
+        const PATH_UNREADABLE = 1 << 1;
+    }
+
+    /// [`EventHeader::flags`] of an [`ExitEvent`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ExitFlags: u32 {
+        /// The CPU time could not be read.
+        const CPU_UNAVAILABLE = 1 << 0;
+        /// The exit code could not be read.
+        const CODE_UNAVAILABLE = 1 << 1;
+    }
+
+    /// [`EventHeader::flags`] of an [`OpenEvent`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct OpenFlags: u32 {
+        const PATH_TRUNCATED = 1 << 0;
+        const PATH_UNREADABLE = 1 << 1;
+    }
+}
 
 /// Which syscall an [`OpenEvent`] came from.
 pub mod open_syscall {
@@ -75,6 +105,7 @@ pub struct EventHeader {
     pub pid: u32,
     /// Process id (thread-group id) of that task.
     pub tgid: u32,
+    /// Bits of the record kind's own flags type ([`ForkFlags`], [`ExecFlags`], …).
     pub flags: u32,
     pub ts_ns: u64,
 }

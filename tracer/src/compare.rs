@@ -14,20 +14,21 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use crate::{
-    ansible::{self, attribution::Attribution},
+    analysis::Analysis,
+    ansible,
     output::write_file,
     record::{self, Progress, launch},
     report::{
-        Loaded,
+        categories::Categories,
         flamegraph::{self, FlameBy, Weight},
-        tasks::{By, TaskReport},
+        tasks::{By, TaskReport, TaskRow},
     },
 };
 
-/// An execution mode.
+/// How Ansible runs its modules: what `compare` sets side by side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
-pub enum Mode {
+pub enum ExecutionMode {
     /// Ansible as configured.
     Classic,
     /// spawntrace's persistent-agent connection plugins.
@@ -39,18 +40,18 @@ pub enum Mode {
     Mitogen,
 }
 
-impl Mode {
+impl ExecutionMode {
     /// Whether the mode uses the persistent-agent connection plugins.
     pub fn persistent(self) -> bool {
-        matches!(self, Mode::Persistent | Mode::InProcess)
+        matches!(self, ExecutionMode::Persistent | ExecutionMode::InProcess)
     }
 
     fn name(self) -> &'static str {
         match self {
-            Mode::Classic => "classic",
-            Mode::Persistent => "persistent",
-            Mode::InProcess => "in-process",
-            Mode::Mitogen => "mitogen",
+            ExecutionMode::Classic => "classic",
+            ExecutionMode::Persistent => "persistent",
+            ExecutionMode::InProcess => "in-process",
+            ExecutionMode::Mitogen => "mitogen",
         }
     }
 }
@@ -60,7 +61,7 @@ pub struct Options {
     pub command: Vec<OsString>,
     pub runs: usize,
     pub warmup: usize,
-    pub modes: Vec<Mode>,
+    pub modes: Vec<ExecutionMode>,
     pub out: PathBuf,
     pub as_root: bool,
     pub ring_mib: u32,
@@ -94,7 +95,7 @@ impl Stats {
 /// One mode's results.
 #[derive(Debug, Serialize)]
 pub struct ModeReport {
-    pub mode: Mode,
+    pub mode: ExecutionMode,
     pub wall_s: Stats,
     /// Wall time of the one untraced run, and traced mean / untraced.
     pub untraced_wall_s: Option<f64>,
@@ -132,17 +133,17 @@ pub struct CompareReport {
 
 /// Extra environment for a mode, or why it cannot run here. `owner`: who COMMAND runs as.
 fn mode_env(
-    mode: Mode,
+    mode: ExecutionMode,
     command: &[OsString],
     owner: Option<&launch::RunAs>,
 ) -> Result<Vec<(OsString, OsString)>, String> {
     match mode {
-        Mode::Classic | Mode::Persistent => Ok(Vec::new()),
-        Mode::InProcess => {
+        ExecutionMode::Classic | ExecutionMode::Persistent => Ok(Vec::new()),
+        ExecutionMode::InProcess => {
             let (k, v) = ansible::IN_PROCESS_ENV;
             Ok(vec![(k.into(), v.into())])
         }
-        Mode::Mitogen => {
+        ExecutionMode::Mitogen => {
             let strategy = mitogen_strategy_dir(command, owner)
                 .ok_or("Mitogen is not installed next to ansible-playbook")?;
             Ok(vec![
@@ -213,24 +214,24 @@ fn mitogen_strategy_dir(command: &[OsString], owner: Option<&launch::RunAs>) -> 
 
 /// The files a comparison writes, relative to its output directory (one place for their names:
 /// they are checked before the first run and written later).
-fn trace_file(m: Mode, run: usize) -> String {
+fn trace_file(m: ExecutionMode, run: usize) -> String {
     format!("traces/{}-{run}.jsonl", m.name())
 }
 
 /// `tag`: the run number, `untraced` or `warmup-N`.
-fn log_file(m: Mode, tag: &str) -> String {
+fn log_file(m: ExecutionMode, tag: &str) -> String {
     format!("logs/{}-{tag}.log", m.name())
 }
 
-fn flamegraph_file(m: Mode) -> String {
+fn flamegraph_file(m: ExecutionMode) -> String {
     format!("flamegraph-{}.svg", m.name())
 }
 
-fn timeline_file(m: Mode) -> String {
+fn timeline_file(m: ExecutionMode) -> String {
     format!("timeline-{}.json", m.name())
 }
 
-fn diff_file(m: Mode) -> String {
+fn diff_file(m: ExecutionMode) -> String {
     format!("flamegraph-diff-classic-{}.svg", m.name())
 }
 
@@ -247,7 +248,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     let mut modes = Vec::new();
     for &m in &opts.modes {
         let available = match m {
-            Mode::Persistent | Mode::InProcess if !ansible::has_persistent_plugins() => {
+            ExecutionMode::Persistent | ExecutionMode::InProcess if !ansible::has_persistent_plugins() => {
                 Err("this spawntrace has no persistent-agent plugins".to_owned())
             }
             _ => mode_env(m, &opts.command, owner),
@@ -274,16 +275,16 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     let progress = Arc::new(Progress::default());
     let display = spawn_progress(progress.clone());
 
-    let label =
-        |m: Mode, what: &str| progress.task.lock().map(|mut t| *t = format!("{} {what}", m.name())).ok();
+    let label = |m: ExecutionMode, what: &str| {
+        progress.task.lock().map(|mut t| *t = format!("{} {what}", m.name())).ok()
+    };
     for w in 0..opts.warmup {
         for (m, env) in &modes {
             label(*m, &format!("warm-up {}/{}", w + 1, opts.warmup));
             untraced(&opts, *m, env, run_as.as_ref(), &format!("warmup-{w}")).await?;
         }
     }
-    let mut walls: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
-    let mut traces: BTreeMap<Mode, Vec<PathBuf>> = BTreeMap::new();
+    let mut results: BTreeMap<ExecutionMode, ModeRuns> = BTreeMap::new();
     for r in 0..opts.runs {
         for (m, env) in &modes {
             label(*m, &format!("run {}/{}", r + 1, opts.runs));
@@ -293,7 +294,7 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
                 output: Some(trace.clone()),
                 as_root: opts.as_root,
                 ring_mib: opts.ring_mib,
-                ansible: ansible::Mode::Always,
+                inject_callback: ansible::InjectCallback::Always,
                 persistent: m.persistent(),
                 env: env.clone(),
                 log: Some(log.clone()),
@@ -301,11 +302,10 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
                 ..record::Options::new(opts.command.clone())
             })
             .await?;
-            if rec.footer.status != crate::trace::Status::Exited(0) {
-                bail!("{} run {} ended with {}: see {}", m.name(), r + 1, rec.footer.status, log.display());
+            if rec.footer().status != crate::trace::Status::Exited(0) {
+                bail!("{} run {} ended with {}: see {}", m.name(), r + 1, rec.footer().status, log.display());
             }
-            walls.entry(*m).or_default().push((rec.footer.end_ns - rec.header.start_ns) as f64 / 1e9);
-            traces.entry(*m).or_default().push(trace);
+            results.entry(*m).or_default().add(rec.analysis, trace);
         }
     }
     let mut untraced_walls = BTreeMap::new();
@@ -318,47 +318,37 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
         eprintln!();
     }
 
-    let classic_mean = walls.get(&Mode::Classic).map(|w| Stats::of(w).mean);
+    let classic_mean = results.get(&ExecutionMode::Classic).map(|r| Stats::of(&r.walls).mean);
     let mut reports = Vec::new();
-    for (m, _) in &modes {
-        let loaded: Vec<Loaded> = traces[m].iter().map(|t| Loaded::read(t, owner)).collect::<Result<_>>()?;
-        let wall = Stats::of(&walls[m]);
-        let stat =
-            |f: &dyn Fn(&Loaded) -> u64| Stats::of(&loaded.iter().map(|l| f(l) as f64).collect::<Vec<_>>());
+    for (m, runs) in &results {
+        let first = runs.first.as_ref().expect("every mode ran at least once");
+        let wall = Stats::of(&runs.walls);
+        let stat = |f: &dyn Fn(&RunNumbers) -> u64| {
+            Stats::of(&runs.numbers.iter().map(|n| f(n) as f64).collect::<Vec<_>>())
+        };
         reports.push(ModeReport {
             mode: *m,
             untraced_wall_s: untraced_walls.get(m).copied(),
             tracer_overhead: untraced_walls.get(m).map(|u| wall.mean / u),
             speedup_vs_classic: classic_mean.map(|c| c / wall.mean),
-            processes: stat(&|l| l.model.processes.len() as u64),
-            execs: stat(&|l| l.model.totals.execs),
-            opens: stat(&|l| l.model.totals.opens),
-            dropped_events: loaded
-                .iter()
-                .map(|l| l.trace.footer.as_ref().map_or(0, |f| f.counters.dropped_events()))
-                .sum(),
-            unattributed: loaded.iter().map(|l| l.attribution.unattributed()).sum(),
-            tasks: task_means(&loaded),
-            categories: crate::report::categories::Categories::new(
-                &loaded[0].trace.header,
-                loaded[0].trace.footer.as_ref(),
-                &loaded[0].model,
-                loaded[0].ansible(),
-            ),
-            traces: traces[m].clone(),
+            processes: stat(&|n| n.processes),
+            execs: stat(&|n| n.execs),
+            opens: stat(&|n| n.opens),
+            dropped_events: runs.numbers.iter().map(|n| n.dropped_events).sum(),
+            unattributed: runs.numbers.iter().map(|n| n.unattributed).sum(),
+            tasks: task_means(&runs.numbers),
+            categories: Categories::new(first),
+            traces: runs.traces.clone(),
             wall_s: wall,
         });
-        write_pictures(&opts.out, *m, &loaded[0], owner)?;
+        write_pictures(&opts.out, *m, first, owner)?;
     }
-    if let Some(classic) = traces.get(&Mode::Classic) {
-        let before = Loaded::read(&classic[0], owner)?;
-        let before = flamegraph::folded(&before.model, before.ansible(), Weight::Count, FlameBy::Task);
-        for (m, _) in modes.iter().filter(|(m, _)| *m != Mode::Classic) {
-            let after = Loaded::read(&traces[m][0], owner)?;
-            let after = flamegraph::folded(&after.model, after.ansible(), Weight::Count, FlameBy::Task);
+    if let Some(classic) = results.get(&ExecutionMode::Classic) {
+        let before = &classic.first_stacks;
+        for (m, runs) in results.iter().filter(|(m, _)| **m != ExecutionMode::Classic) {
             let title = format!("spawntrace: classic → {} (processes spawned)", m.name());
             write_file(&opts.out.join(diff_file(*m)), owner, |w| {
-                flamegraph::diff_svg(&before, &after, Weight::Count, &title, w)
+                flamegraph::diff_svg(before, &runs.first_stacks, Weight::Count, &title, w)
             })?;
         }
     }
@@ -369,29 +359,65 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     Ok(report)
 }
 
+/// What a comparison keeps of one traced run: its numbers (the model is not kept).
+struct RunNumbers {
+    processes: u64,
+    execs: u64,
+    opens: u64,
+    dropped_events: u64,
+    unattributed: u64,
+    /// Per task, in playbook order.
+    tasks: Vec<TaskRow>,
+}
+
+/// One mode's traced runs: every run's numbers, the first run whole (for its pictures and the
+/// wall-time categories) and its folded stacks (for the differential flamegraphs).
+#[derive(Default)]
+struct ModeRuns {
+    walls: Vec<f64>,
+    numbers: Vec<RunNumbers>,
+    traces: Vec<PathBuf>,
+    first: Option<Analysis>,
+    first_stacks: Vec<String>,
+}
+
+impl ModeRuns {
+    fn add(&mut self, analysis: Analysis, trace: PathBuf) {
+        let model = &analysis.model;
+        self.walls.push(analysis.wall_s());
+        self.numbers.push(RunNumbers {
+            processes: model.processes.len() as u64,
+            execs: model.totals.execs,
+            opens: model.totals.opens,
+            dropped_events: analysis.dropped_events().unwrap_or(0),
+            unattributed: analysis.unattributed(),
+            tasks: TaskReport::new(&analysis, By::Task).tasks,
+        });
+        self.traces.push(trace);
+        if self.first.is_none() {
+            self.first_stacks = flamegraph::folded(&analysis, Weight::Count, FlameBy::Task);
+            self.first = Some(analysis);
+        }
+    }
+}
+
 /// The flamegraph (processes spawned) and the timeline of one run of a mode.
-fn write_pictures(out: &Path, m: Mode, l: &Loaded, owner: Option<&launch::RunAs>) -> Result<()> {
-    let stacks = flamegraph::folded(&l.model, l.ansible(), Weight::Count, FlameBy::Task);
-    write_file(&out.join(flamegraph_file(m)), owner, |w| {
-        flamegraph::svg(&l.trace.header, &stacks, Weight::Count, w)
-    })?;
-    write_file(&out.join(timeline_file(m)), owner, |w| {
-        crate::report::timeline::write_timeline(&l.trace.header, &l.model, l.ansible(), w)
-    })
+fn write_pictures(out: &Path, m: ExecutionMode, a: &Analysis, owner: Option<&launch::RunAs>) -> Result<()> {
+    let stacks = flamegraph::folded(a, Weight::Count, FlameBy::Task);
+    write_file(&out.join(flamegraph_file(m)), owner, |w| flamegraph::svg(a, &stacks, Weight::Count, w))?;
+    write_file(&out.join(timeline_file(m)), owner, |w| crate::report::timeline::write_timeline(a, w))
 }
 
 /// Per-task means over runs, in the first run's task order.
-fn task_means(loaded: &[Loaded]) -> Vec<TaskMean> {
-    let reports: Vec<TaskReport> =
-        loaded.iter().map(|l| TaskReport::new(&l.model, &l.attribution, By::Task)).collect();
-    let Some(first) = reports.first() else { return Vec::new() };
+fn task_means(runs: &[RunNumbers]) -> Vec<TaskMean> {
+    let Some(first) = runs.first() else { return Vec::new() };
     first
         .tasks
         .iter()
         .map(|t| {
-            let same: Vec<_> =
-                reports.iter().filter_map(|r| r.tasks.iter().find(|x| x.uuid == t.uuid)).collect();
-            let mean = |f: &dyn Fn(&crate::report::tasks::TaskRow) -> f64| {
+            let same: Vec<&TaskRow> =
+                runs.iter().filter_map(|r| r.tasks.iter().find(|x| x.uuid == t.uuid)).collect();
+            let mean = |f: &dyn Fn(&TaskRow) -> f64| {
                 same.iter().map(|x| f(x)).sum::<f64>() / same.len().max(1) as f64
             };
             TaskMean {
@@ -408,12 +434,12 @@ fn task_means(loaded: &[Loaded]) -> Vec<TaskMean> {
 /// Runs the command once without tracing (for warm-up and the overhead reference).
 async fn untraced(
     opts: &Options,
-    m: Mode,
+    m: ExecutionMode,
     env: &[(OsString, OsString)],
     run_as: Option<&launch::RunAs>,
     tag: &str,
 ) -> Result<f64> {
-    let inject = ansible::Inject { callback: false, persistent: m.persistent() };
+    let inject = ansible::Plugins { callback: false, persistent: m.persistent() };
     let session = match inject.persistent {
         true => Some(ansible::Session::start(run_as, inject)?.0),
         false => None,
@@ -531,8 +557,8 @@ fn markdown_raw(r: &CompareReport) -> String {
     let _ = writeln!(o, "\nFlamegraphs: {}.", {
         let mut v: Vec<String> = r.modes.iter().map(|m| flamegraph_file(m.mode)).collect();
         // differentials against classic exist only when classic ran
-        if r.modes.iter().any(|m| m.mode == Mode::Classic) {
-            v.extend(r.modes.iter().filter(|m| m.mode != Mode::Classic).map(|m| diff_file(m.mode)));
+        if r.modes.iter().any(|m| m.mode == ExecutionMode::Classic) {
+            v.extend(r.modes.iter().filter(|m| m.mode != ExecutionMode::Classic).map(|m| diff_file(m.mode)));
         }
         v.join(", ")
     });
@@ -553,10 +579,10 @@ pub fn check(
         max_increase_pct.is_finite() && max_increase_pct >= 0.0,
         "--max-exec-increase must be a finite number of percent, at least 0"
     );
-    let (now, base) = (Loaded::read(trace, owner)?, Loaded::read(baseline, owner)?);
-    for (path, l) in [(trace, &now), (baseline, &base)] {
+    let (now, base) = (Analysis::read(trace, owner)?, Analysis::read(baseline, owner)?);
+    for (path, a) in [(trace, &now), (baseline, &base)] {
         anyhow::ensure!(
-            l.trace.complete(),
+            a.complete(),
             "{} is incomplete (no footer: the tracer did not finish it): check cannot judge it",
             path.display()
         );
@@ -569,9 +595,8 @@ pub fn check(
         }
     };
     cmp("total".into(), base.model.totals.execs, now.model.totals.execs);
-    let rows = |a: &Attribution, l: &Loaded| TaskReport::new(&l.model, a, By::Task).tasks;
-    let before = rows(&base.attribution, &base);
-    for t in rows(&now.attribution, &now) {
+    let before = TaskReport::new(&base, By::Task).tasks;
+    for t in TaskReport::new(&now, By::Task).tasks {
         if let Some(b) = before.iter().find(|b| b.name == t.name && b.action == t.action) {
             cmp(format!("task {:?}", t.name), b.execs, t.execs);
         }

@@ -3,7 +3,7 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::LazyLock, time:
 
 use anyhow::{Context as _, Result};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
-use spawntrace::{record, report, trace};
+use spawntrace::{analysis::Analysis, record, report, trace};
 
 /// Exit code for spawntrace's own failures while running a command (as timeout(1) and env(1)).
 const EXIT_TOOL_FAILURE: u8 = 125;
@@ -98,7 +98,7 @@ enum Cmd {
         warmup: usize,
         /// Modes to run (comma-separated); those whose software is missing are skipped.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "classic,persistent,mitogen")]
-        modes: Vec<spawntrace::compare::Mode>,
+        modes: Vec<spawntrace::compare::ExecutionMode>,
         /// Output directory.
         #[arg(short, long, value_name = "DIR")]
         output: PathBuf,
@@ -147,8 +147,8 @@ struct RecordArgs {
     quiet: bool,
     /// Inject the Ansible callback plugin: when COMMAND runs ansible-playbook/ansible (auto),
     /// always, or never.
-    #[arg(long, value_enum, default_value_t)]
-    ansible: spawntrace::ansible::Mode,
+    #[arg(long = "ansible", value_enum, default_value_t)]
+    inject_callback: spawntrace::ansible::InjectCallback,
     /// Run Ansible's local and ssh connections through spawntrace's persistent agents.
     #[arg(long)]
     persistent: bool,
@@ -292,7 +292,7 @@ fn run_record(args: RecordArgs) -> ExitCode {
         output: args.output,
         as_root: args.as_root,
         ring_mib: args.ring_buffer_mib,
-        ansible: args.ansible,
+        inject_callback: args.inject_callback,
         persistent: args.persistent,
         env: in_process_env(args.in_process),
         probe_stats: args.probe_stats,
@@ -303,15 +303,7 @@ fn run_record(args: RecordArgs) -> ExitCode {
     match runtime.block_on(record::record(opts)) {
         Ok(rec) => {
             if !args.quiet {
-                let r = report::Report::new(
-                    &rec.header,
-                    Some(&rec.footer),
-                    &rec.model,
-                    &rec.ansible,
-                    rec.ansible_enabled,
-                    report::tasks::By::Task,
-                    false,
-                );
+                let r = report::Report::new(&rec.analysis, report::tasks::By::Task, report::Detail::Summary);
                 match r.render(report::Format::Text, 5) {
                     Ok(text) => eprint!("{text}"),
                     Err(e) => eprintln!("spawntrace: rendering the summary: {e:#}"),
@@ -320,7 +312,7 @@ fn run_record(args: RecordArgs) -> ExitCode {
                     eprintln!("  trace written to {}", p.display());
                 }
             }
-            ExitCode::from(rec.footer.status.shell_code().clamp(0, 255) as u8)
+            ExitCode::from(rec.footer().status.shell_code().clamp(0, 255) as u8)
         }
         Err(e) => match e.downcast_ref::<record::LaunchFailed>() {
             Some(l) => fail(&e, l.0.exit_code() as u8),
@@ -336,11 +328,8 @@ fn report_trace(
     top: usize,
 ) -> Result<()> {
     let owner = record::launch::RunAs::from_sudo(false)?;
-    let l = report::Loaded::read(path, owner.as_ref())?;
-    let t = &l.trace;
-    let r =
-        report::Report::new(&t.header, t.footer.as_ref(), &l.model, &t.ansible, t.header.ansible, by, true);
-    print!("{}", r.render(format, top)?);
+    let analysis = Analysis::read(path, owner.as_ref())?;
+    print!("{}", report::Report::new(&analysis, by, report::Detail::Full).render(format, top)?);
     Ok(())
 }
 
@@ -356,14 +345,12 @@ fn flamegraph(
     use std::io::Write as _;
     let owner = record::launch::RunAs::from_sudo(false)?;
     let owner = owner.as_ref();
-    let loaded: Vec<report::Loaded> =
-        traces.iter().map(|t| report::Loaded::read(t, owner)).collect::<Result<_>>()?;
-    let stacks: Vec<Vec<String>> =
-        loaded.iter().map(|l| fg::folded(&l.model, l.ansible(), weight, by)).collect();
+    let analyses: Vec<Analysis> = traces.iter().map(|t| Analysis::read(t, owner)).collect::<Result<_>>()?;
+    let stacks: Vec<Vec<String>> = analyses.iter().map(|a| fg::folded(a, weight, by)).collect();
     match (diff, stacks.as_slice()) {
         (false, [one]) => spawntrace::output::write_file(output, owner, |w| match folded {
             true => Ok(one.iter().try_for_each(|l| writeln!(w, "{l}"))?),
-            false => fg::svg(&loaded[0].trace.header, one, weight, w),
+            false => fg::svg(&analyses[0], one, weight, w),
         }),
         (true, [before, after]) => {
             anyhow::ensure!(!folded, "--folded writes one trace's stacks; it does not combine with --diff");
@@ -378,10 +365,8 @@ fn flamegraph(
 fn timeline(trace: &std::path::Path, output: &std::path::Path) -> Result<()> {
     let owner = record::launch::RunAs::from_sudo(false)?;
     let owner = owner.as_ref();
-    let l = report::Loaded::read(trace, owner)?;
-    spawntrace::output::write_file(output, owner, |w| {
-        report::timeline::write_timeline(&l.trace.header, &l.model, l.ansible(), w)
-    })
+    let analysis = Analysis::read(trace, owner)?;
+    spawntrace::output::write_file(output, owner, |w| report::timeline::write_timeline(&analysis, w))
 }
 
 /// The agents' in-process setting, unless the environment already has one.
@@ -397,7 +382,7 @@ fn in_process_env(in_process: bool) -> Vec<(std::ffi::OsString, std::ffi::OsStri
 async fn run(persistent: bool, in_process: bool, command: &[OsString]) -> Result<u8> {
     use spawntrace::{ansible, record::launch};
     launch::check_argv(command)?;
-    let inject = ansible::Inject { callback: false, persistent };
+    let inject = ansible::Plugins { callback: false, persistent };
     let session = match persistent {
         true => Some(ansible::Session::start(None, inject)?.0),
         false => None,

@@ -53,10 +53,9 @@ pub struct Process {
     pub threads: u32,
     pub opens: u32,
     pub open_failures: u32,
-    /// First open, since the last exec, of an Ansible module's unpacked payload (a path
-    /// containing `_payload.zip`): where a module's start-up (interpreter and AnsiballZ
-    /// unpacking, what a warm agent saves) ends.
-    pub first_payload_open_ns: Option<u64>,
+    /// First open, since the last exec, of a path the model marks ([`Model::marking_opens`]):
+    /// for Ansible a module's unpacked payload, where its start-up ends.
+    pub first_marked_open_ns: Option<u64>,
 }
 
 impl Process {
@@ -67,14 +66,6 @@ impl Process {
     /// Path of the last exec'd image, if the process exec'd at all.
     pub fn exe(&self) -> Option<&str> {
         self.execs.last().map(|e| e.filename.as_str())
-    }
-
-    /// A short label: the last exec's argv[0] basename, else the parent's (fork without exec).
-    pub fn label(&self) -> String {
-        match self.execs.last() {
-            Some(e) => basename(e.argv.first().map(String::as_str).unwrap_or(&e.filename)).to_owned(),
-            None => "(fork)".to_owned(),
-        }
     }
 
     pub fn wall_ns(&self) -> Option<u64> {
@@ -107,9 +98,17 @@ pub struct Model {
     pub totals: Totals,
     /// Live processes by tgid.
     live: HashMap<u32, usize>,
+    /// Which opened paths are milestones worth a timestamp ([`Process::first_marked_open_ns`]).
+    marks: Option<fn(&str) -> bool>,
 }
 
 impl Model {
+    /// A model that notes each process's first open of a path `marks` picks. The model knows
+    /// nothing of what runs in the processes: an analysis (e.g. Ansible's) says what matters.
+    pub fn marking_opens(marks: fn(&str) -> bool) -> Self {
+        Self { marks: Some(marks), ..Self::default() }
+    }
+
     pub fn from_events<'a>(events: impl IntoIterator<Item = &'a Event>) -> Self {
         let mut m = Self::default();
         for e in events {
@@ -165,7 +164,7 @@ impl Model {
             Event::Exec { tgid, filename, argv, argv_truncated, .. } => {
                 self.totals.execs += 1;
                 let p = self.live_or_placeholder(*tgid, ts);
-                self.processes[p].first_payload_open_ns = None;
+                self.processes[p].first_marked_open_ns = None;
                 self.processes[p].execs.push(Exec {
                     ts,
                     filename: filename.clone(),
@@ -200,8 +199,8 @@ impl Model {
                 self.totals.opens += 1;
                 let p = self.live_or_placeholder(*tgid, ts);
                 self.processes[p].opens += 1;
-                if path.contains("_payload.zip") {
-                    self.processes[p].first_payload_open_ns.get_or_insert(ts);
+                if self.marks.is_some_and(|marks| marks(path)) {
+                    self.processes[p].first_marked_open_ns.get_or_insert(ts);
                 }
                 if *ret < 0 {
                     self.totals.open_failures += 1;
@@ -237,49 +236,20 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fork(ts: u64, tgid: u32, ptgid: u32, thread: bool, root: bool) -> Event {
-        Event::Fork {
-            ts,
-            pid: tgid,
-            tgid: if thread { ptgid } else { tgid },
-            ppid: ptgid,
-            ptgid,
-            thread,
-            root,
-        }
-    }
-
-    fn exec(ts: u64, tgid: u32, file: &str) -> Event {
-        Event::Exec {
-            ts,
-            pid: tgid,
-            tgid,
-            old_pid: tgid,
-            filename: file.into(),
-            argv: vec![file.into()],
-            argv_bytes: file.len() as u32 + 1,
-            argv_truncated: false,
-            argv_unreadable: false,
-            filename_truncated: false,
-        }
-    }
-
-    fn exit(ts: u64, tgid: u32, pid: u32, group_dead: bool, status: Status) -> Event {
-        Event::Exit { ts, pid, tgid, group_dead, status, cpu_ns: Some(10) }
-    }
+    use crate::fixtures::{exec, exit_of, fork, open, root, thread};
 
     #[test]
     fn tree_with_threads_and_pid_reuse() {
+        let exit = |ts, tgid, tid, group_dead, status| exit_of(ts, tgid, tid, group_dead, status, Some(10));
         let events = vec![
-            fork(1, 100, 1, false, true),
-            exec(2, 100, "/bin/sh"),
-            fork(3, 101, 100, false, false),
-            fork(4, 102, 101, true, false), // thread of 101
-            exec(5, 101, "/bin/true"),
+            root(1, 100),
+            exec(2, 100, &["/bin/sh"]),
+            fork(3, 101, 100),
+            thread(4, 102, 101),
+            exec(5, 101, &["/bin/true"]),
             exit(6, 101, 102, false, Status::Exited(0)),
             exit(7, 101, 101, true, Status::Exited(0)),
-            fork(8, 101, 100, false, false), // pid 101 reused
+            fork(8, 101, 100), // pid 101 reused
             exit(9, 101, 101, true, Status::Signaled(9)),
             exit(10, 100, 100, true, Status::Exited(3)),
         ];
@@ -295,7 +265,6 @@ mod tests {
         let reused = &m.processes[2];
         assert_ne!(first.key, reused.key, "pid reuse makes a new identity");
         assert_eq!(reused.status, Some(Status::Signaled(9)));
-        assert_eq!(reused.label(), "(fork)");
         assert_eq!(m.processes[0].children, vec![1, 2]);
         assert_eq!(m.ancestry(2), vec![0, 2]);
         assert_eq!(m.roots().collect::<Vec<_>>(), vec![0]);
@@ -304,8 +273,26 @@ mod tests {
 
     #[test]
     fn events_without_fork_make_flagged_placeholders() {
-        let m = Model::from_events(&[exec(5, 7, "/bin/x")]);
+        let m = Model::from_events(&[exec(5, 7, &["/bin/x"])]);
         assert!(m.processes[0].fork_unseen);
         assert_eq!(m.still_running().count(), 1);
+    }
+
+    #[test]
+    fn marked_opens_are_noted_once_per_exec() {
+        let events = [
+            root(1, 10),
+            open(2, 10, "/a.mark"),
+            open(3, 10, "/b.mark"),
+            open(4, 10, "/c"),
+            exec(5, 10, &["/bin/x"]),
+            open(6, 10, "/c"),
+        ];
+        let mut m = Model::marking_opens(|p| p.ends_with(".mark"));
+        events.iter().take(3).for_each(|e| m.apply(e));
+        assert_eq!(m.processes[0].first_marked_open_ns, Some(2));
+        events.iter().skip(3).for_each(|e| m.apply(e));
+        assert_eq!(m.processes[0].first_marked_open_ns, None, "an exec starts over");
+        assert_eq!(Model::from_events(&events).processes[0].first_marked_open_ns, None, "nothing marked");
     }
 }

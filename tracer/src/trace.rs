@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::ansible::messages::Received;
+
 /// Format name in the header; anything else is not a spawntrace trace.
 pub const FORMAT: &str = "spawntrace-trace";
 /// Bumped on incompatible changes; readers refuse newer versions.
@@ -39,9 +41,10 @@ pub struct Header {
     /// Capture limits: argv bytes per exec and bytes per path.
     pub argv_cap: usize,
     pub path_cap: usize,
-    /// The Ansible plugins were injected into the run.
-    #[serde(default)]
-    pub ansible: bool,
+    /// The Ansible plugins were injected into the run (written as `ansible` by earlier
+    /// versions).
+    #[serde(default, alias = "ansible")]
+    pub plugins_injected: bool,
 }
 
 /// How a process ended.
@@ -177,45 +180,13 @@ impl Event {
     }
 }
 
-/// A message from the bundled Ansible plugins (see tracer/python/PROTOCOL.md), stored as
-/// `{"type":"ansible","sender_pid":…, …message}`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct AnsibleRecord {
-    /// The sender's pid as vouched for by the kernel (SCM_CREDENTIALS); 0 if none came.
-    pub sender_pid: u32,
-    /// The message as sent: `ev`, `ts`, `pid`, …
-    #[serde(flatten)]
-    pub body: serde_json::Map<String, serde_json::Value>,
-}
-
-impl AnsibleRecord {
-    pub fn ev(&self) -> &str {
-        self.body.get("ev").and_then(|v| v.as_str()).unwrap_or("")
-    }
-
-    pub fn ts(&self) -> u64 {
-        self.body.get("ts").and_then(|v| v.as_u64()).unwrap_or(0)
-    }
-
-    pub fn str(&self, key: &str) -> Option<&str> {
-        self.body.get(key).and_then(|v| v.as_str())
-    }
-
-    pub fn u64(&self, key: &str) -> Option<u64> {
-        self.body.get(key).and_then(|v| v.as_u64())
-    }
-
-    pub fn bool(&self, key: &str) -> bool {
-        self.body.get(key).and_then(|v| v.as_bool()).unwrap_or(false)
-    }
-}
-
+/// A plugin message as a trace line: `{"type":"ansible","sender_pid":…, …message}`.
 #[derive(Serialize)]
-struct TaggedAnsible<'a> {
+struct TaggedMessage<'a> {
     #[serde(rename = "type")]
     ty: &'static str,
     #[serde(flatten)]
-    rec: &'a AnsibleRecord,
+    received: &'a Received,
 }
 
 /// Health counters summed over CPUs at the end of a recording.
@@ -253,6 +224,10 @@ pub struct Footer {
     /// Set when the recording was interrupted (a signal reached the tracer).
     #[serde(default)]
     pub interrupted: bool,
+    /// Datagrams on the attribution socket that were not messages of the protocol (not JSON,
+    /// missing or mistyped fields, unknown events): dropped, counted here.
+    #[serde(default)]
+    pub malformed_messages: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -301,8 +276,8 @@ impl TraceWriter {
         self.line(e)
     }
 
-    pub fn ansible(&mut self, r: &AnsibleRecord) -> Result<()> {
-        self.line(&TaggedAnsible { ty: "ansible", rec: r })
+    pub fn plugin_message(&mut self, received: &Received) -> Result<()> {
+        self.line(&TaggedMessage { ty: "ansible", received })
     }
 
     fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
@@ -352,7 +327,7 @@ pub struct Trace {
     /// The events, unless read with [`Trace::read_file`] (which hands them out instead).
     pub events: Vec<Event>,
     /// Messages from the Ansible plugins, in arrival order.
-    pub ansible: Vec<AnsibleRecord>,
+    pub plugin_messages: Vec<Received>,
     /// Lines of record types this version does not know, kept raw.
     pub extra: Vec<serde_json::Value>,
     /// None when the trace has no footer (the tracer was killed): the trace is incomplete, and
@@ -468,9 +443,9 @@ impl Trace {
                     if let Some(o) = value.as_object_mut() {
                         o.remove("type");
                     }
-                    t.ansible.push(
+                    t.plugin_messages.push(
                         serde_json::from_value(value)
-                            .with_context(|| format!("line {n}: bad ansible record"))?,
+                            .with_context(|| format!("line {n}: bad plugin message"))?,
                     )
                 }
                 Some(_) => t.extra.push(value),
@@ -484,26 +459,10 @@ impl Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures;
 
     fn header() -> Header {
-        Header {
-            format: FORMAT.into(),
-            version: VERSION,
-            tool_version: "0".into(),
-            kernel: "k".into(),
-            hostname: "h".into(),
-            clock: "CLOCK_MONOTONIC".into(),
-            realtime_offset_ns: 1,
-            boot_time_s: 2,
-            command: vec!["true".into()],
-            root_pid: 10,
-            uid: 0,
-            gid: 0,
-            start_ns: 5,
-            argv_cap: 4096,
-            path_cap: 256,
-            ansible: false,
-        }
+        fixtures::header(&["true"])
     }
 
     #[test]
@@ -522,10 +481,11 @@ mod tests {
             cpu_ns: Some(3),
         };
         w.event(&ev).unwrap();
-        let mut body = serde_json::Map::new();
-        body.insert("ev".into(), "task_start".into());
-        let rec = AnsibleRecord { sender_pid: 4, body };
-        w.ansible(&rec).unwrap();
+        let rec: Received = serde_json::from_str(
+            r#"{"sender_pid":4,"v":1,"ts":6,"pid":4,"ev":"task_start","uuid":"u","name":"n","action":"a"}"#,
+        )
+        .unwrap();
+        w.plugin_message(&rec).unwrap();
         let footer = Footer {
             end_ns: 9,
             status: Status::Exited(0),
@@ -534,12 +494,13 @@ mod tests {
             tracer_cpu_ns: 1,
             probe_cpu_ns: None,
             interrupted: false,
+            malformed_messages: 2,
         };
         w.finish(&footer).unwrap();
         let t = Trace::read(&path).unwrap();
         assert_eq!(t.header, header());
         assert_eq!(t.events, vec![ev]);
-        assert_eq!(t.ansible, vec![rec]);
+        assert_eq!(t.plugin_messages, vec![rec]);
         assert_eq!(t.footer, Some(footer));
     }
 

@@ -1,9 +1,5 @@
 //! `cargo xtask bench …`: side-by-side measurements printed as ratios from one run (the machine
 //! is shared and noisy, so nothing here is compared with a stored number).
-#[path = "../../tests/common/lab.rs"]
-#[allow(dead_code)]
-mod lab;
-
 use std::{
     path::Path,
     process::Command,
@@ -12,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{output, root, run};
+use crate::util::{root, run};
 
 /// The exec/exit storm: `count` short-lived /bin/true processes from `threads` spawner threads.
 pub fn storm(count: usize, threads: usize) -> Result<()> {
@@ -139,29 +135,10 @@ fn mitogen_strategy(env: &Path) -> Option<std::path::PathBuf> {
     (out.status.success() && dir.is_dir()).then_some(dir)
 }
 
-/// A test host for `bench runner --ssh`: sshd in a network namespace (tests/common/lab.rs).
-fn ssh_lab() -> Result<lab::Lab> {
-    anyhow::ensure!(nix_is_root(), "bench runner --ssh needs root (it creates a network namespace)");
-    for tool in ["/usr/sbin/sshd", "/usr/bin/ssh"] {
-        anyhow::ensure!(Path::new(tool).exists(), "{tool} is missing: run `cargo xtask setup`");
-    }
-    // the lab reports a failing set-up command by panicking: turn that into an error
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let started = std::panic::catch_unwind(|| lab::Lab::start(1));
-    std::panic::set_hook(hook);
-    started.map_err(|e| {
-        let why =
-            e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
-        anyhow::anyhow!(
-            "cannot start the ssh test host: {}",
-            why.unwrap_or_default().lines().next().unwrap_or("")
-        )
-    })
-}
-
-fn nix_is_root() -> bool {
-    output(Command::new("id").arg("-u")).is_some_and(|u| u == "0")
+/// A test host for `bench runner --ssh`: sshd in a network namespace (the tests' lab,
+/// tests/lab); its error says what is missing.
+fn ssh_lab() -> Result<sshlab::Lab> {
+    sshlab::Lab::start(1, "benchmark_targets")
 }
 
 /// The seed benchmark (`count` copy + `count` lineinfile) in each execution mode, interleaved
@@ -173,13 +150,11 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
     let env = crate::setup::default_env()?;
     let playbook = env.join(".venv/bin/ansible-playbook");
     let lab = if ssh { Some(ssh_lab()?) } else { None };
-    let inventory = lab.as_ref().map(|l| l.inventory("benchmark_targets"));
+    let inventory = lab.as_ref().map(|l| l.inventory.clone());
     let target = match &lab {
         Some(l) => format!(
             "over ssh to {}@{} (sshd in network namespace {})",
-            lab::USER,
-            l.hosts[0].addr,
-            l.hosts[0].netns
+            l.user, l.hosts[0].addr, l.hosts[0].netns
         ),
         None => "against localhost".to_owned(),
     };

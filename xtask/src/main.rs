@@ -27,7 +27,8 @@ enum Cmd {
     /// Install everything a fresh machine needs (idempotent).
     Setup,
     /// The lint gate: rustfmt, clippy with warnings denied (default members, all targets, and
-    /// the eBPF crate for its bpf target), ruff check and ruff format for the Python.
+    /// the eBPF crate for its bpf target), ruff check and ruff format for the Python (the
+    /// collection, its tests and the test lab).
     Lint,
     /// Set up, run the lint gate, then every test: Rust (default members, including eBPF and
     /// ansible-playbook ones), pytest, and ansible-core's integration targets classic vs
@@ -136,10 +137,15 @@ fn lint() -> Result<()> {
         .args(["--", "-D", "warnings"])
         .env("CARGO_TARGET_DIR", root().join("target/bpf-clippy"))
         .current_dir(root()))?;
+    // the collection and its tests (tracer/python/ruff.toml), and the test lab (which extends it)
     let ruff = setup::default_env()?.join(".venv/bin/ruff");
-    let python = root().join("tracer/python");
-    run(Command::new(&ruff).args(["check", "--no-cache", "."]).current_dir(&python))?;
-    run(Command::new(&ruff).args(["format", "--check", "--no-cache", "."]).current_dir(&python))
+    for check in [&["check"][..], &["format", "--check"]] {
+        run(Command::new(&ruff)
+            .args(check)
+            .args(["--no-cache", "tracer/python", "tests/lab"])
+            .current_dir(root()))?;
+    }
+    Ok(())
 }
 
 /// The README's test command.

@@ -3,8 +3,8 @@
 //! execve/execveat (dispatched from `syscalls`).
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tracer_common::{
-    ARGV_CAP, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, ExecEvent, ExecFailedEvent, PATH_CAP,
-    PATH_TRUNCATED, PATH_UNREADABLE, counter, exec_syscall, kind, nr,
+    ARGV_CAP, ExecEvent, ExecFailedEvent, ExecFailedFlags, ExecFlags, PATH_CAP, counter, exec_syscall, kind,
+    nr,
 };
 
 use super::{Record, kernel_str, user_bytes, user_str};
@@ -23,7 +23,7 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let ev = rec.ptr;
-    let mut flags = 0;
+    let mut flags = ExecFlags::empty();
     // SAFETY: fields of the reserved record are written in place; kernel pointers are read
     // through the faulting-safe helpers.
     unsafe {
@@ -35,10 +35,10 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
             Some(n) => {
                 (*ev).filename_len = n;
                 if n as usize >= PATH_CAP - 1 {
-                    flags |= PATH_TRUNCATED;
+                    flags |= ExecFlags::PATH_TRUNCATED;
                 }
             }
-            None => flags |= PATH_UNREADABLE,
+            None => flags |= ExecFlags::PATH_UNREADABLE,
         }
         (*ev).argv_len = 0;
         (*ev).argv_total = 0;
@@ -49,18 +49,18 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
                 if user_bytes(&raw mut (*ev).argv, start, total) {
                     (*ev).argv_len = total.min(ARGV_CAP as u64) as u32;
                     if total > ARGV_CAP as u64 {
-                        flags |= EXEC_ARGV_TRUNCATED;
+                        flags |= ExecFlags::ARGV_TRUNCATED;
                     }
                 } else {
-                    flags |= EXEC_ARGV_UNREADABLE;
+                    flags |= ExecFlags::ARGV_UNREADABLE;
                 }
             }
             None => {
                 bump(counter::READ_FAILURES);
-                flags |= EXEC_ARGV_UNREADABLE;
+                flags |= ExecFlags::ARGV_UNREADABLE;
             }
         }
-        (*rec.header()).flags = flags;
+        (*rec.header()).flags = flags.bits();
     }
     rec.submit();
     0
@@ -85,17 +85,17 @@ pub fn failed(p: &Pending, ret: i64) {
         (*ev).errno = (-ret) as i32;
         (*ev)._pad = 0;
         (*ev).filename_len = 0;
-        let mut flags = 0;
+        let mut flags = ExecFailedFlags::empty();
         match user_str(&raw mut (*ev).filename, p.path) {
             Some(n) => {
                 (*ev).filename_len = n;
                 if n as usize >= PATH_CAP - 1 {
-                    flags |= PATH_TRUNCATED;
+                    flags |= ExecFailedFlags::PATH_TRUNCATED;
                 }
             }
-            None => flags |= PATH_UNREADABLE,
+            None => flags |= ExecFailedFlags::PATH_UNREADABLE,
         }
-        (*rec.header()).flags = flags;
+        (*rec.header()).flags = flags.bits();
     }
     rec.submit();
 }

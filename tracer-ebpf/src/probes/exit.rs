@@ -2,7 +2,7 @@
 //! process's end, when it leaves the tracked set. Exit code and CPU time come from the task
 //! itself, so signalled processes (which never call exit_group) are covered too.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tracer_common::{EXIT_CODE_UNAVAILABLE, EXIT_CPU_UNAVAILABLE, ExitEvent, kind};
+use tracer_common::{ExitEvent, ExitFlags, kind};
 
 use super::Record;
 use crate::{
@@ -19,14 +19,10 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
     let group_dead = ctx.arg::<u64>(1) & 0xff != 0;
     let code = task::exit_code();
     let cpu = task::cpu_ns();
-    let mut flags = 0;
-    if code.is_none() {
-        flags |= EXIT_CODE_UNAVAILABLE;
-    }
-    if cpu.is_none() {
-        flags |= EXIT_CPU_UNAVAILABLE;
-    }
-    if let Some(rec) = Record::<ExitEvent>::reserve(kind::EXIT, tid, tgid, flags) {
+    let mut flags = ExitFlags::empty();
+    flags.set(ExitFlags::CODE_UNAVAILABLE, code.is_none());
+    flags.set(ExitFlags::CPU_UNAVAILABLE, cpu.is_none());
+    if let Some(rec) = Record::<ExitEvent>::reserve(kind::EXIT, tid, tgid, flags.bits()) {
         // SAFETY: in-place writes to the reserved record.
         unsafe {
             (*rec.ptr).exit_code = code.unwrap_or(0);

@@ -2,7 +2,7 @@
 //! extends the tracked set.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use aya_log_ebpf::warn;
-use tracer_common::{FORK_ROOT, FORK_THREAD, ForkEvent, counter, kind};
+use tracer_common::{ForkEvent, ForkFlags, counter, kind};
 
 use super::Record;
 use crate::{
@@ -26,15 +26,15 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
     let flags = match (thread, root) {
         // The tracer's own threads are not traced.
         (true, true) => return 0,
-        (true, false) => FORK_THREAD,
-        (false, true) => FORK_ROOT,
-        (false, false) => 0,
+        (true, false) => ForkFlags::THREAD,
+        (false, true) => ForkFlags::ROOT,
+        (false, false) => ForkFlags::empty(),
     };
     if !thread && TRACKED.insert(child_tgid, 1, 0).is_err() {
         bump(counter::TRACK_FAILURES);
         warn!(&ctx, "tracked set full: pid {} and its descendants are lost", child_tgid);
     }
-    if let Some(rec) = Record::<ForkEvent>::reserve(kind::FORK, child_pid, child_tgid, flags) {
+    if let Some(rec) = Record::<ForkEvent>::reserve(kind::FORK, child_pid, child_tgid, flags.bits()) {
         // SAFETY: writing plain fields of the reserved record.
         unsafe {
             (*rec.ptr).parent_pid = tid;

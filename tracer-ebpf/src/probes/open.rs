@@ -2,7 +2,7 @@
 //! here at exit, when the kernel has already faulted it in (a tracepoint cannot take page
 //! faults).
 use aya_ebpf::helpers::bpf_probe_read_user;
-use tracer_common::{OpenEvent, PATH_CAP, PATH_TRUNCATED, PATH_UNREADABLE, counter, kind, nr, open_syscall};
+use tracer_common::{OpenEvent, OpenFlags, PATH_CAP, counter, kind, nr, open_syscall};
 
 use super::{Record, user_str};
 use crate::maps::{Pending, bump, current_ids};
@@ -37,17 +37,17 @@ pub fn exit(p: &Pending, ret: i64) {
             _ => p.flags_or_how,
         };
         (*ev).path_len = 0;
-        let mut flags = 0;
+        let mut flags = OpenFlags::empty();
         match user_str(&raw mut (*ev).path, p.path) {
             Some(n) => {
                 (*ev).path_len = n;
                 if n as usize >= PATH_CAP - 1 {
-                    flags |= PATH_TRUNCATED;
+                    flags |= OpenFlags::PATH_TRUNCATED;
                 }
             }
-            None => flags |= PATH_UNREADABLE,
+            None => flags |= OpenFlags::PATH_UNREADABLE,
         }
-        (*rec.header()).flags = flags;
+        (*rec.header()).flags = flags.bits();
     }
     rec.submit();
 }

@@ -1,27 +1,26 @@
-"""Helpers for running real ansible-playbook (from the environment running pytest) with the
-spawntrace callback and receiving its messages like spawntrace does."""
+"""What every test shares: the import paths (the agent's package, as the connection plugins import
+it; the sshd lab, shared with the Rust tests) and receiving the spawntrace callback's messages
+like spawntrace does."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
 import struct
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-CALLBACK_DIR = Path(__file__).resolve().parents[1] / "ansible_collections/spawntrace/tracer/plugins/callback"
-# the agent's package (spawntrace_agent), importable by every test as the connection plugins import it
-AGENT_PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ansible_collections/spawntrace/tracer/agent"
-if str(AGENT_PACKAGE_DIR) not in sys.path:
-    sys.path.append(str(AGENT_PACKAGE_DIR))
-BIN = Path(sys.executable).parent
+from playbook_runs import AGENT_DIR
+
+SSHLAB_DIR = Path(__file__).resolve().parents[3] / "tests/lab"
+for path in (AGENT_DIR, SSHLAB_DIR):
+    if str(path) not in sys.path:
+        sys.path.append(str(path))
+
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
 
@@ -76,45 +75,6 @@ class Receiver:
             pass
         self.sock.close()
         return self.messages
-
-
-@dataclasses.dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-def write_inventory(directory: Path) -> Path:
-    path = directory / "inventory.ini"
-    path.write_text("".join(f"{h} ansible_connection=local ansible_python_interpreter={sys.executable}\n" for h in ("h1", "h2")))
-    return path
-
-
-def run_playbook(directory: Path, playbook: str, *, callback: bool = True, socket_path: str | None = None, timeout: float = 300) -> Run:
-    """Runs `playbook` (YAML text) against h1 and h2 (local connection), forks=2, without any
-    ansible.cfg. With `callback`, the plugin is enabled; `socket_path` sets SPAWNTRACE_SOCKET."""
-    pb = directory / "playbook.yml"
-    pb.write_text(playbook)
-    config = directory / "ansible.cfg"  # empty: no user or repository configuration applies
-    config.write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SPAWNTRACE_"))}
-    env.update(
-        ANSIBLE_CONFIG=str(config),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_LOCAL_TEMP=str(directory / "tmp-local"),
-        ANSIBLE_REMOTE_TEMP=str(directory / "tmp-remote"),
-        PYTHONDONTWRITEBYTECODE="1",
-    )
-    if callback:
-        env.update(ANSIBLE_CALLBACK_PLUGINS=str(CALLBACK_DIR), ANSIBLE_CALLBACKS_ENABLED="spawntrace")
-    if socket_path is not None:
-        env["SPAWNTRACE_SOCKET"] = socket_path
-    argv = [str(BIN / "ansible-playbook"), "-i", str(write_inventory(directory)), "-f", "2", str(pb)]
-    start = time.monotonic()
-    p = subprocess.run(argv, env=env, cwd=directory, capture_output=True, text=True, timeout=timeout)
-    return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - start)
 
 
 @pytest.fixture

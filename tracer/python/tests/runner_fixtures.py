@@ -1,6 +1,6 @@
-"""Fixtures and helpers for the persistent-agent runner tests (test_runner_*.py): running real
-ansible-playbook classic and through the spawntrace connection plugins, capturing every task
-result with a small callback, and an sshd test host in its own network namespace."""
+"""Fixtures and helpers for the persistent-agent runner tests (test_runner_*.py and the agent's
+security and limits tests): running a playbook classic and persistent and comparing the two,
+counting execs, starting agents directly, and the sshd test host."""
 
 from __future__ import annotations
 
@@ -11,141 +11,29 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-PYTHON_DIR = TESTS.parent
-COLLECTION = PYTHON_DIR / "ansible_collections/spawntrace/tracer"
-CONNECTION_DIR = COLLECTION / "plugins/connection"
-CALLBACK_DIR = COLLECTION / "plugins/callback"
-AGENT_DIR = COLLECTION / "agent"
-BIN = Path(sys.executable).parent
-ENVS = PYTHON_DIR / "envs"
+import sshlab
+from playbook_runs import Run, run_playbook
+from spawntrace_agent import client
+from sshlab import USER as SSH_USER
+from sshlab import Lab, ensure_user
 
 # Per-test base directories live in /tmp (outside pytest's 0700 tree, for become); this session's
 # carry its pid, so that its clean-up never touches another pytest session's.
 BASE_PREFIX = "st-%d-" % os.getpid()
 
 BECOME_USER = "spawntrace-become"
-SSH_USER = "spawntrace-test"
 
-# A callback that writes every result (per item too) as JSON lines to $RESULTS_FILE.
-RESULTS_CALLBACK = r"""
-from __future__ import annotations
-import json, os
-from ansible.plugins.callback import CallbackBase
-
-def _plain(v):
-    try:
-        return json.loads(json.dumps(v, default=str))
-    except Exception:
-        return str(v)
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = "aggregate"
-    CALLBACK_NAME = "results_dump"
-    CALLBACK_NEEDS_ENABLED = True
-
-    def _w(self, status, result, item=False):
-        r = result._result if hasattr(result, "_result") else result.result
-        rec = {"task": result.task_name if hasattr(result, "task_name") else result._task.get_name(),
-               "host": result._host.get_name() if hasattr(result, "_host") else result.host.get_name(),
-               "status": status, "item": item, "result": _plain(dict(r))}
-        with open(os.environ["RESULTS_FILE"], "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def v2_runner_on_ok(self, result): self._w("ok", result)
-    def v2_runner_on_failed(self, result, ignore_errors=False): self._w("failed", result)
-    def v2_runner_on_skipped(self, result): self._w("skipped", result)
-    def v2_runner_on_unreachable(self, result): self._w("unreachable", result)
-    def v2_runner_item_on_ok(self, result): self._w("ok", result, True)
-    def v2_runner_item_on_failed(self, result): self._w("failed", result, True)
-    def v2_runner_item_on_skipped(self, result): self._w("skipped", result, True)
-"""
-
-
-@dataclasses.dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-    results: list
-
-    def by_task(self):
-        out = {}
-        for r in self.results:
-            out.setdefault((r["task"], r["host"], r["item"]), []).append(r)
-        return out
-
-
-def clean_env(extra=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SPAWNTRACE_"))}
-    env.update(extra or {})
-    return env
-
-
-def run_playbook(
-    directory: Path,
-    playbook: str,
-    *,
-    mode: str = "classic",
-    inventory: str | None = None,
-    args: list | None = None,
-    env: dict | None = None,
-    pipelining: bool = True,
-    timeout: float = 600,
-    name: str = "playbook.yml",
-) -> Run:
-    """Runs `playbook` (YAML text) in `directory` with no ansible.cfg. mode: classic (builtin
-    connection plugins) or persistent (spawntrace's on ANSIBLE_CONNECTION_PLUGINS)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    pb = directory / name
-    pb.write_text(playbook)
-    cb = directory / "callbacks"
-    cb.mkdir(exist_ok=True)
-    (cb / "results_dump.py").write_text(RESULTS_CALLBACK)
-    config = directory / "ansible.cfg"
-    config.write_text("")
-    results = directory / f"results-{mode}.jsonl"
-    if results.exists():
-        results.unlink()
-    if inventory is None:
-        inventory = directory / "inventory.ini"
-        inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
-    e = clean_env(
-        {
-            "ANSIBLE_CONFIG": str(config),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_CALLBACK_PLUGINS": str(cb),
-            "ANSIBLE_CALLBACKS_ENABLED": "results_dump",
-            "ANSIBLE_PIPELINING": "True" if pipelining else "False",
-            "ANSIBLE_HOST_KEY_CHECKING": "False",
-            "ANSIBLE_LOCAL_TEMP": str(directory / "tmp-local"),
-            "RESULTS_FILE": str(results),
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-    )
-    if mode == "persistent":
-        e["ANSIBLE_CONNECTION_PLUGINS"] = str(CONNECTION_DIR)
-        if os.environ.get("SPAWNTRACE_TEST_AGENT_IN_PROCESS"):
-            # the whole suite again with in-process runs (opt-in mode): same results expected
-            e["SPAWNTRACE_AGENT_IN_PROCESS"] = os.environ["SPAWNTRACE_TEST_AGENT_IN_PROCESS"]
-    elif mode != "classic":
-        raise ValueError(mode)
-    e.update(env or {})
-    argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), *(args or []), str(pb)]
-    start = time.monotonic()
-    p = subprocess.run(argv, env=e, cwd=directory, capture_output=True, text=True, timeout=timeout)
-    secs = time.monotonic() - start
-    recs = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    return Run(p.returncode, p.stdout, p.stderr, secs, recs)
+# the interpreter of targets and agents: the system's, as on a real host
+SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+LOCALHOST = f"localhost ansible_connection=local ansible_python_interpreter={SYSTEM_PYTHON}\n"
 
 
 # Keys whose values legitimately differ between two runs (times, temp paths, job ids, and the
@@ -240,18 +128,107 @@ def stop_agents(uid=None):
             pass
 
 
-# ---------------------------------------------------------------------------------------------
-# users
+def tree(root: Path):
+    """Relative path -> (kind, mode, content or link target), backup names normalised."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            rel = re.sub(r"\.\d+\.\d{4}-\d\d-\d\d@\d\d:\d\d:\d\d~$", ".BACKUP~", str(p.relative_to(root)))
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p).replace(str(root), "<BASE>"))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", oct(stat.S_IMODE(st.st_mode)))
+            else:
+                out[rel] = ("file", oct(stat.S_IMODE(st.st_mode)), p.read_bytes())
+    return out
 
 
-def ensure_user(name: str, shell: str = "/bin/sh"):
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", shell, name], check=True)
-    # not locked (sshd refuses locked accounts even for keys), but no password
-    subprocess.run(["usermod", "-p", "*", name], check=True)
-    return pwd.getpwnam(name)
+def new_base(tag: str) -> Path:
+    """A directory for a run's {{ base }}, 0755 in /tmp (outside pytest's 0700 tree: become and
+    ssh users reach it); cleanup_bases removes it."""
+    base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}{tag}-"))
+    os.chmod(base, 0o755)
+    return base
+
+
+@pytest.fixture(autouse=True)
+def cleanup_bases():
+    """Removes the bases a test made (autouse where imported)."""
+    before = set(Path(tempfile.gettempdir()).glob(BASE_PREFIX + "*"))
+    yield
+    for p in set(Path(tempfile.gettempdir()).glob(BASE_PREFIX + "*")) - before:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Pair:
+    classic: Run
+    persistent: Run
+    base: dict  # mode -> its {{ base }}
+
+
+def run_both(tmp_path: Path, playbook: str, *, inventory=LOCALHOST, files=None, args=(), env=None, prepare=None, expect_agent=True) -> Pair:
+    """Runs `playbook` classic then persistent, each from tmp_path/<mode> holding `files` (relative
+    path -> text or bytes); {{ base }} is a per-mode new_base, given to `prepare(base)` first.
+    Both runs must have the same results, return code and files in base (and in <mode>/fetched),
+    and only the persistent one may reach the agent."""
+    runs, bases = {}, {}
+    for mode in ("classic", "persistent"):
+        d = tmp_path / mode
+        d.mkdir()
+        base = bases[mode] = new_base(mode[0])
+        for rel, content in (files or {}).items():
+            p = d / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(content if isinstance(content, bytes) else content.encode())
+            if rel.endswith(".sh"):
+                os.chmod(p, 0o755)
+        if prepare:
+            prepare(base)
+        inv = d / "inventory.ini"
+        inv.write_text(inventory)
+        # (ssh: each mode its own ControlMaster)
+        e = {"ANSIBLE_SSH_CONTROL_PATH_DIR": str(d / "cp"), **(env or {})}
+        runs[mode] = run_playbook(d, playbook, mode=mode, inventory=inv, args=["-e", f"base={base}", *args], env=e, agent_timing=True)
+    c, p = runs["classic"], runs["persistent"]
+    assert not c.timing, "classic runs must not reach the agent"
+    if expect_agent:
+        assert p.timing, "no module ran through the agent:\n" + p.stdout[-3000:] + p.stderr[-3000:]
+    diffs = results_equal(c, p, tmp_paths=(str(bases["classic"]), str(bases["persistent"]), str(c.directory), str(p.directory)))
+    assert diffs == [], "\n".join(repr(d) for d in diffs)
+    assert c.returncode == p.returncode, (c.stdout[-2000:], p.stdout[-2000:])
+    assert tree(bases["classic"]) == tree(bases["persistent"])
+    if (c.directory / "fetched").exists():
+        assert tree(c.directory / "fetched") == tree(p.directory / "fetched")
+    return Pair(c, p, bases)
+
+
+def traced_execs(directory: Path, mode: str, n: int, *, inventory: str, base: Path, env=None) -> list:
+    """The successful execve lines (strace -f) of a playbook of one lineinfile then `n` copy +
+    lineinfile pairs in `base`: two `n` compared show whether a run execs per task."""
+    playbook = (
+        '- hosts: all\n  gather_facts: false\n  tasks:\n    - name: warm\n      lineinfile: {path: "{{ base }}/w", line: w, create: true}\n'
+    )
+    for i in range(n):
+        playbook += f'    - copy: {{content: "{i}\\n", dest: "{{{{ base }}}}/c{i}"}}\n'
+        playbook += f'    - lineinfile: {{path: "{{{{ base }}}}/c{i}", line: "x={i}"}}\n'
+    directory.mkdir()
+    (directory / "inventory.ini").write_text(inventory)
+    log = directory / "strace.log"
+    run = run_playbook(
+        directory,
+        playbook,
+        mode=mode,
+        inventory=directory / "inventory.ini",
+        args=["-e", f"base={base}"],
+        env=env,
+        callbacks=(),
+        wrapper=["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=execve", "-e", "signal=none", "-o", str(log)],
+    )
+    assert run.returncode == 0, run.stdout[-2000:]
+    return [line for line in log.read_text().splitlines() if "execve(" in line and "= 0" in line]
 
 
 @pytest.fixture(scope="session")
@@ -261,121 +238,58 @@ def become_user():
     return ensure_user(BECOME_USER)
 
 
-# ---------------------------------------------------------------------------------------------
-# an sshd in a network namespace (like tests/common/lab.rs)
-
-
 @dataclasses.dataclass
 class SshHost:
-    name: str
-    addr: str
-    key: Path
-    directory: Path
+    """The lab's host under the name the ssh tests give it in their inventories."""
 
-    def inventory(self, python="/usr/bin/python3", extra=""):
-        args = "-F /dev/null -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes"
-        return (
-            f"{self.name} ansible_host={self.addr} ansible_user={SSH_USER} ansible_connection=ssh "
-            f"ansible_python_interpreter={python} ansible_ssh_private_key_file={self.key} "
-            f"ansible_ssh_common_args='{args}' {extra}\n"
-        )
+    lab: Lab
+    name: str = "sshhost"
 
-
-def _sh(cmd):
-    p = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"`{cmd}` failed: {p.stderr}")
+    def inventory(self) -> str:
+        return self.lab.inventory_line(dataclasses.replace(self.lab.hosts[0], name=self.name))
 
 
 @pytest.fixture(scope="module")
 def ssh_host():
-    if os.getuid() != 0 or not Path("/usr/sbin/sshd").exists() or not shutil.which("ip"):
-        pytest.skip("needs root, sshd and iproute2")
-    ensure_user(SSH_USER)
-    import tempfile
+    why = sshlab.unavailable()
+    if why:
+        pytest.skip("sshd lab: " + why)
+    with Lab(1) as lab:
+        yield SshHost(lab)
+    # the test user's agents (they also end on their own after the idle timeout)
+    stop_agents(pwd.getpwnam(SSH_USER).pw_uid)
 
-    # sshd (as the test user) must read authorized_keys: not under pytest's private tmp dirs
-    d = Path(tempfile.mkdtemp(prefix="spawntrace-sshlab-"))
-    os.chmod(d, 0o755)
-    _sh(f"ssh-keygen -q -t ed25519 -N '' -f {d}/client_key")
-    _sh(f"ssh-keygen -q -t ed25519 -N '' -f {d}/host_key")
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    _sh("mkdir -p /run/sshd && chmod 0755 /run/sshd")
-    tag = os.getpid() % 100000
-    netns, veth, peer = f"rt{tag}n", f"rt{tag}v", f"rt{tag}p"
-    net = f"10.214.{tag % 250}"
-    addr = f"{net}.2"
-    created = []
-    sshd = None
-    try:
-        _sh(f"ip netns add {netns}")
-        created.append(f"ip netns del {netns}")
-        _sh(f"ip link add {veth} type veth peer name {peer} netns {netns}")
-        created.insert(0, f"ip link del {veth}")
-        _sh(f"ip addr add {net}.1/24 dev {veth} && ip link set {veth} up")
-        _sh(f"ip -n {netns} addr add {addr}/24 dev {peer} && ip -n {netns} link set {peer} up && ip -n {netns} link set lo up")
-        conf = d / "sshd.conf"
-        conf.write_text(
-            f"ListenAddress {addr}\nPort 22\nHostKey {d}/host_key\nPidFile none\n"
-            f"AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n"
-            f"PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            f"AllowUsers {SSH_USER}\nSubsystem sftp internal-sftp\nMaxSessions 64\nMaxStartups 64\n"
-            f"AllowStreamLocalForwarding yes\n"
-        )
-        log = open(d / "sshd.log", "wb")
-        sshd = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "/usr/sbin/sshd", "-D", "-e", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=log
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            ok = (
-                subprocess.run(
-                    [
-                        "ssh",
-                        "-F",
-                        "/dev/null",
-                        "-o",
-                        "StrictHostKeyChecking=no",
-                        "-o",
-                        "UserKnownHostsFile=/dev/null",
-                        "-o",
-                        "IdentitiesOnly=yes",
-                        "-i",
-                        str(d / "client_key"),
-                        "-o",
-                        "BatchMode=yes",
-                        "-o",
-                        "ConnectTimeout=2",
-                        f"{SSH_USER}@{addr}",
-                        "true",
-                    ],
-                    capture_output=True,
-                ).returncode
-                == 0
-            )
-            if ok:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("sshd never accepted a login: " + (d / "sshd.log").read_text())
-            time.sleep(0.1)
-        yield SshHost("sshhost", addr, d / "client_key", d)
-    finally:
-        if sshd is not None:
-            sshd.send_signal(signal.SIGTERM)
-            try:
-                sshd.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                sshd.kill()
-        # the per-connection sshd sessions (a ControlMaster's, an agent's) live on in the
-        # namespace after the listener: end everything in it before deleting it
-        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-        for cmd in created:
-            subprocess.run(["sh", "-c", cmd], capture_output=True)
-        # the test user's agents (they also end on their own after the idle timeout)
-        stop_agents(pwd.getpwnam(SSH_USER).pw_uid)
-        shutil.rmtree(d, ignore_errors=True)
+
+def start_agent(cfg: dict, *, python: str = SYSTEM_PYTHON, payload=None, body: bytes | None = None):
+    """Bootstraps an agent as the connection plugins do (`python -c <first stage>`, the payload's
+    body on stdin, or `body`); returns the ended bootstrap process and the READY line it printed."""
+    payload = payload or client.PAYLOAD
+    p = subprocess.run(payload.argv(python, json.dumps(cfg)), input=payload.body if body is None else body, capture_output=True, timeout=60)
+    return p, client.parse_ready(p.stdout)
+
+
+def start_local_agent(directory: Path, key: str, **extra):
+    """An agent of ours with its socket and log in directory/agents (made 0700), config `extra`
+    added; returns its config and pid."""
+    d = directory / "agents"
+    d.mkdir(mode=0o700)
+    cfg = {
+        "socket": str(d / "a.sock"),
+        "version": client.VERSION,
+        "idle": 30,
+        "key": key,
+        "dir_owner": os.getuid(),
+        "host": "h",
+        "user": "u",
+        "log": str(d / "agent.log"),
+        **extra,
+    }
+    p, ready = start_agent(cfg)
+    assert p.returncode == 0 and ready["ok"], (p.stdout, p.stderr)
+    return cfg, ready["pid"]
+
+
+def run_request(**fields) -> dict:
+    """A module run request as the local connection sends one: this process's environment, no
+    assignments, cwd /, umask 022, the module piped (path None); `fields` added or replacing."""
+    return {"op": "run", "env": dict(os.environ), "assign": {}, "cwd": "/", "umask": 0o022, "path": None, **fields}

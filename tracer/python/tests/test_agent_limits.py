@@ -1,50 +1,29 @@
 """The persistent agent against clients that misbehave (issue 9, item 4), with a real agent process
-started as tests/test_runner_protocol.py starts one: a frame that stops mid-way, lengths far over
-the limits, malformed JSON, a client that does not read its reply. None of them may hold up
-another client or make the agent allocate what was only announced."""
+(runner_fixtures.start_local_agent, as in the protocol tests): a frame that stops mid-way,
+lengths far over the limits, malformed JSON, a client that does not read its reply. None of them
+may hold up another client or make the agent allocate what was only announced."""
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import socket
-import subprocess
 import time
 
 import pytest
 
-from test_runner_protocol import PYTHON, client, framing
+from runner_fixtures import start_local_agent
+from spawntrace_agent import client, framing
 
 MiB = 1024 * 1024
 OVER_BLOB = min(framing.MAX_BLOB + 1, 0xFFFFFFFF)  # (a u32 however the limit is set)
 
 
-def start_agent(tmp_path, **extra):
-    d = tmp_path / "agents"
-    d.mkdir(mode=0o700)
-    path = str(d / "a.sock")
-    cfg = {
-        "socket": path,
-        "version": client.VERSION,
-        "idle": 30,
-        "key": "limits",
-        "dir_owner": os.getuid(),
-        "host": "h",
-        "user": "u",
-        "log": str(d / "agent.log"),
-    }
-    cfg.update(extra)
-    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-    ready = client.parse_ready(p.stdout)
-    assert p.returncode == 0 and ready["ok"], (p.stdout, p.stderr)
-    return path, ready["pid"]
-
-
 @pytest.fixture
 def limited_agent(tmp_path):
     """An agent that drops a stalled connection after 2 s (cfg frame_timeout, send_timeout)."""
-    path, pid = start_agent(tmp_path, frame_timeout=2, send_timeout=2)
+    cfg, pid = start_local_agent(tmp_path, "limits", frame_timeout=2, send_timeout=2)
+    path = cfg["socket"]
     yield path, pid
     try:
         client.Endpoint(path, os.getuid()).request({"op": "quit"})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runner_fixtures import PYTHON_DIR, run_playbook
+from playbook_runs import PYTHON_DIR, run_playbook
 
 BENCH = PYTHON_DIR.parents[1] / "playbooks" / "bench.yml"
 BOUND = PYTHON_DIR / "bench" / "connection"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Receiver, run_playbook
+from conftest import Receiver
+from playbook_runs import local_inventory, run_playbook
 
 PLAYBOOK = """
 - name: attribution
@@ -40,6 +41,22 @@ HOSTS = ("h1", "h2")
 TASKS = ("loop", "secret loop", "single", "failing", "handler")
 
 
+def run_traced(directory: Path, playbook: str, *, callback: bool = True, socket_path: str | None = None):
+    """Runs `playbook` against h1 and h2 (local connection, two forks, ansible's default of no
+    pipelining), with the spawntrace callback enabled or not; `socket_path` is SPAWNTRACE_SOCKET."""
+    return run_playbook(
+        directory,
+        playbook,
+        inventory=local_inventory(directory, HOSTS),
+        args=["-f", "2"],
+        env={"ANSIBLE_REMOTE_TEMP": str(directory / "tmp-remote")},
+        callbacks=("spawntrace",) if callback else (),
+        socket_path=socket_path,
+        pipelining=False,
+        timeout=300,
+    )
+
+
 class Traced:
     """One traced run, indexed for the assertions."""
 
@@ -61,7 +78,7 @@ def traced(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     receiver = Receiver(tmp / "events.sock")
     receiver.start_reading()
-    run = run_playbook(tmp, PLAYBOOK.format(strategy=request.param), socket_path=str(receiver.path))
+    run = run_traced(tmp, PLAYBOOK.format(strategy=request.param), socket_path=str(receiver.path))
     messages = receiver.close()
     assert run.returncode == 0, run.stdout + run.stderr
     return Traced(run, messages)
@@ -141,10 +158,10 @@ def _shape(text):
 
 @pytest.mark.parametrize("mode", ["no socket", "socket", "missing socket"])
 def test_user_output_unchanged_and_silent(mode, tmp_path, receiver):
-    baseline = run_playbook(tmp_path, PLAYBOOK.format(strategy="linear"), callback=False)
+    baseline = run_traced(tmp_path, PLAYBOOK.format(strategy="linear"), callback=False)
     socket_path = {"no socket": None, "socket": str(receiver.path), "missing socket": str(tmp_path / "nothing")}[mode]
     receiver.start_reading()
-    run = run_playbook(tmp_path, PLAYBOOK.format(strategy="linear"), socket_path=socket_path)
+    run = run_traced(tmp_path, PLAYBOOK.format(strategy="linear"), socket_path=socket_path)
     messages = receiver.close()
     assert (run.returncode, _shape(run.stdout), run.stderr) == (baseline.returncode, _shape(baseline.stdout), baseline.stderr)
     assert "PLAY RECAP" in run.stdout
@@ -170,8 +187,8 @@ STALL_PLAYBOOK = """
 def test_receiver_that_never_reads(tmp_path, receiver):
     """The receive queue fills soon; the run must not slow down."""
     playbook = STALL_PLAYBOOK.format(items=STALL_ITEMS, marker=tmp_path / "marker")
-    baseline = run_playbook(tmp_path, playbook, callback=False)
-    run = run_playbook(tmp_path, playbook, socket_path=str(receiver.path))
+    baseline = run_traced(tmp_path, playbook, callback=False)
+    run = run_traced(tmp_path, playbook, socket_path=str(receiver.path))
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.seconds < baseline.seconds * 1.5 + 2, (run.seconds, baseline.seconds)
     queued = receiver.close()
@@ -190,7 +207,7 @@ def test_drops_are_counted(tmp_path, receiver):
 
     staller = threading.Thread(target=stall_until_marker, daemon=True)
     staller.start()
-    run = run_playbook(tmp_path, STALL_PLAYBOOK.format(items=STALL_ITEMS, marker=marker), socket_path=str(receiver.path))
+    run = run_traced(tmp_path, STALL_PLAYBOOK.format(items=STALL_ITEMS, marker=marker), socket_path=str(receiver.path))
     staller.join()
     messages = receiver.close()
     assert run.returncode == 0, run.stdout + run.stderr

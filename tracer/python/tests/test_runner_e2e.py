@@ -8,100 +8,24 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import shutil
-import stat
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import Receiver
+from playbook_runs import local_inventory, run_playbook
 from runner_fixtures import (  # noqa: F401
-    BASE_PREFIX,
     BECOME_USER,
-    CALLBACK_DIR,
+    LOCALHOST,
+    SYSTEM_PYTHON,
     agent_pids,
     become_user,
-    results_equal,
-    run_playbook,
+    cleanup_bases,
+    new_base,
+    run_both,
+    traced_execs,
 )
-
-PYTHON = "/usr/bin/python3"
-HOST = f"localhost ansible_connection=local ansible_python_interpreter={PYTHON}\n"
-
-
-def tree(root: Path):
-    """Relative path -> (kind, mode, content or link target), backup names normalised."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            rel = re.sub(r"\.\d+\.\d{4}-\d\d-\d\d@\d\d:\d\d:\d\d~$", ".BACKUP~", str(p.relative_to(root)))
-            st = p.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p).replace(str(root), "<BASE>"))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", oct(stat.S_IMODE(st.st_mode)))
-            else:
-                out[rel] = ("file", oct(stat.S_IMODE(st.st_mode)), p.read_bytes())
-    return out
-
-
-class Pair:
-    def __init__(self, classic, persistent, base):
-        self.classic, self.persistent, self.base = classic, persistent, base
-
-
-def run_both(tmp_path: Path, playbook: str, *, files=None, args=(), env=None, inventory=HOST, expect_agent=True, prepare=None):
-    """Runs `playbook` classic then persistent; {{ base }} is a per-mode directory (made with
-    `prepare(base)` and `files`). Returns both runs and the base directories."""
-    runs, bases = {}, {}
-    for mode in ("classic", "persistent"):
-        d = tmp_path / mode
-        d.mkdir()
-        base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}{mode[0]}-"))  # outside pytest's 0700 tree (become)
-        os.chmod(base, 0o755)
-        bases[mode] = base
-        (d / "base").mkdir()
-        for rel, content in (files or {}).items():
-            p = d / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(content if isinstance(content, bytes) else content.encode())
-            if rel.endswith(".sh"):
-                os.chmod(p, 0o755)
-        if prepare:
-            prepare(base)
-        inv = d / "inventory.ini"
-        inv.write_text(inventory)
-        e = {"SPAWNTRACE_AGENT_TIMING": str(d / "timing.jsonl")}
-        e.update(env or {})
-        runs[mode] = run_playbook(d, playbook, mode=mode, inventory=str(inv), args=["-e", f"base={base}", *args], env=e)
-        runs[mode].timing = [json.loads(x) for x in (d / "timing.jsonl").read_text().splitlines()] if (d / "timing.jsonl").exists() else []
-        runs[mode].dir = d
-    c, p = runs["classic"], runs["persistent"]
-    assert not c.timing, "classic runs must not reach the agent"
-    if expect_agent:
-        assert p.timing, "no module ran through the agent:\n" + p.stdout[-3000:] + p.stderr[-3000:]
-    diffs = results_equal(c, p, tmp_paths=(str(bases["classic"]), str(bases["persistent"]), str(c.dir), str(p.dir)))
-    pair = Pair(c, p, bases)
-    try:
-        assert diffs == [], "\n".join(repr(d) for d in diffs)
-        assert c.returncode == p.returncode, (c.stdout[-2000:], p.stdout[-2000:])
-        assert tree(bases["classic"]) == tree(bases["persistent"])
-    except AssertionError:
-        raise
-    return pair
-
-
-@pytest.fixture(autouse=True)
-def _cleanup_bases():
-    before = set(Path(tempfile.gettempdir()).glob(BASE_PREFIX + "*"))
-    yield
-    for p in set(Path(tempfile.gettempdir()).glob(BASE_PREFIX + "*")) - before:
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def statuses(run):
@@ -358,7 +282,7 @@ def test_fqcn_builtin_local_is_shadowed_too(tmp_path):
     connection_loader.all()), configured paths first, under the builtin's module name
     (ansible.plugins.connection.local); `ansible.builtin.local` then resolves to that module: the
     FQCN gets the agent as well (SPAWNTRACE_AGENT=0 turns it off)."""
-    inv = f"localhost ansible_connection=ansible.builtin.local ansible_python_interpreter={PYTHON}\n"
+    inv = f"localhost ansible_connection=ansible.builtin.local ansible_python_interpreter={SYSTEM_PYTHON}\n"
     pair = run_both(tmp_path, "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo hi\n", inventory=inv)
     assert pair.persistent.timing and pair.persistent.returncode == 0
 
@@ -376,23 +300,18 @@ def test_attribution_messages(tmp_path):
       lineinfile: {path: "{{ base }}/{{ inventory_hostname }}-{{ item }}", line: x, create: true}
       loop: [a, b, c]
 """
-    base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}attr-"))
+    base = new_base("attr")
     rec = Receiver(tmp_path / "events.sock")
     rec.start_reading()
     try:
-        inv = tmp_path / "inv.ini"
-        inv.write_text("".join(f"{h} ansible_connection=local ansible_python_interpreter={PYTHON}\n" for h in ("h1", "h2")))
         run = run_playbook(
             tmp_path / "run",
             playbook,
             mode="persistent",
-            inventory=str(inv),
+            inventory=local_inventory(tmp_path, ("h1", "h2"), SYSTEM_PYTHON),
             args=["-f", "2", "-e", f"base={base}"],
-            env={
-                "ANSIBLE_CALLBACK_PLUGINS": f"{tmp_path / 'run' / 'callbacks'}:{CALLBACK_DIR}",
-                "ANSIBLE_CALLBACKS_ENABLED": "results_dump,spawntrace",
-                "SPAWNTRACE_SOCKET": str(tmp_path / "events.sock"),
-            },
+            callbacks=("results_dump", "spawntrace"),
+            socket_path=str(tmp_path / "events.sock"),
         )
     finally:
         time.sleep(0.3)
@@ -411,8 +330,10 @@ def test_attribution_messages(tmp_path):
     runners = by["runner_start"]
     assert len(runners) == 2 * (1 + 3)
     for m in runners:
-        assert set(m.body) >= {"v", "ev", "ts", "pid", "agent_pid", "task_uuid", "host", "worker_pid", "item", "module"}
-        assert m.cred_pid == m["agent_pid"] and m["agent_pid"] in agents and m["pid"] != m["agent_pid"]
+        assert set(m.body) >= {"v", "ev", "ts", "pid", "runner_pid", "agent_pid", "task_uuid", "host", "worker_pid", "item", "module"}
+        # sent by the agent: the sender is the agent, the runner another process
+        assert m.cred_pid == m["pid"] == m["agent_pid"] and m["agent_pid"] in agents and m["runner_pid"] != m["agent_pid"]
+        assert m["remote"] is False
         w = workers[(m["host"], m["task_uuid"])]
         assert w.cred_pid == m["worker_pid"]
         assert agents[m["agent_pid"]]["host"] == m["host"]
@@ -430,55 +351,7 @@ def test_attribution_messages(tmp_path):
 
 
 def count_execs(tmp_path, mode, n):
-    playbook = (
-        '- hosts: all\n  gather_facts: false\n  tasks:\n    - name: warm\n      lineinfile: {path: "{{ base }}/w", line: w, create: true}\n'
-    )
-    for i in range(n):
-        playbook += f'    - copy: {{content: "{i}\\n", dest: "{{{{ base }}}}/c{i}"}}\n'
-        playbook += f'    - lineinfile: {{path: "{{{{ base }}}}/c{i}", line: "x={i}"}}\n'
-    base = Path(tempfile.mkdtemp(prefix=f"{BASE_PREFIX}execs-"))
-    d = tmp_path / f"{mode}-{n}"
-    log = d / "strace.log"
-    d.mkdir()
-    try:
-        (d / "inventory.ini").write_text(HOST)
-        from runner_fixtures import BIN, CONNECTION_DIR, clean_env
-
-        (d / "pb.yml").write_text(playbook)
-        (d / "ansible.cfg").write_text("")
-        env = clean_env({"ANSIBLE_CONFIG": str(d / "ansible.cfg"), "ANSIBLE_PIPELINING": "True", "ANSIBLE_LOCAL_TEMP": str(d / "tmp")})
-        if mode == "persistent":
-            env["ANSIBLE_CONNECTION_PLUGINS"] = str(CONNECTION_DIR)
-        p = subprocess.run(
-            [
-                "strace",
-                "-f",
-                "--seccomp-bpf",
-                "-qq",
-                "-e",
-                "trace=execve",
-                "-e",
-                "signal=none",
-                "-o",
-                str(log),
-                str(BIN / "ansible-playbook"),
-                "-i",
-                str(d / "inventory.ini"),
-                "-e",
-                f"base={base}",
-                str(d / "pb.yml"),
-            ],
-            env=env,
-            cwd=d,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert p.returncode == 0, p.stdout[-2000:]
-        execs = [line for line in log.read_text().splitlines() if "execve(" in line and "= 0" in line]
-        return execs
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return traced_execs(tmp_path / f"{mode}-{n}", mode, n, inventory=LOCALHOST, base=new_base("execs"))
 
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import collections
 
-from test_runner_e2e import _cleanup_bases, run_both  # noqa: F401
-
-from runner_fixtures import results_equal  # noqa: F401
+from runner_fixtures import cleanup_bases, run_both  # noqa: F401
 
 PLAYBOOK = """
 - hosts: all

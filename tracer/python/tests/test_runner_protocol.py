@@ -14,16 +14,14 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from runner_fixtures import AGENT_DIR, BECOME_USER, become_user, ensure_user  # noqa: F401
+from runner_fixtures import BECOME_USER, become_user, ensure_user, run_request, start_agent, start_local_agent  # noqa: F401
+from runner_fixtures import SYSTEM_PYTHON as PYTHON
 from spawntrace_agent import ansiballz, client, framing, memory, safe_paths, shell_ops, wire  # noqa: E402,F401
-
-PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 
 def sh(cmd, env=None):
@@ -251,37 +249,16 @@ def payload_for(src: str) -> bytes:
 
 @pytest.fixture
 def running_agent(tmp_path):
-    d = tmp_path / "agents"
-    d.mkdir(mode=0o700)
-    path = str(d / "a.sock")
-    cfg = {
-        "socket": path,
-        "version": client.VERSION,
-        "idle": 30,
-        "key": "test",
-        "dir_owner": os.getuid(),
-        "host": "h",
-        "user": "u",
-        "log": str(d / "agent.log"),
-    }
-    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-    ready = client.parse_ready(p.stdout)
-    assert p.returncode == 0 and ready["ok"], (p.stdout, p.stderr)
-    ep = client.Endpoint(path, os.getuid())
-    yield ep, ready["pid"], cfg
+    cfg, pid = start_local_agent(tmp_path, "test")
+    ep = client.Endpoint(cfg["socket"], os.getuid())
+    yield ep, pid, cfg
     try:
         ep.request({"op": "quit"})
     except (client.AgentUnavailable, client.AgentFailed):
         pass
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{ready['pid']}"):
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
         time.sleep(0.05)
-
-
-def _start(payload, cfg, body=None):
-    return subprocess.run(
-        payload.argv(PYTHON, json.dumps(cfg)), input=payload.body if body is None else body, capture_output=True, timeout=60
-    )
 
 
 def test_payload_over_128_kib_goes_on_stdin(tmp_path):
@@ -301,8 +278,7 @@ def test_payload_over_128_kib_goes_on_stdin(tmp_path):
     cfg = {"socket": str(d / "big.sock"), "version": payload.version, "idle": 5, "key": "big", "dir_owner": os.getuid()}
     argv = payload.argv(PYTHON, json.dumps(cfg))
     assert len(argv[2]) < 1024, argv[2]
-    p = _start(payload, cfg)
-    ready = client.parse_ready(p.stdout)
+    p, ready = start_agent(cfg, payload=payload)
     assert p.returncode == 0 and ready["ok"], (p.stdout, p.stderr)
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -323,16 +299,13 @@ def test_damaged_payload_is_refused_with_one_line(tmp_path, damage):
     cfg = {"socket": str(d / "x.sock"), "version": client.VERSION, "idle": 5, "key": "x", "dir_owner": os.getuid()}
     body = client.PAYLOAD.body
     body = body[:-100] if damage == "truncated" else body[:-100] + bytes(100)
-    p = _start(client.PAYLOAD, cfg, body)
-    ready = client.parse_ready(p.stdout)
+    p, ready = start_agent(cfg, body=body)
     assert p.returncode == 1 and not ready["ok"] and "spawntrace agent payload" in ready["error"], (p.stdout, p.stderr)
     assert not (d / "x.sock").exists()
 
 
 def run(ep, src, **req):
-    r = {"op": "run", "env": dict(os.environ), "assign": {}, "cwd": "/", "umask": 0o022, "path": None}
-    r.update(req)
-    resp, blob = ep.request(r, payload_for(src))
+    resp, blob = ep.request(run_request(**req), payload_for(src))
     assert resp["ok"], resp
     return resp["rc"], blob[: resp["out"]], blob[resp["out"] :]
 
@@ -341,8 +314,7 @@ def test_agent_ping_and_bootstrap_reuse(running_agent):
     ep, pid, cfg = running_agent
     resp, _ = ep.request({"op": "ping"})
     assert resp["ok"] and resp["pid"] == pid and resp["version"] == client.VERSION
-    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-    again = client.parse_ready(p.stdout)
+    _, again = start_agent(cfg)
     assert again == {"ok": True, "pid": pid, "reused": True, "socket": cfg["socket"], "reporting": False}
     st = os.stat(cfg["socket"])
     assert stat.S_IMODE(st.st_mode) == 0o600 and stat.S_ISSOCK(st.st_mode)
@@ -392,7 +364,7 @@ def test_file_based_run(running_agent, tmp_path):
     ep, _, _ = running_agent
     script = tmp_path / "AnsiballZ_t.py"
     script.write_bytes(payload_for("import sys; print(sys.argv, __file__)"))
-    resp, blob = ep.request({"op": "run", "env": dict(os.environ), "assign": {}, "cwd": "/", "umask": 0o022, "path": str(script)})
+    resp, blob = ep.request(run_request(path=str(script)))
     assert resp["rc"] == 0 and blob[: resp["out"]] == ("%r %s\n" % ([str(script)], script)).encode()
 
 
@@ -444,15 +416,7 @@ def test_a_loops_zip_is_sent_once(running_agent):
     ).encode()
     payload += b'\nif __name__ == "__main__":\n    _ansiballz_main(\nzip_data=\'' + zip_text + b"',\nparams='p',\n)\n"
     stripped, data = ansiballz.strip_payload(payload)
-    req = {
-        "op": "run",
-        "env": dict(os.environ),
-        "assign": {},
-        "cwd": "/",
-        "umask": 0o022,
-        "path": None,
-        "zip_sha": hashlib.sha1(data).hexdigest(),
-    }
+    req = run_request(zip_sha=hashlib.sha1(data).hexdigest())
     want = ("%s p\n" % hashlib.sha1(base64.b64decode(zip_text)).hexdigest()).encode()
     resp, _ = ep.request(dict(req, stripped=True), stripped)
     assert resp == {"ok": False, "need_zip": True}
@@ -487,8 +451,7 @@ def test_peer_uid_checked(become_user):  # noqa: F811
         d.mkdir(mode=0o700)
         path = str(d / "a.sock")
         cfg = {"socket": path, "version": client.VERSION, "idle": 30, "key": "peer", "dir_owner": os.getuid()}
-        p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-        assert client.parse_ready(p.stdout)["ok"]
+        assert start_agent(cfg)[1]["ok"]
         code = (
             "import socket,sys\ns=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
             "try:\n    s.sendall(b'x'*8); print(repr(s.recv(100)))\nexcept OSError:\n    print('closed')"
@@ -529,8 +492,7 @@ def test_idle_timeout_and_controller_liveness(tmp_path):
                 "controller_pid": ctl,
                 "controller_start": client.proc_start(ctl) if ctl else None,
             }
-            p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-            agents[name] = (client.parse_ready(p.stdout)["pid"], cfg["socket"])
+            agents[name] = (start_agent(cfg)[1]["pid"], cfg["socket"])
         time.sleep(3)
         assert not os.path.exists("/proc/%d" % agents["idle"][0]) and not os.path.exists(agents["idle"][1])
         assert os.path.exists("/proc/%d" % agents["ctl"][0])
@@ -550,8 +512,7 @@ def test_connections_are_kept_and_replaced_when_the_agent_is_gone(tmp_path):
     cfg = {"socket": str(d / "k.sock"), "version": client.VERSION, "idle": 1, "key": "k", "dir_owner": os.getuid()}
 
     def start():
-        p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-        return client.parse_ready(p.stdout)["pid"]
+        return start_agent(cfg)[1]["pid"]
 
     pid = start()
     ep = client.Endpoint(cfg["socket"], os.getuid())
@@ -586,8 +547,7 @@ def test_stale_socket_replaced(tmp_path):
     s.bind(str(path))
     s.close()  # a socket file nobody listens on
     cfg = {"socket": str(path), "version": client.VERSION, "idle": 2, "key": "s", "dir_owner": os.getuid()}
-    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-    ready = client.parse_ready(p.stdout)
+    _, ready = start_agent(cfg)
     assert ready["ok"] and not ready["reused"]
     assert client.Endpoint(str(path), os.getuid()).request({"op": "ping"})[0]["pid"] == ready["pid"]
 
@@ -598,16 +558,14 @@ def test_private_directory_checks(tmp_path):
     ensure_user(BECOME_USER)
     os.chown(d, pwd.getpwnam(BECOME_USER).pw_uid, -1)
     cfg = {"socket": str(d / "x.sock"), "version": client.VERSION, "key": "x", "dir_owner": os.getuid()}
-    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-    ready = client.parse_ready(p.stdout)
+    p, ready = start_agent(cfg)
     assert p.returncode == 1 and not ready["ok"] and ready["unsafe"] and "must be a directory of uid %d" % os.getuid() in ready["error"]
     # a directory of ours with loose permissions is refused too, never repaired
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o777)
     os.chmod(loose, 0o777)
     cfg.update(socket=str(loose / "x.sock"))
-    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-    ready = client.parse_ready(p.stdout)
+    p, ready = start_agent(cfg)
     assert p.returncode == 1 and ready["unsafe"] and "mode 0777" in ready["error"], ready
     assert stat.S_IMODE(loose.stat().st_mode) == 0o777 and not (loose / "x.sock").exists()
 

@@ -18,17 +18,17 @@ import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from runner_fixtures import AGENT_DIR, BASE_PREFIX, CONNECTION_DIR, become_user, run_playbook  # noqa: F401
+from playbook_runs import CONNECTION_DIR, run_playbook
+from runner_fixtures import SYSTEM_PYTHON as ATTACKER_PYTHON
+from runner_fixtures import become_user, new_base, run_request, start_agent  # noqa: F401
 
 PYTHON = sys.executable
-ATTACKER_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 PLAYBOOK = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo hi\n"
 
 
@@ -65,8 +65,7 @@ class Shared:
 
 @pytest.fixture
 def place():
-    base = Path(tempfile.mkdtemp(prefix=BASE_PREFIX + "sec-"))  # outside pytest's 0700 tree
-    os.chmod(base, 0o755)
+    base = new_base("sec")
     shared = base / "shared"
     shared.mkdir()
     os.chmod(shared, 0o1777)
@@ -254,8 +253,7 @@ def _bootstrap(place, attacker, key, **extra):
         "controller_start": client.proc_start(os.getpid()),
     }
     cfg.update(extra)
-    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-    return client.parse_ready(p.stdout), cfg
+    return start_agent(cfg, python=PYTHON)[1], cfg
 
 
 def _quit(cfg):
@@ -329,17 +327,7 @@ def test_symlinked_zips_and_log_are_not_written(place, attacker, user_dir):
         payload = (
             "#!%s\n_ANSIBALLZ_WRAPPER = True\nZ = \"zip_data='%s'\"\nprint('ran')\n" % (PYTHON, base64.b64encode(buf.getvalue()).decode())
         ).encode()
-        req = {
-            "op": "run",
-            "env": dict(os.environ),
-            "assign": {},
-            "cwd": "/",
-            "umask": 0o022,
-            "path": None,
-            "ansible_version": "probe",
-            "warm": True,
-            "module": "probe",
-        }
+        req = run_request(ansible_version="probe", warm=True, module="probe")
         resp, blob = client.Endpoint(cfg["socket"], 0).request(req, payload)
         assert resp["ok"] and blob[: resp["out"]] == b"ran\n", (resp, blob)
         children = Path("/proc/%d/task/%d/children" % (ready["pid"], ready["pid"])).read_text().split()
@@ -363,8 +351,7 @@ def test_target_bootstrap_reports_one_line(place, attacker):
         "client_uid": "sudo",
         "dir_base": str(place.shared),
     }
-    p = subprocess.run(client.PAYLOAD.argv(PYTHON, json.dumps(cfg)), input=client.PAYLOAD.body, capture_output=True, timeout=60)
-    ready = client.parse_ready(p.stdout)
+    p, ready = start_agent(cfg, python=PYTHON)
     assert p.returncode == 1 and p.stdout.decode().count("\n") == 1 and ready["unsafe"], (p.stdout, p.stderr)
     assert ready["error"].startswith("spawntrace: unsafe agent directory %s: a directory, owner uid %d" % (d, attacker.pw_uid))
     with pytest.raises(client.UnsafeAgentDir) as e:

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use crate::{
+    ansible::messages::{PluginEvent, Received, TaskStatus},
     model::{Model, Process, basename},
-    trace::AnsibleRecord,
 };
 
 /// A task (or handler) as announced by the callback plugin.
@@ -39,8 +39,8 @@ pub struct Worker {
     pub host: String,
     pub task: usize,
     pub items: Vec<ItemWindow>,
-    /// ok | changed | failed | skipped | unreachable, from the runner result.
-    pub status: Option<String>,
+    /// How the task ended on the host (the result the controller received).
+    pub status: Option<TaskStatus>,
 }
 
 /// Who a process belongs to.
@@ -70,17 +70,26 @@ impl Owner {
     }
 }
 
-/// The result of attribution over a whole trace.
+/// What decides a process's owner: the nearest of its ancestors (itself included) that is
+/// either a worker or a process whose owner a message stated.
+#[derive(Clone, Copy)]
+enum Decider {
+    /// A message said whom this ancestor works for.
+    Stated(Owner),
+    /// This ancestor is the worker with this index.
+    Worker(usize),
+}
+
+/// Every process of a run given to its play / task / host / item, or classified.
 #[derive(Debug, Default)]
 pub struct Attribution {
-    /// False when no plugin message arrived: every number below is then empty.
-    pub available: bool,
     pub playbook: Option<String>,
     pub tasks: Vec<Task>,
     pub workers: Vec<Worker>,
     /// One per process of the model.
     pub owners: Vec<Owner>,
-    /// Messages the plugins reported they could not send.
+    /// Messages the plugins reported they could not send: each sender's last count, summed
+    /// over senders.
     pub dropped_messages: u64,
     /// Messages whose payload pid disagreed with the kernel's word.
     pub pid_mismatches: u64,
@@ -89,67 +98,63 @@ pub struct Attribution {
 }
 
 impl Attribution {
-    pub fn new(model: &Model, records: &[AnsibleRecord]) -> Self {
-        let mut a = Attribution {
-            available: !records.is_empty(),
-            owners: vec![Owner::Unattributed; model.processes.len()],
-            ..Default::default()
-        };
-        if !a.available {
-            return a;
-        }
-        let mut task_index: HashMap<String, usize> = HashMap::new();
-        let mut plays: HashMap<String, String> = HashMap::new();
+    /// Joins the model with the plugins' messages (in arrival order).
+    pub fn new(model: &Model, messages: &[Received]) -> Self {
+        let mut a =
+            Attribution { owners: vec![Owner::Unattributed; model.processes.len()], ..Default::default() };
+        let mut task_index: HashMap<&str, usize> = HashMap::new();
+        let mut plays: HashMap<&str, &str> = HashMap::new();
         let mut worker_of_pid: HashMap<u32, usize> = HashMap::new();
-        let mut worker_by_host_task: HashMap<(String, usize), usize> = HashMap::new();
+        let mut worker_by_host_task: HashMap<(&str, usize), usize> = HashMap::new();
+        // `dropped` never decreases within a sender: its last value is its total.
+        let mut dropped: HashMap<u32, u64> = HashMap::new();
         let mut controller = None;
         // Processes whose owner a message states outright (persistent agents and their runners).
         let mut stated: HashMap<usize, Owner> = HashMap::new();
         // Runners that ran several modules (in-process runs): (start, owner) of each, in order;
         // the runner itself keeps its first owner, processes it starts get the one of their time.
         let mut runs: HashMap<usize, Vec<(u64, Owner)>> = HashMap::new();
-        for r in records {
-            a.dropped_messages = a.dropped_messages.max(r.u64("dropped").unwrap_or(0));
-            let pid = if r.sender_pid != 0 { r.sender_pid } else { r.u64("pid").unwrap_or(0) as u32 };
-            // runner_start may name the runner in `pid` when the agent sends it.
-            if r.ev() != "runner_start" && r.u64("pid").is_some_and(|p| p as u32 != pid) {
+        for m in messages {
+            let pid = m.pid();
+            let ts = m.ts();
+            let entry = dropped.entry(pid).or_default();
+            *entry = (*entry).max(m.message.dropped);
+            // (a runner_start of an older agent named the runner in `pid`)
+            let old_runner_start = matches!(m.event(), PluginEvent::RunnerStart { runner_pid: None, .. });
+            if m.sender_pid != 0 && m.message.pid != m.sender_pid && !old_runner_start {
                 a.pid_mismatches += 1;
             }
-            let task_of = |a: &Attribution, key: &str| {
-                r.str(key).and_then(|u| task_index.get(u).copied()).filter(|&t| t < a.tasks.len())
-            };
-            match r.ev() {
-                "playbook_start" => {
-                    a.playbook = r.str("playbook").map(str::to_owned);
-                    controller = find_process(model, pid, r.ts());
+            match m.event() {
+                PluginEvent::PlaybookStart { playbook, .. } => {
+                    a.playbook.clone_from(playbook);
+                    controller = find_process(model, pid, ts);
                 }
-                "play_start" => {
-                    if let (Some(u), Some(n)) = (r.str("uuid"), r.str("name")) {
-                        plays.insert(u.to_owned(), n.to_owned());
-                    }
+                PluginEvent::PlayStart { uuid, name, .. } => {
+                    plays.insert(uuid, name);
                 }
-                "task_start" => {
-                    let Some(uuid) = r.str("uuid") else { continue };
-                    if task_index.contains_key(uuid) {
+                PluginEvent::TaskStart { uuid, name, action, role, play_uuid, handler, is_loop, .. } => {
+                    if task_index.contains_key(uuid.as_str()) {
                         continue; // announced again, e.g. once per host under `free`
                     }
-                    task_index.insert(uuid.to_owned(), a.tasks.len());
+                    task_index.insert(uuid, a.tasks.len());
                     a.tasks.push(Task {
-                        uuid: uuid.to_owned(),
-                        name: r.str("name").unwrap_or("").to_owned(),
-                        action: r.str("action").unwrap_or("").to_owned(),
-                        role: r.str("role").map(str::to_owned),
-                        play: r.str("play_uuid").and_then(|u| plays.get(u)).cloned().unwrap_or_default(),
-                        handler: r.bool("handler"),
-                        is_loop: r.bool("loop"),
-                        start_ns: r.ts(),
+                        uuid: uuid.clone(),
+                        name: name.clone(),
+                        action: action.clone(),
+                        role: role.clone(),
+                        play: play_uuid
+                            .as_deref()
+                            .and_then(|u| plays.get(u))
+                            .map(|p| p.to_string())
+                            .unwrap_or_default(),
+                        handler: *handler,
+                        is_loop: *is_loop,
+                        start_ns: ts,
                     });
                 }
-                "worker_start" => {
-                    let (Some(task), Some(host)) = (task_of(&a, "task_uuid"), r.str("host")) else {
-                        continue;
-                    };
-                    let Some(proc) = find_process(model, pid, r.ts()) else {
+                PluginEvent::WorkerStart { host, task_uuid, .. } => {
+                    let Some(&task) = task_index.get(task_uuid.as_str()) else { continue };
+                    let Some(proc) = find_process(model, pid, ts) else {
                         a.unmatched_workers += 1;
                         continue;
                     };
@@ -157,64 +162,63 @@ impl Attribution {
                     a.workers.push(Worker {
                         proc,
                         pid,
-                        host: host.to_owned(),
+                        host: host.clone(),
                         task,
                         items: Vec::new(),
                         status: None,
                     });
                     worker_of_pid.insert(pid, w);
-                    worker_by_host_task.insert((host.to_owned(), task), w);
+                    worker_by_host_task.insert((host, task), w);
                 }
-                ev @ ("item_start" | "item_end") => {
-                    let Some(&w) = worker_of_pid.get(&pid) else {
-                        continue;
-                    };
-                    let index = r.u64("index").unwrap_or(0) as u32;
-                    let items = &mut a.workers[w].items;
-                    if ev == "item_start" {
-                        items.push(ItemWindow {
-                            index,
-                            label: r.str("label").unwrap_or("").to_owned(),
-                            start_ns: r.ts(),
+                PluginEvent::ItemStart { index, label, .. } => {
+                    if let Some(&w) = worker_of_pid.get(&pid) {
+                        a.workers[w].items.push(ItemWindow {
+                            index: *index,
+                            label: label.clone().unwrap_or_default(),
+                            start_ns: ts,
                             end_ns: None,
                         });
-                    } else if let Some(win) =
-                        items.iter_mut().rev().find(|i| i.index == index && i.end_ns.is_none())
-                    {
-                        win.end_ns = Some(r.ts());
                     }
                 }
-                "agent_start" => {
-                    if let Some(proc) = find_process(model, pid, r.ts()) {
+                PluginEvent::ItemEnd { index, .. } => {
+                    let Some(&w) = worker_of_pid.get(&pid) else { continue };
+                    if let Some(win) =
+                        a.workers[w].items.iter_mut().rev().find(|i| i.index == *index && i.end_ns.is_none())
+                    {
+                        win.end_ns = Some(ts);
+                    }
+                }
+                PluginEvent::AgentStart { .. } => {
+                    if let Some(proc) = find_process(model, pid, ts) {
                         stated.insert(proc, Owner::Agent);
                     }
                 }
-                "runner_start" if !r.bool("remote") => {
-                    let runner =
-                        r.u64("runner_pid").or_else(|| r.u64("pid")).map(|p| p as u32).unwrap_or(pid);
-                    let worker = r
-                        .u64("worker_pid")
-                        .and_then(|wp| worker_of_pid.get(&(wp as u32)).copied())
-                        .or_else(|| {
-                            let task = task_of(&a, "task_uuid")?;
-                            worker_by_host_task.get(&(r.str("host")?.to_owned(), task)).copied()
-                        });
-                    if let (Some(w), Some(proc)) = (worker, find_process(model, runner, r.ts())) {
-                        let owner = Owner::Task { worker: w, item: r.u64("item").map(|i| i as u32) };
+                // A remote runner is on another machine: not a process of this trace.
+                PluginEvent::RunnerStart { remote: false, worker_pid, host, task_uuid, item, .. } => {
+                    let runner = m.runner_pid().unwrap_or(pid);
+                    let worker = worker_pid.and_then(|wp| worker_of_pid.get(&wp).copied()).or_else(|| {
+                        let task = *task_index.get(task_uuid.as_deref()?)?;
+                        worker_by_host_task.get(&(host.as_deref()?, task)).copied()
+                    });
+                    if let (Some(w), Some(proc)) = (worker, find_process(model, runner, ts)) {
+                        let owner = Owner::Task { worker: w, item: *item };
                         stated.entry(proc).or_insert(owner);
-                        runs.entry(proc).or_default().push((r.ts(), owner));
+                        runs.entry(proc).or_default().push((ts, owner));
                     }
                 }
-                "runner_end" => {
-                    if let (Some(task), Some(host)) = (task_of(&a, "task_uuid"), r.str("host"))
-                        && let Some(&w) = worker_by_host_task.get(&(host.to_owned(), task))
+                PluginEvent::RunnerEnd { host, task_uuid, status, .. } => {
+                    if let Some(&task) = task_index.get(task_uuid.as_str())
+                        && let Some(&w) = worker_by_host_task.get(&(host.as_str(), task))
                     {
-                        a.workers[w].status = r.str("status").map(str::to_owned);
+                        a.workers[w].status = Some(*status);
                     }
                 }
-                _ => {}
+                PluginEvent::RunnerStart { remote: true, .. }
+                | PluginEvent::PlaybookEnd {}
+                | PluginEvent::Other => {}
             }
         }
+        a.dropped_messages = dropped.values().sum();
         let worker_at: HashMap<usize, usize> =
             a.workers.iter().enumerate().map(|(w, wk)| (wk.proc, w)).collect();
         // The launchers between a worker and the agent it started (the `python -c` exec, the
@@ -248,35 +252,38 @@ impl Attribution {
     ) -> Owner {
         let chain = model.ancestry(i);
         let start = model.processes[i].start_ns;
-        // The nearest ancestor (the process itself included) that is a worker or whose owner a
-        // message stated decides; below a runner that ran several modules, the module running
-        // when the process started.
-        let nearest = chain.iter().enumerate().rev().find_map(|(d, p)| {
+        // Below a runner that ran several modules, the module running when the process started
+        // decides.
+        let nearest = chain.iter().enumerate().rev().find_map(|(depth, p)| {
             let owner = match runs.get(p) {
                 Some(r) if r.len() > 1 && *p != i => {
                     r.iter().rev().find(|(ts, _)| *ts <= start).or(r.first()).map(|(_, o)| *o)
                 }
                 _ => stated.get(p).copied(),
             };
-            owner.map(|o| (d, Err(o))).or_else(|| worker_at.get(p).map(|&w| (d, Ok(w))))
+            owner
+                .map(Decider::Stated)
+                .or_else(|| worker_at.get(p).map(|&w| Decider::Worker(w)))
+                .map(|d| (depth, d))
         });
-        if let Some((_, Err(owner))) = nearest {
-            return owner;
-        }
-        if let Some((depth, Ok(w))) = nearest {
-            let worker = &self.workers[w];
-            if is_connection_mux(model, &chain[depth..], &model.processes[worker.proc]) {
-                return Owner::Connection;
+        match nearest {
+            Some((_, Decider::Stated(owner))) => return owner,
+            Some((depth, Decider::Worker(w))) => {
+                let worker = &self.workers[w];
+                if is_connection_mux(model, &chain[depth..], &model.processes[worker.proc]) {
+                    return Owner::Connection;
+                }
+                if i == worker.proc {
+                    return Owner::Task { worker: w, item: None };
+                }
+                let item = worker
+                    .items
+                    .iter()
+                    .find(|win| win.start_ns <= start && win.end_ns.is_none_or(|e| start <= e))
+                    .map(|win| win.index);
+                return Owner::Task { worker: w, item };
             }
-            if i == worker.proc {
-                return Owner::Task { worker: w, item: None };
-            }
-            let item = worker
-                .items
-                .iter()
-                .find(|win| win.start_ns <= start && win.end_ns.is_none_or(|e| start <= e))
-                .map(|win| win.index);
-            return Owner::Task { worker: w, item };
+            None => {}
         }
         // Outside every worker: an unannounced fork of ansible-playbook that lives across several
         // tasks is a persistent helper of another runner (e.g. Mitogen's multiplexer and the
@@ -333,84 +340,72 @@ fn is_connection_mux(model: &Model, below_worker: &[usize], worker: &Process) ->
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
-    use crate::trace::{Event, Status};
+    use crate::fixtures::{exec, exit, fork, msg, root};
 
-    fn rec(pid: u32, body: serde_json::Value) -> AnsibleRecord {
-        AnsibleRecord { sender_pid: pid, body: body.as_object().unwrap().clone() }
-    }
-
-    fn fork(ts: u64, tgid: u32, ptgid: u32, root: bool) -> Event {
-        Event::Fork { ts, pid: tgid, tgid, ppid: ptgid, ptgid, thread: false, root }
-    }
-
-    fn exec(ts: u64, tgid: u32, file: &str) -> Event {
-        Event::Exec {
-            ts,
-            pid: tgid,
-            tgid,
-            old_pid: tgid,
-            filename: file.into(),
-            argv: vec![file.into()],
-            argv_bytes: 0,
-            argv_truncated: false,
-            argv_unreadable: false,
-            filename_truncated: false,
-        }
-    }
-
-    fn exit(ts: u64, tgid: u32) -> Event {
-        Event::Exit { ts, pid: tgid, tgid, group_dead: true, status: Status::Exited(0), cpu_ns: Some(1) }
+    fn owners(model: &Model, a: &Attribution) -> impl Fn(u32) -> Owner {
+        let found: Vec<(u32, Owner)> =
+            model.processes.iter().map(|p| p.tgid()).zip(a.owners.clone()).collect();
+        move |tgid| found.iter().find(|(t, _)| *t == tgid).expect("a traced process").1
     }
 
     #[test]
     fn processes_go_to_their_worker_item_or_category() {
         let events = vec![
-            fork(1, 10, 1, true),
-            exec(2, 10, "/venv/bin/ansible-playbook"),
-            fork(10, 20, 10, false), // worker for h1
-            fork(12, 21, 20, false), // item 0 command
-            exec(13, 21, "/bin/sh"),
+            root(1, 10),
+            exec(2, 10, &["/venv/bin/ansible-playbook"]),
+            fork(10, 20, 10), // worker for h1
+            fork(12, 21, 20), // item 0 command
+            exec(13, 21, &["/bin/sh"]),
             exit(14, 21),
-            fork(16, 22, 20, false), // item 1: ssh client
-            exec(17, 22, "/usr/bin/ssh"),
-            fork(18, 23, 22, false), // ssh forks the would-be mux
-            fork(19, 24, 23, false), // daemonised mux
+            fork(16, 22, 20), // item 1: ssh client
+            exec(17, 22, &["/usr/bin/ssh"]),
+            fork(18, 23, 22), // ssh forks the would-be mux
+            fork(19, 24, 23), // daemonised mux
             exit(19, 23),
             exit(21, 22),
             exit(30, 20),
-            fork(40, 25, 10, false), // a worker that never announced itself
+            fork(40, 25, 10), // a worker that never announced itself
             exit(41, 25),
-            fork(3, 27, 10, false), // a multiplexer living across both tasks
+            fork(3, 27, 10), // a multiplexer living across both tasks
             exit(60, 27),
-            fork(50, 26, 10, false), // controller runs a command
-            exec(51, 26, "/usr/bin/ldconfig"),
+            fork(50, 26, 10), // controller runs a command
+            exec(51, 26, &["/usr/bin/ldconfig"]),
             exit(52, 26),
         ];
         let model = Model::from_events(&events);
-        let records = vec![
-            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 3, "pid": 10, "playbook": "/p.yml"})),
-            rec(10, serde_json::json!({"ev": "play_start", "ts": 4, "uuid": "p1", "name": "Play"})),
-            rec(
+        let messages = vec![
+            msg(10, 3, json!({"ev": "playbook_start", "playbook": "/p.yml"})),
+            msg(10, 4, json!({"ev": "play_start", "uuid": "p1", "name": "Play"})),
+            msg(
                 10,
-                serde_json::json!({"ev": "task_start", "ts": 5, "uuid": "t1", "name": "echo", "action": "command", "play_uuid": "p1", "loop": true}),
+                5,
+                json!({"ev": "task_start", "uuid": "t1", "name": "echo", "action": "command", "play_uuid": "p1", "loop": true}),
             ),
-            rec(
+            msg(20, 11, json!({"ev": "worker_start", "host": "h1", "task_uuid": "t1", "dropped": 1})),
+            msg(
                 20,
-                serde_json::json!({"ev": "worker_start", "ts": 11, "pid": 20, "host": "h1", "task_uuid": "t1"}),
+                11,
+                json!({"ev": "item_start", "host": "h1", "task_uuid": "t1", "index": 0, "label": "a"}),
             ),
-            rec(20, serde_json::json!({"ev": "item_start", "ts": 11, "index": 0, "label": "a"})),
-            rec(20, serde_json::json!({"ev": "item_end", "ts": 15, "index": 0})),
-            rec(20, serde_json::json!({"ev": "item_start", "ts": 15, "index": 1, "label": "b"})),
-            rec(20, serde_json::json!({"ev": "item_end", "ts": 29, "index": 1})),
-            rec(
+            msg(20, 15, json!({"ev": "item_end", "host": "h1", "task_uuid": "t1", "index": 0, "dropped": 2})),
+            msg(
+                20,
+                15,
+                json!({"ev": "item_start", "host": "h1", "task_uuid": "t1", "index": 1, "label": "b"}),
+            ),
+            msg(20, 29, json!({"ev": "item_end", "host": "h1", "task_uuid": "t1", "index": 1, "dropped": 2})),
+            msg(
                 10,
-                serde_json::json!({"ev": "runner_end", "ts": 31, "host": "h1", "task_uuid": "t1", "status": "changed"}),
+                31,
+                json!({"ev": "runner_end", "host": "h1", "task_uuid": "t1", "status": "changed", "dropped": 3}),
             ),
-            rec(10, serde_json::json!({"ev": "task_start", "ts": 39, "uuid": "t2", "name": "later"})),
+            msg(10, 39, json!({"ev": "task_start", "uuid": "t2", "name": "later", "action": "debug"})),
         ];
-        let a = Attribution::new(&model, &records);
-        let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
+        let a = Attribution::new(&model, &messages);
+        let owner = owners(&model, &a);
         assert_eq!(a.tasks[0].play, "Play");
         assert_eq!(owner(20), Owner::Task { worker: 0, item: None });
         assert_eq!(owner(21), Owner::Task { worker: 0, item: Some(0) });
@@ -421,44 +416,40 @@ mod tests {
         assert_eq!(owner(27), Owner::Agent);
         assert_eq!(owner(26), Owner::Controller);
         assert_eq!(owner(10), Owner::Controller);
-        assert_eq!(a.workers[0].status.as_deref(), Some("changed"));
+        assert_eq!(a.workers[0].status, Some(TaskStatus::Changed));
         assert_eq!(a.unattributed(), 1);
+        assert_eq!(a.dropped_messages, 2 + 3, "each sender's last count, summed over senders");
+        assert_eq!(a.pid_mismatches, 0);
     }
 
     #[test]
     fn persistent_agents_and_their_runners() {
         let events = vec![
-            fork(1, 10, 1, true),
-            fork(10, 20, 10, false), // worker
-            fork(11, 29, 20, false), // the launcher that execs the agent's Python
-            exec(11, 29, "/usr/bin/python3"),
-            fork(11, 30, 29, false), // the agent (daemonised, outlives the worker)
-            fork(12, 31, 30, false), // a runner for the worker's item 1
-            fork(13, 32, 30, false), // agent housekeeping, no task
+            root(1, 10),
+            fork(10, 20, 10), // worker
+            fork(11, 29, 20), // the launcher that execs the agent's Python
+            exec(11, 29, &["/usr/bin/python3"]),
+            fork(11, 30, 29), // the agent (daemonised, outlives the worker)
+            fork(12, 31, 30), // a runner for the worker's item 1
+            fork(13, 32, 30), // agent housekeeping, no task
             exit(20, 20),
-            fork(30, 40, 10, false), // next task's worker
-            fork(31, 33, 30, false), // runner for that worker
+            fork(30, 40, 10), // next task's worker
+            fork(31, 33, 30), // runner for that worker
         ];
         let model = Model::from_events(&events);
-        let records = vec![
-            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 2})),
-            rec(10, serde_json::json!({"ev": "task_start", "ts": 3, "uuid": "t1", "name": "a"})),
-            rec(10, serde_json::json!({"ev": "task_start", "ts": 4, "uuid": "t2", "name": "b"})),
-            rec(20, serde_json::json!({"ev": "worker_start", "ts": 10, "host": "h", "task_uuid": "t1"})),
-            rec(30, serde_json::json!({"ev": "agent_start", "ts": 11, "pid": 30})),
-            rec(
-                30,
-                serde_json::json!({"ev": "runner_start", "ts": 12, "pid": 31, "worker_pid": 20, "item": 1}),
-            ),
-            rec(40, serde_json::json!({"ev": "worker_start", "ts": 30, "host": "h", "task_uuid": "t2"})),
-            rec(
-                30,
-                serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 33, "host": "h", "task_uuid": "t2"}),
-            ),
-            rec(40, serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 5, "remote": true})),
+        let messages = vec![
+            msg(10, 2, json!({"ev": "playbook_start", "playbook": null})),
+            msg(10, 3, json!({"ev": "task_start", "uuid": "t1", "name": "a", "action": "copy"})),
+            msg(10, 4, json!({"ev": "task_start", "uuid": "t2", "name": "b", "action": "copy"})),
+            msg(20, 10, json!({"ev": "worker_start", "host": "h", "task_uuid": "t1"})),
+            msg(30, 11, json!({"ev": "agent_start"})),
+            msg(30, 12, json!({"ev": "runner_start", "runner_pid": 31, "worker_pid": 20, "item": 1})),
+            msg(40, 30, json!({"ev": "worker_start", "host": "h", "task_uuid": "t2"})),
+            msg(30, 31, json!({"ev": "runner_start", "runner_pid": 33, "host": "h", "task_uuid": "t2"})),
+            msg(40, 31, json!({"ev": "runner_start", "runner_pid": 5, "remote": true})),
         ];
-        let a = Attribution::new(&model, &records);
-        let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
+        let a = Attribution::new(&model, &messages);
+        let owner = owners(&model, &a);
         assert_eq!(owner(30), Owner::Agent);
         assert_eq!(owner(29), Owner::Agent, "the agent's launcher");
         assert_eq!(owner(20), Owner::Task { worker: 0, item: None });
@@ -471,38 +462,55 @@ mod tests {
     #[test]
     fn a_runner_reused_for_several_modules_splits_its_children_by_time() {
         let events = vec![
-            fork(1, 10, 1, true),
-            fork(10, 20, 10, false), // worker of task 1
-            fork(11, 30, 1, false),  // the agent
-            fork(12, 31, 30, false), // one runner, reused (in-process runs)
-            fork(14, 32, 31, false), // a command run by the module of task 1
+            root(1, 10),
+            fork(10, 20, 10), // worker of task 1
+            fork(11, 30, 1),  // the agent
+            fork(12, 31, 30), // one runner, reused (in-process runs)
+            fork(14, 32, 31), // a command run by the module of task 1
             exit(20, 20),
-            fork(30, 40, 10, false), // worker of task 2
-            fork(32, 33, 31, false), // a command run by the module of task 2
+            fork(30, 40, 10), // worker of task 2
+            fork(32, 33, 31), // a command run by the module of task 2
         ];
         let model = Model::from_events(&events);
-        let records = vec![
-            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 2})),
-            rec(10, serde_json::json!({"ev": "task_start", "ts": 3, "uuid": "t1", "name": "a"})),
-            rec(10, serde_json::json!({"ev": "task_start", "ts": 4, "uuid": "t2", "name": "b"})),
-            rec(20, serde_json::json!({"ev": "worker_start", "ts": 10, "host": "h", "task_uuid": "t1"})),
-            rec(30, serde_json::json!({"ev": "agent_start", "ts": 11, "pid": 30})),
-            rec(30, serde_json::json!({"ev": "runner_start", "ts": 13, "pid": 31, "worker_pid": 20})),
-            rec(40, serde_json::json!({"ev": "worker_start", "ts": 30, "host": "h", "task_uuid": "t2"})),
-            rec(30, serde_json::json!({"ev": "runner_start", "ts": 31, "pid": 31, "worker_pid": 40})),
+        let messages = vec![
+            msg(10, 2, json!({"ev": "playbook_start", "playbook": null})),
+            msg(10, 3, json!({"ev": "task_start", "uuid": "t1", "name": "a", "action": "copy"})),
+            msg(10, 4, json!({"ev": "task_start", "uuid": "t2", "name": "b", "action": "copy"})),
+            msg(20, 10, json!({"ev": "worker_start", "host": "h", "task_uuid": "t1"})),
+            msg(30, 11, json!({"ev": "agent_start"})),
+            msg(30, 13, json!({"ev": "runner_start", "runner_pid": 31, "worker_pid": 20})),
+            msg(40, 30, json!({"ev": "worker_start", "host": "h", "task_uuid": "t2"})),
+            msg(30, 31, json!({"ev": "runner_start", "runner_pid": 31, "worker_pid": 40})),
         ];
-        let a = Attribution::new(&model, &records);
-        let owner = |tgid: u32| a.owners[model.processes.iter().position(|p| p.tgid() == tgid).unwrap()];
+        let a = Attribution::new(&model, &messages);
+        let owner = owners(&model, &a);
         assert_eq!(owner(31), Owner::Task { worker: 0, item: None }, "the runner keeps its first task");
         assert_eq!(owner(32), Owner::Task { worker: 0, item: None });
         assert_eq!(owner(33), Owner::Task { worker: 1, item: None });
     }
 
     #[test]
-    fn no_messages_means_unavailable() {
-        let model = Model::from_events(&[fork(1, 10, 1, true)]);
-        let a = Attribution::new(&model, &[]);
-        assert!(!a.available);
-        assert_eq!(a.unattributed(), 1);
+    fn an_older_agents_runner_start_names_the_runner_in_pid() {
+        let events = vec![root(1, 10), fork(10, 20, 10), fork(11, 30, 1), fork(12, 31, 30)];
+        let model = Model::from_events(&events);
+        let mut old = msg(30, 12, json!({"ev": "runner_start", "worker_pid": 20}));
+        old.message.pid = 31;
+        let messages = vec![
+            msg(10, 2, json!({"ev": "playbook_start", "playbook": null})),
+            msg(10, 3, json!({"ev": "task_start", "uuid": "t1", "name": "a", "action": "copy"})),
+            msg(20, 10, json!({"ev": "worker_start", "host": "h", "task_uuid": "t1"})),
+            old,
+        ];
+        let a = Attribution::new(&model, &messages);
+        assert_eq!(owners(&model, &a)(31), Owner::Task { worker: 0, item: None });
+        assert_eq!(a.pid_mismatches, 0);
+    }
+
+    #[test]
+    fn a_pid_that_is_not_the_senders_is_counted() {
+        let model = Model::from_events(&[root(1, 10)]);
+        let mut lying = msg(10, 2, json!({"ev": "playbook_end"}));
+        lying.message.pid = 11;
+        assert_eq!(Attribution::new(&model, &[lying]).pid_mismatches, 1);
     }
 }

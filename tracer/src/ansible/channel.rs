@@ -13,9 +13,10 @@ use nix::sys::socket::{
     socket, sockopt,
 };
 
-use crate::trace::AnsibleRecord;
+use super::messages::{self, Received};
 
-/// Largest datagram the plugins send (they truncate to stay below it).
+/// Largest datagram read (the plugins clip their messages to 60 KiB); a longer one is cut short
+/// by the kernel and fails to decode.
 const MAX_DATAGRAM: usize = 64 * 1024;
 /// Socket receive buffer: bursts of worker/item messages must not be dropped while we are busy.
 const RCVBUF: usize = 16 * 1024 * 1024;
@@ -24,7 +25,7 @@ const RCVBUF: usize = 16 * 1024 * 1024;
 pub struct Channel {
     fd: OwnedFd,
     buf: Vec<u8>,
-    /// Datagrams that were not JSON objects.
+    /// Datagrams that were not messages of the protocol (see [`messages::decode`]).
     pub malformed: u64,
 }
 
@@ -54,7 +55,7 @@ impl Channel {
     }
 
     /// Receives every datagram waiting now.
-    pub fn drain(&mut self, out: &mut Vec<AnsibleRecord>) -> Result<()> {
+    pub fn drain(&mut self, out: &mut Vec<Received>) -> Result<()> {
         loop {
             let mut cmsg = nix::cmsg_space!(libc::ucred);
             let mut iov = [IoSliceMut::new(&mut self.buf)];
@@ -77,13 +78,13 @@ impl Channel {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e).context("receiving from the attribution socket"),
             };
-            match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&self.buf[..len]) {
-                Ok(mut body) => {
-                    body.remove("type");
-                    body.remove("sender_pid");
-                    out.push(AnsibleRecord { sender_pid: pid.unwrap_or(0), body });
+            // A sender's own `type` or `sender_pid` field is not part of a message: ignored.
+            match messages::decode(&self.buf[..len]) {
+                Ok(message) => out.push(Received { sender_pid: pid.unwrap_or(0), message }),
+                Err(e) => {
+                    self.malformed += 1;
+                    log::debug!("malformed attribution datagram: {e}");
                 }
-                Err(_) => self.malformed += 1,
             }
         }
     }
@@ -99,14 +100,17 @@ mod tests {
         let path = dir.path().join("s.sock");
         let mut ch = Channel::bind(&path).unwrap();
         let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        tx.send_to(br#"{"v":1,"ev":"task_start","ts":5,"type":"spoof"}"#, &path).unwrap();
+        tx.send_to(br#"{"v":1,"ev":"playbook_end","ts":5,"pid":1,"type":"spoof","sender_pid":1}"#, &path)
+            .unwrap();
         tx.send_to(b"not json", &path).unwrap();
+        tx.send_to(br#"{"v":1,"ev":"task_start","ts":5,"pid":1}"#, &path).unwrap();
         let mut out = Vec::new();
         ch.drain(&mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].sender_pid, std::process::id());
-        assert_eq!(out[0].body["ev"], "task_start");
-        assert!(!out[0].body.contains_key("type"));
-        assert_eq!(ch.malformed, 1);
+        assert_eq!(out[0].message.event, messages::PluginEvent::PlaybookEnd {});
+        let line = serde_json::to_value(&out[0]).unwrap();
+        assert!(line.get("type").is_none() && line["sender_pid"] == std::process::id());
+        assert_eq!(ch.malformed, 2);
     }
 }

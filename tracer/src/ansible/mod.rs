@@ -1,8 +1,11 @@
-//! Ansible attribution: the bundled plugins, the channel they report on, and the join of their
-//! reports with the kernel's process tree.
+//! Everything spawntrace knows of Ansible: the bundled plugins and how they are injected, the
+//! channel they report on and its message schema, the join of their messages with the kernel's
+//! process tree, and what Ansible's processes are.
 pub mod attribution;
 pub mod channel;
 pub mod config;
+pub mod messages;
+pub mod processes;
 
 use std::{
     ffi::OsString,
@@ -22,9 +25,9 @@ static COLLECTIONS: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/python/ansi
 /// Name under which the callback plugin is enabled.
 pub const CALLBACK_NAME: &str = "spawntrace";
 
-/// Whether to inject the plugins.
+/// Whether to inject the callback plugin (`--ansible`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
+pub enum InjectCallback {
     /// When the command runs ansible-playbook or ansible (possibly behind wrappers such as
     /// `uv run` or `env`).
     #[default]
@@ -33,12 +36,12 @@ pub enum Mode {
     Never,
 }
 
-impl Mode {
+impl InjectCallback {
     pub fn enabled(self, argv: &[OsString]) -> bool {
         match self {
-            Mode::Always => true,
-            Mode::Never => false,
-            Mode::Auto => argv.iter().take(8).any(|a| {
+            InjectCallback::Always => true,
+            InjectCallback::Never => false,
+            InjectCallback::Auto => argv.iter().take(8).any(|a| {
                 let a = a.to_string_lossy();
                 let b = crate::model::basename(&a);
                 b == "ansible" || b.starts_with("ansible-playbook")
@@ -68,9 +71,9 @@ pub fn has_persistent_plugins() -> bool {
 /// runs up to this many modules in a row instead of one (opt-in; see the agent's `runner.InProcess`).
 pub const IN_PROCESS_ENV: (&str, &str) = ("SPAWNTRACE_AGENT_IN_PROCESS", "100");
 
-/// What a [`Session`] injects.
+/// Which plugins a [`Session`] injects.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Inject {
+pub struct Plugins {
     /// The callback plugin and its channel (attribution).
     pub callback: bool,
     /// The persistent-agent connection plugins (`local`, `ssh`).
@@ -80,7 +83,7 @@ pub struct Inject {
 impl Session {
     /// Writes the plugins, binds the channel (when the callback is injected) and works out the
     /// environment, all owned by the user the command will run as.
-    pub fn start(run_as: Option<&RunAs>, inject: Inject) -> Result<(Self, Option<Channel>)> {
+    pub fn start(run_as: Option<&RunAs>, inject: Plugins) -> Result<(Self, Option<Channel>)> {
         let home =
             run_as.map(|r| PathBuf::from(&r.home)).or_else(|| std::env::var_os("HOME").map(PathBuf::from));
         let cwd = std::env::current_dir().context("current directory")?;
@@ -175,13 +178,14 @@ mod tests {
     #[test]
     fn auto_mode_spots_ansible_behind_wrappers() {
         let v = |s: &[&str]| s.iter().map(OsString::from).collect::<Vec<_>>();
-        assert!(Mode::Auto.enabled(&v(&["ansible-playbook", "site.yml"])));
-        assert!(Mode::Auto.enabled(&v(&["/venv/bin/ansible-playbook", "site.yml"])));
-        assert!(Mode::Auto.enabled(&v(&["uv", "run", "ansible-playbook", "x.yml"])));
-        assert!(Mode::Auto.enabled(&v(&["ansible", "all", "-m", "ping"])));
-        assert!(!Mode::Auto.enabled(&v(&["sh", "-c", "true"])));
-        assert!(!Mode::Never.enabled(&v(&["ansible-playbook"])));
-        assert!(Mode::Always.enabled(&v(&["make"])));
+        use InjectCallback::{Always, Auto, Never};
+        assert!(Auto.enabled(&v(&["ansible-playbook", "site.yml"])));
+        assert!(Auto.enabled(&v(&["/venv/bin/ansible-playbook", "site.yml"])));
+        assert!(Auto.enabled(&v(&["uv", "run", "ansible-playbook", "x.yml"])));
+        assert!(Auto.enabled(&v(&["ansible", "all", "-m", "ping"])));
+        assert!(!Auto.enabled(&v(&["sh", "-c", "true"])));
+        assert!(!Never.enabled(&v(&["ansible-playbook"])));
+        assert!(Always.enabled(&v(&["make"])));
     }
 
     #[test]

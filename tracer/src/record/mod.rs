@@ -13,9 +13,13 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    ansible,
+    analysis::Analysis,
+    ansible::{
+        self,
+        messages::{PluginEvent, Received},
+    },
     model::Model,
-    trace::{self, AnsibleRecord, Counters, Event, Footer, Header, Status, TraceWriter},
+    trace::{self, Counters, Event, Footer, Header, Status, TraceWriter},
 };
 use launch::{RunAs, SignalForwarder};
 use probes::Probes;
@@ -33,7 +37,7 @@ pub struct Options {
     /// Ring buffer size in MiB (power of two).
     pub ring_mib: u32,
     /// Whether to inject the Ansible callback plugin.
-    pub ansible: ansible::Mode,
+    pub inject_callback: ansible::InjectCallback,
     /// Inject the persistent-agent connection plugins.
     pub persistent: bool,
     /// More environment for the command.
@@ -60,7 +64,7 @@ impl Options {
             output: None,
             as_root: false,
             ring_mib: 32,
-            ansible: ansible::Mode::Auto,
+            inject_callback: ansible::InjectCallback::Auto,
             persistent: false,
             env: Vec::new(),
             log: None,
@@ -83,16 +87,16 @@ pub struct Progress {
     pub task: std::sync::Mutex<String>,
 }
 
-/// Everything a finished recording produced, for reports.
+/// A finished recording: its analysis (complete: it has its footer), and the trace file.
 pub struct Recording {
-    pub header: Header,
-    pub footer: Footer,
-    pub model: Model,
-    /// Messages from the Ansible plugins (empty when not an Ansible run).
-    pub ansible: Vec<AnsibleRecord>,
-    /// The plugins were injected.
-    pub ansible_enabled: bool,
+    pub analysis: Analysis,
     pub trace_path: Option<PathBuf>,
+}
+
+impl Recording {
+    pub fn footer(&self) -> &Footer {
+        self.analysis.footer.as_ref().expect("a recording ends with its footer")
+    }
 }
 
 /// A recording that could not start the command at all.
@@ -113,7 +117,7 @@ pub async fn record(opts: Options) -> Result<Recording> {
     let result = record_into(&opts, &signals, run_as.as_ref(), writer.as_mut()).await;
     match (result, writer) {
         (Ok(mut rec), Some(w)) => {
-            rec.trace_path = Some(w.finish(&rec.footer)?);
+            rec.trace_path = Some(w.finish(rec.footer())?);
             Ok(rec)
         }
         (Ok(rec), None) => Ok(rec),
@@ -150,9 +154,11 @@ async fn record_into(
     };
     let mut ring = readable(probes.events()?).context("polling the ring buffer")?;
 
-    let ansible_enabled = opts.ansible.enabled(&opts.command);
     // Kept alive (its directory holds the plugins and the socket) until the command has ended.
-    let inject = ansible::Inject { callback: ansible_enabled, persistent: opts.persistent };
+    let inject = ansible::Plugins {
+        callback: opts.inject_callback.enabled(&opts.command),
+        persistent: opts.persistent,
+    };
     let (_session, mut channel, mut env) = match inject.callback || inject.persistent {
         true => {
             let (session, channel) = ansible::Session::start(run_as, inject)?;
@@ -180,13 +186,14 @@ async fn record_into(
     let root_pid = child.id().unwrap_or(0);
     signals.set_child(root_pid, terminal);
 
-    let header = Header { ansible: ansible_enabled, ..make_header(opts, run_as, root_pid, start_ns) };
+    let header =
+        Header { plugins_injected: inject.callback, ..make_header(opts, run_as, root_pid, start_ns) };
     if let Some(w) = writer.as_deref_mut() {
         w.header(&header)?;
     }
     let mut sink = Sink {
-        model: Model::default(),
-        ansible: Vec::new(),
+        model: Analysis::new_model(),
+        plugin_messages: Vec::new(),
         writer,
         events: 0,
         decode_failures: 0,
@@ -244,6 +251,7 @@ async fn record_into(
     if let Some(ch) = channel.as_mut() {
         sink.drain_channel(ch.get_mut())?;
     }
+    let malformed_messages = channel.as_ref().map_or(0, |ch| ch.get_ref().malformed);
     let end_ns = monotonic_ns();
     let mut counters = probes.counters().unwrap_or_else(|e| {
         log::warn!("reading probe counters: {e:#}");
@@ -258,21 +266,17 @@ async fn record_into(
         tracer_cpu_ns: own_cpu_ns().saturating_sub(cpu_at_start),
         probe_cpu_ns: probes.cpu_ns(),
         interrupted: signals.interrupted(),
+        malformed_messages,
     };
-    Ok(Recording {
-        header,
-        footer,
-        model: sink.model,
-        ansible: sink.ansible,
-        ansible_enabled,
-        trace_path: None,
-    })
+    let analysis = Analysis::new(header, Some(footer), sink.model, &sink.plugin_messages);
+    Ok(Recording { analysis, trace_path: None })
 }
 
-/// Where decoded events go: the model, and the trace file if any.
+/// Where decoded events and plugin messages go: the model (and the messages, for the
+/// attribution at the end), and the trace file if any.
 struct Sink<'w> {
     model: Model,
-    ansible: Vec<AnsibleRecord>,
+    plugin_messages: Vec<Received>,
     writer: Option<&'w mut TraceWriter>,
     events: u64,
     decode_failures: u64,
@@ -294,16 +298,20 @@ impl Sink<'_> {
     }
 
     fn drain_channel(&mut self, channel: &mut ansible::channel::Channel) -> Result<()> {
-        let from = self.ansible.len();
-        channel.drain(&mut self.ansible)?;
+        let from = self.plugin_messages.len();
+        channel.drain(&mut self.plugin_messages)?;
+        let new = &self.plugin_messages[from..];
         if let Some(w) = self.writer.as_deref_mut() {
-            for r in &self.ansible[from..] {
-                w.ansible(r)?;
+            for r in new {
+                w.plugin_message(r)?;
             }
         }
         if let Some(p) = &self.progress {
-            let last = self.ansible[from..].iter().rev().find(|r| r.ev() == "task_start");
-            if let (Some(name), Ok(mut task)) = (last.and_then(|r| r.str("name")), p.task.lock()) {
+            let last = new.iter().rev().find_map(|r| match r.event() {
+                PluginEvent::TaskStart { name, .. } => Some(name),
+                _ => None,
+            });
+            if let (Some(name), Ok(mut task)) = (last, p.task.lock()) {
                 name.clone_into(&mut task);
             }
         }
@@ -373,7 +381,7 @@ fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: 
         start_ns,
         argv_cap: tracer_common::ARGV_CAP,
         path_cap: tracer_common::PATH_CAP,
-        ansible: false,
+        plugins_injected: false,
     }
 }
 

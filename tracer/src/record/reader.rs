@@ -1,8 +1,7 @@
 //! Decodes ring-buffer records (the `tracer_common` ABI) into trace [`Event`]s.
 use tracer_common::{
-    EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXIT_CODE_UNAVAILABLE, EXIT_CPU_UNAVAILABLE, EventHeader,
-    ExecEvent, ExecFailedEvent, ExitEvent, FORK_ROOT, FORK_THREAD, ForkEvent, OpenEvent, PATH_TRUNCATED,
-    exec_syscall, kind, open_syscall, record_size,
+    EventHeader, ExecEvent, ExecFailedEvent, ExecFailedFlags, ExecFlags, ExitEvent, ExitFlags, ForkEvent,
+    ForkFlags, OpenEvent, OpenFlags, exec_syscall, kind, open_syscall, record_size,
 };
 
 use crate::trace::{Event, Status, errno_name};
@@ -51,18 +50,20 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     Ok(match h.kind {
         kind::FORK => {
             let e: ForkEvent = read(bytes);
+            let flags = ForkFlags::from_bits_retain(h.flags);
             Event::Fork {
                 ts,
                 pid,
                 tgid,
                 ppid: e.parent_pid,
                 ptgid: e.parent_tgid,
-                thread: h.flags & FORK_THREAD != 0,
-                root: h.flags & FORK_ROOT != 0,
+                thread: flags.contains(ForkFlags::THREAD),
+                root: flags.contains(ForkFlags::ROOT),
             }
         }
         kind::EXEC => {
             let e: Box<ExecEvent> = Box::new(read(bytes));
+            let flags = ExecFlags::from_bits_retain(h.flags);
             let argv_len = (e.argv_len as usize).min(e.argv.len());
             Event::Exec {
                 ts,
@@ -72,9 +73,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 filename: text(&e.filename, e.filename_len),
                 argv: split_argv(&e.argv[..argv_len]),
                 argv_bytes: e.argv_total,
-                argv_truncated: h.flags & EXEC_ARGV_TRUNCATED != 0,
-                argv_unreadable: h.flags & EXEC_ARGV_UNREADABLE != 0,
-                filename_truncated: h.flags & PATH_TRUNCATED != 0,
+                argv_truncated: flags.contains(ExecFlags::ARGV_TRUNCATED),
+                argv_unreadable: flags.contains(ExecFlags::ARGV_UNREADABLE),
+                filename_truncated: flags.contains(ExecFlags::PATH_TRUNCATED),
             }
         }
         kind::EXEC_FAILED => {
@@ -91,22 +92,24 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 errno: e.errno,
                 error: errno_name(e.errno),
                 filename: text(&e.filename, e.filename_len),
-                filename_truncated: h.flags & PATH_TRUNCATED != 0,
+                filename_truncated: ExecFailedFlags::from_bits_retain(h.flags)
+                    .contains(ExecFailedFlags::PATH_TRUNCATED),
             }
         }
         kind::EXIT => {
             let e: ExitEvent = read(bytes);
+            let flags = ExitFlags::from_bits_retain(h.flags);
             Event::Exit {
                 ts,
                 pid,
                 tgid,
                 group_dead: e.group_dead != 0,
-                status: if h.flags & EXIT_CODE_UNAVAILABLE != 0 {
+                status: if flags.contains(ExitFlags::CODE_UNAVAILABLE) {
                     Status::Unknown
                 } else {
                     Status::from_wait(e.exit_code)
                 },
-                cpu_ns: (h.flags & EXIT_CPU_UNAVAILABLE == 0).then_some(e.cpu_ns),
+                cpu_ns: (!flags.contains(ExitFlags::CPU_UNAVAILABLE)).then_some(e.cpu_ns),
             }
         }
         kind::OPEN => {
@@ -125,7 +128,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 path: text(&e.path, e.path_len),
                 flags: e.open_flags,
                 ret: e.ret,
-                path_truncated: h.flags & PATH_TRUNCATED != 0,
+                path_truncated: OpenFlags::from_bits_retain(h.flags).contains(OpenFlags::PATH_TRUNCATED),
             }
         }
         other => return Err(DecodeError::Kind(other)),
@@ -152,7 +155,13 @@ mod tests {
     #[test]
     fn decodes_exec_with_truncation_flag() {
         let mut e = ExecEvent {
-            header: EventHeader { kind: kind::EXEC, pid: 5, tgid: 5, flags: EXEC_ARGV_TRUNCATED, ts_ns: 9 },
+            header: EventHeader {
+                kind: kind::EXEC,
+                pid: 5,
+                tgid: 5,
+                flags: ExecFlags::ARGV_TRUNCATED.bits(),
+                ts_ns: 9,
+            },
             old_pid: 5,
             filename_len: 9,
             argv_len: 8,

@@ -6,10 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use crate::{
-    ansible::attribution::{Attribution, Owner},
-    model::Model,
-    report::labels::{self, Kind},
-    trace::{Footer, Header},
+    analysis::Analysis,
+    ansible::{attribution::Owner, processes::Kind},
 };
 
 /// What a worker's time went to. Declared most specific first: when several of a worker's
@@ -104,20 +102,15 @@ struct Segment {
 const N: usize = Category::ALL.len();
 
 impl Categories {
-    /// Processes without an end end at the trace end: the footer's, else the last event's.
-    pub fn new(
-        header: &Header,
-        footer: Option<&Footer>,
-        model: &Model,
-        attribution: Option<&Attribution>,
-    ) -> Self {
-        let run_start = header.start_ns;
-        let run_end = footer.map_or(model.totals.last_ns, |f| f.end_ns).max(run_start);
+    /// Processes without an end end at the run's end ([`Analysis::end_ns`]).
+    pub fn new(analysis: &Analysis) -> Self {
+        let model = &analysis.model;
+        let (run_start, run_end) = (analysis.header.start_ns, analysis.end_ns());
         let end_of = |i: usize| {
             let p = &model.processes[i];
             p.end_ns.unwrap_or(run_end).max(p.start_ns)
         };
-        let (workers, tasks, owners) = match attribution.filter(|a| a.available) {
+        let (workers, tasks, owners) = match &analysis.attribution {
             Some(a) => (&a.workers[..], &a.tasks[..], &a.owners[..]),
             None => (&[][..], &[][..], &[][..]),
         };
@@ -160,7 +153,7 @@ impl Categories {
             } else if p.execs.is_empty() {
                 inherited[i]
             } else {
-                match labels::kind(model, i) {
+                match analysis.kind(i) {
                     Kind::Module => Category::Module,
                     Kind::Shell => Category::Shell,
                     Kind::Ssh => Category::Ssh,
@@ -188,7 +181,7 @@ impl Categories {
                 continue;
             };
             push(start, exec, inherited[i]);
-            match (image[i], p.first_payload_open_ns) {
+            match (image[i], p.first_marked_open_ns) {
                 (Category::Module, Some(open)) => {
                     let open = open.clamp(exec, end);
                     push(exec, open, Category::InterpreterStartup);
@@ -372,193 +365,10 @@ fn short(c: Category) -> &'static str {
     }
 }
 
-/// A synthetic Ansible run shared by the report tests; times in ms after [`fixture::BASE`].
-///
-/// ```text
-/// 0    ansible-playbook (root, never exits); 2-4 ldconfig (controller)
-/// 10-60 worker A, host h1, task "copy stuff" (copy), no loop:
-///   12-40 sh (exec 13) > 15-35 python3 AnsiballZ_copy (exec 16, payload open 20)
-///                           > 25-30 make (exec 26, a failed exec at 25.5)
-///   42-50 ssh;  45-55 sh > 52-54 rm;  56-58 make
-/// 70-90 worker B, host h2, task "ping" (ping), items [0] 71-80, [1] 80-89:
-///   72-  agent (never exits) > 75-80 runner for B > 76-79 python3 AnsiballZ_ping (open 78)
-/// footer end 100
-/// ```
-#[cfg(test)]
-pub(crate) mod fixture {
-    use serde_json::json;
-
-    use crate::{
-        ansible::attribution::Attribution,
-        model::Model,
-        trace::{AnsibleRecord, Counters, Event, Footer, Header, Status},
-    };
-
-    pub const BASE: u64 = 1_000_000_000;
-
-    pub fn t(ms: f64) -> u64 {
-        BASE + (ms * 1e6) as u64
-    }
-
-    pub fn fork(ms: f64, tgid: u32, ptgid: u32) -> Event {
-        Event::Fork { ts: t(ms), pid: tgid, tgid, ppid: ptgid, ptgid, thread: false, root: ptgid == 1 }
-    }
-
-    pub fn exec(ms: f64, tgid: u32, argv: &[&str]) -> Event {
-        Event::Exec {
-            ts: t(ms),
-            pid: tgid,
-            tgid,
-            old_pid: tgid,
-            filename: argv[0].into(),
-            argv: argv.iter().map(|a| a.to_string()).collect(),
-            argv_bytes: 0,
-            argv_truncated: false,
-            argv_unreadable: false,
-            filename_truncated: false,
-        }
-    }
-
-    pub fn exit(ms: f64, tgid: u32) -> Event {
-        Event::Exit {
-            ts: t(ms),
-            pid: tgid,
-            tgid,
-            group_dead: true,
-            status: Status::Exited(0),
-            cpu_ns: Some(2_000_000),
-        }
-    }
-
-    pub fn open(ms: f64, tgid: u32, path: &str) -> Event {
-        Event::Open {
-            ts: t(ms),
-            pid: tgid,
-            tgid,
-            syscall: "openat".into(),
-            path: path.into(),
-            flags: 0,
-            ret: 3,
-            path_truncated: false,
-        }
-    }
-
-    pub fn header() -> Header {
-        serde_json::from_value(json!({
-            "format": "spawntrace-trace", "version": 1, "tool_version": "0", "kernel": "k",
-            "hostname": "h", "clock": "CLOCK_MONOTONIC", "realtime_offset_ns": 0, "boot_time_s": 0,
-            "command": ["ansible-playbook", "site.yml"], "root_pid": 10, "uid": 0, "gid": 0,
-            "start_ns": BASE, "argv_cap": 4096, "path_cap": 256, "ansible": true
-        }))
-        .unwrap()
-    }
-
-    pub fn footer() -> Footer {
-        Footer {
-            end_ns: t(100.0),
-            status: Status::Exited(0),
-            events: 0,
-            counters: Counters::default(),
-            tracer_cpu_ns: 0,
-            probe_cpu_ns: None,
-            interrupted: false,
-        }
-    }
-
-    pub fn events() -> Vec<Event> {
-        vec![
-            fork(0.0, 10, 1),
-            exec(0.0, 10, &["/venv/bin/python", "/venv/bin/ansible-playbook", "site.yml"]),
-            fork(2.0, 15, 10),
-            exec(2.0, 15, &["/sbin/ldconfig"]),
-            exit(4.0, 15),
-            fork(10.0, 20, 10),
-            fork(12.0, 21, 20),
-            exec(
-                13.0,
-                21,
-                &["/bin/sh", "-c", "/usr/bin/python3 /tmp/ansible-tmp-1/AnsiballZ_copy.py && sleep 0"],
-            ),
-            fork(15.0, 22, 21),
-            exec(16.0, 22, &["/usr/bin/python3", "/tmp/ansible-tmp-1/AnsiballZ_copy.py"]),
-            open(20.0, 22, "/tmp/ansible_copy_payload_x/ansible_copy_payload.zip"),
-            fork(25.0, 23, 22),
-            Event::ExecFailed {
-                ts: t(25.5),
-                pid: 23,
-                tgid: 23,
-                syscall: "execve".into(),
-                errno: 2,
-                error: "ENOENT".into(),
-                filename: "/usr/local/bin/make".into(),
-                filename_truncated: false,
-            },
-            exec(26.0, 23, &["/usr/bin/make"]),
-            exit(30.0, 23),
-            exit(35.0, 22),
-            exit(40.0, 21),
-            fork(42.0, 24, 20),
-            exec(42.0, 24, &["/usr/bin/ssh", "h1"]),
-            fork(45.0, 25, 20),
-            exec(45.0, 25, &["/bin/sh", "-c", "rm -f -r /tmp/x"]),
-            exit(50.0, 24),
-            fork(52.0, 27, 25),
-            exec(52.0, 27, &["/bin/rm", "-f", "-r", "/tmp/x"]),
-            exit(54.0, 27),
-            exit(55.0, 25),
-            fork(56.0, 26, 20),
-            exec(56.0, 26, &["/usr/bin/make"]),
-            exit(58.0, 26),
-            exit(60.0, 20),
-            fork(70.0, 30, 10),
-            fork(72.0, 40, 30),
-            fork(75.0, 41, 40),
-            fork(76.0, 42, 41),
-            exec(76.0, 42, &["/usr/bin/python3", "/tmp/ansible-tmp-2/AnsiballZ_ping.py"]),
-            open(78.0, 42, "/tmp/ansible_ping_payload_y/ansible_ping_payload.zip"),
-            exit(79.0, 42),
-            exit(80.0, 41),
-            exit(90.0, 30),
-        ]
-    }
-
-    pub fn records() -> Vec<AnsibleRecord> {
-        let rec = |pid: u32, body: serde_json::Value| AnsibleRecord {
-            sender_pid: pid,
-            body: body.as_object().cloned().unwrap_or_default(),
-        };
-        vec![
-            rec(10, json!({"ev": "playbook_start", "ts": t(1.0), "playbook": "/site.yml"})),
-            rec(10, json!({"ev": "play_start", "ts": t(1.0), "uuid": "p", "name": "Play"})),
-            rec(
-                10,
-                json!({"ev": "task_start", "ts": t(5.0), "uuid": "t1", "name": "copy stuff", "action": "copy", "play_uuid": "p"}),
-            ),
-            rec(20, json!({"ev": "worker_start", "ts": t(10.0), "host": "h1", "task_uuid": "t1"})),
-            rec(
-                10,
-                json!({"ev": "task_start", "ts": t(65.0), "uuid": "t2", "name": "ping", "action": "ping", "play_uuid": "p", "loop": true}),
-            ),
-            rec(30, json!({"ev": "worker_start", "ts": t(70.0), "host": "h2", "task_uuid": "t2"})),
-            rec(30, json!({"ev": "item_start", "ts": t(71.0), "index": 0, "label": "a"})),
-            rec(40, json!({"ev": "agent_start", "ts": t(72.0), "pid": 40})),
-            rec(40, json!({"ev": "runner_start", "ts": t(75.0), "pid": 41, "worker_pid": 30, "item": 0})),
-            rec(30, json!({"ev": "item_end", "ts": t(80.0), "index": 0})),
-            rec(30, json!({"ev": "item_start", "ts": t(80.0), "index": 1, "label": "b"})),
-            rec(30, json!({"ev": "item_end", "ts": t(89.0), "index": 1})),
-        ]
-    }
-
-    pub fn scenario() -> (Header, Footer, Model, Attribution) {
-        let model = Model::from_events(&events());
-        let attribution = Attribution::new(&model, &records());
-        (header(), footer(), model, attribution)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{fixture::*, *};
+    use super::*;
+    use crate::analysis::fixture;
 
     const MS: u64 = 1_000_000;
 
@@ -568,8 +378,7 @@ mod tests {
 
     #[test]
     fn every_worker_nanosecond_has_one_category() {
-        let (h, f, model, a) = scenario();
-        let c = Categories::new(&h, Some(&f), &model, Some(&a));
+        let c = Categories::new(&fixture::analysis());
         // Worker A (10-60): worker 10-13, 40-42, 55-56, 58-60; shell 13-16 (the python's
         // pre-exec included), 35-40, 50-55 (nested rm); interpreter 16-20; module 20-35 (make
         // inside it loses); ssh 42-50 (wins over the overlapping sh); other 56-58.
@@ -614,8 +423,7 @@ mod tests {
 
     #[test]
     fn incomplete_trace_ends_at_the_last_event() {
-        let (h, _, model, a) = scenario();
-        let c = Categories::new(&h, None, &model, Some(&a));
+        let c = Categories::new(&fixture::incomplete());
         // The last event is worker B's exit at 90; the agent, still running, ends there too.
         assert_eq!(c.controller_ns, 20 * MS);
         assert_eq!(ns(&c.tasks[1].categories, Category::Agent), 15 * MS);
@@ -623,8 +431,7 @@ mod tests {
 
     #[test]
     fn without_attribution_everything_is_controller() {
-        let (h, f, model, _) = scenario();
-        let c = Categories::new(&h, Some(&f), &model, None);
+        let c = Categories::new(&fixture::unattributed());
         assert_eq!((c.worker_wall_ns, c.controller_ns), (0, 100 * MS));
         assert!(c.tasks.is_empty());
         assert_eq!(c.explained_share, 1.0);

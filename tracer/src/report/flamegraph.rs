@@ -5,12 +5,7 @@ use std::io::Write;
 
 use anyhow::{Context as _, Result};
 
-use crate::{
-    ansible::attribution::{Attribution, Owner},
-    model::{Model, basename},
-    report::labels,
-    trace::Header,
-};
+use crate::{analysis::Analysis, ansible::attribution::Owner, model::basename, report::labels};
 
 /// What a frame's width measures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -57,9 +52,9 @@ fn frame(s: &str) -> String {
 }
 
 /// Folded stacks (`frame;frame;frame N`), merged and sorted.
-pub fn folded(model: &Model, attribution: Option<&Attribution>, weight: Weight, by: FlameBy) -> Vec<String> {
+pub fn folded(analysis: &Analysis, weight: Weight, by: FlameBy) -> Vec<String> {
     let mut stacks: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-    let attribution = attribution.filter(|a| a.available);
+    let (model, attribution) = (&analysis.model, analysis.attribution.as_ref());
     let playbook = attribution
         .and_then(|a| a.playbook.as_deref())
         .map(|p| basename(p).to_owned())
@@ -120,9 +115,9 @@ fn options(title: String, subtitle: String, count_name: &str) -> inferno::flameg
     o
 }
 
-/// Writes an SVG flamegraph of folded stacks.
-pub fn svg(header: &Header, lines: &[String], weight: Weight, out: impl Write) -> Result<()> {
-    let title = format!("spawntrace: {}", header.command.join(" "));
+/// Writes an SVG flamegraph of folded stacks of `analysis`.
+pub fn svg(analysis: &Analysis, lines: &[String], weight: Weight, out: impl Write) -> Result<()> {
+    let title = format!("spawntrace: {}", analysis.header.command.join(" "));
     let mut opts = options(title, weight.meaning().to_owned(), weight.unit());
     inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), out)
         .context("drawing the flamegraph")
@@ -160,60 +155,36 @@ pub fn diff_svg(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
-    use crate::trace::{AnsibleRecord, Event, Status};
-
-    fn fork(ts: u64, tgid: u32, ptgid: u32, root: bool) -> Event {
-        Event::Fork { ts, pid: tgid, tgid, ppid: ptgid, ptgid, thread: false, root }
-    }
-
-    fn exec(ts: u64, tgid: u32, argv: &[&str]) -> Event {
-        Event::Exec {
-            ts,
-            pid: tgid,
-            tgid,
-            old_pid: tgid,
-            filename: argv[0].into(),
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            argv_bytes: 0,
-            argv_truncated: false,
-            argv_unreadable: false,
-            filename_truncated: false,
-        }
-    }
-
-    fn exit(ts: u64, tgid: u32, cpu: u64) -> Event {
-        Event::Exit { ts, pid: tgid, tgid, group_dead: true, status: Status::Exited(0), cpu_ns: Some(cpu) }
-    }
-
-    fn rec(pid: u32, body: serde_json::Value) -> AnsibleRecord {
-        AnsibleRecord { sender_pid: pid, body: body.as_object().unwrap().clone() }
-    }
+    use crate::fixtures::{exec, exit_of, fork, header, msg, root};
 
     #[test]
     fn ansible_stacks_and_weights() {
+        let exit = |ts, tgid, cpu| exit_of(ts, tgid, tgid, true, crate::trace::Status::Exited(0), Some(cpu));
         let events = vec![
-            fork(0, 10, 1, true),
+            root(0, 10),
             exec(1, 10, &["/venv/bin/ansible-playbook", "site.yml"]),
-            fork(10_000, 20, 10, false),
-            fork(20_000, 21, 20, false),
+            fork(10_000, 20, 10),
+            fork(20_000, 21, 20),
             exec(21_000, 21, &["/bin/sh", "-c", "/bin/sh -c 'echo ~root && sleep 0'"]),
             exit(30_000, 21, 4_000),
             exit(50_000, 20, 9_000),
             exit(90_000, 10, 1_000),
         ];
-        let model = Model::from_events(&events);
-        let records = vec![
-            rec(10, serde_json::json!({"ev": "playbook_start", "ts": 2, "playbook": "/x/site.yml"})),
-            rec(10, serde_json::json!({"ev": "play_start", "ts": 3, "uuid": "p", "name": "Web; servers"})),
-            rec(
+        let messages = vec![
+            msg(10, 2, json!({"ev": "playbook_start", "playbook": "/x/site.yml"})),
+            msg(10, 3, json!({"ev": "play_start", "uuid": "p", "name": "Web; servers"})),
+            msg(
                 10,
-                serde_json::json!({"ev": "task_start", "ts": 4, "uuid": "t", "name": "copy it", "play_uuid": "p"}),
+                4,
+                json!({"ev": "task_start", "uuid": "t", "name": "copy it", "action": "copy", "play_uuid": "p"}),
             ),
-            rec(20, serde_json::json!({"ev": "worker_start", "ts": 11_000, "host": "h1", "task_uuid": "t"})),
+            msg(20, 11_000, json!({"ev": "worker_start", "host": "h1", "task_uuid": "t"})),
         ];
-        let a = Attribution::new(&model, &records);
-        let count = folded(&model, Some(&a), Weight::Count, FlameBy::Task);
+        let a = Analysis::from_events(header(&["ansible-playbook"]), None, &events, &messages);
+        let count = folded(&a, Weight::Count, FlameBy::Task);
         assert_eq!(
             count,
             vec![
@@ -222,14 +193,18 @@ mod tests {
                 "site.yml;Web: servers;copy it;h1;sh -c echo ~ 1",
             ]
         );
-        let by_host = folded(&model, Some(&a), Weight::Count, FlameBy::Host);
+        let by_host = folded(&a, Weight::Count, FlameBy::Host);
         assert!(by_host.contains(&"site.yml;Web: servers;h1;copy it;sh -c echo ~ 1".to_owned()));
-        let wall = folded(&model, Some(&a), Weight::Wall, FlameBy::Task);
+        let wall = folded(&a, Weight::Wall, FlameBy::Task);
         assert!(wall.contains(&"site.yml;Web: servers;copy it;h1 40".to_owned()), "{wall:?}");
-        let cpu = folded(&model, Some(&a), Weight::Cpu, FlameBy::Task);
+        let cpu = folded(&a, Weight::Cpu, FlameBy::Task);
         assert!(cpu.contains(&"site.yml;Web: servers;copy it;h1;sh -c echo ~ 4".to_owned()), "{cpu:?}");
         // Without attribution: the plain process tree.
-        let plain = folded(&model, None, Weight::Count, FlameBy::Task);
+        let plain = folded(
+            &Analysis::from_events(header(&["make"]), None, &events, &[]),
+            Weight::Count,
+            FlameBy::Task,
+        );
         assert!(
             plain.contains(&"ansible-playbook;ansible-playbook (fork);sh -c echo ~ 1".to_owned()),
             "{plain:?}"
@@ -238,17 +213,11 @@ mod tests {
 
     #[test]
     fn svgs_render() {
-        let header: Header = serde_json::from_value(serde_json::json!({
-            "format": "spawntrace-trace", "version": 1, "tool_version": "0", "kernel": "",
-            "hostname": "", "clock": "CLOCK_MONOTONIC", "realtime_offset_ns": 0, "boot_time_s": 0,
-            "command": ["make"], "root_pid": 1, "uid": 0, "gid": 0, "start_ns": 0,
-            "argv_cap": 4096, "path_cap": 256
-        }))
-        .unwrap();
+        let analysis = Analysis::from_events(header(&["make"]), None, &[], &[]);
         let a = vec!["make;sh;cc 5".to_owned(), "make;sh;ld 1".to_owned()];
         let b = vec!["make;sh;cc 2".to_owned()];
         let mut out = Vec::new();
-        svg(&header, &a, Weight::Count, &mut out).unwrap();
+        svg(&analysis, &a, Weight::Count, &mut out).unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(
             s.contains("<svg") && s.contains("width = processes spawned") && s.contains("cc (5 processes"),

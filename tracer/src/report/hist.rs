@@ -5,11 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::{
-    ansible::attribution::Attribution,
-    model::{Model, basename},
-    report::labels::{self, Kind},
-};
+use crate::{analysis::Analysis, ansible::processes::Kind, model::basename};
 
 /// Percentiles of one latency, in ms (to within HdrHistogram's 0.1 %).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -60,14 +56,15 @@ pub struct Histograms {
 }
 
 impl Histograms {
-    pub fn new(model: &Model, attribution: Option<&Attribution>) -> Self {
+    pub fn new(analysis: &Analysis) -> Self {
+        let model = &analysis.model;
         let trace_end = model.totals.last_ns;
         let end_of = |i: usize| {
             let p = &model.processes[i];
             p.end_ns.unwrap_or(trace_end).max(p.start_ns)
         };
         let mut tasks: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        if let Some(a) = attribution.filter(|a| a.available) {
+        if let Some(a) = &analysis.attribution {
             for w in &a.workers {
                 let (Some(task), Some(p)) = (a.tasks.get(w.task), model.processes.get(w.proc)) else {
                     continue;
@@ -92,8 +89,8 @@ impl Histograms {
                     fork_exec.push(first.ts.saturating_sub(p.start_ns));
                 }
             }
-            if let Some(last) = p.execs.last().filter(|_| labels::kind(model, i) == Kind::Module) {
-                match p.first_payload_open_ns {
+            if let Some(last) = p.execs.last().filter(|_| analysis.kind(i) == Kind::Module) {
+                match p.first_marked_open_ns {
                     Some(open) => startup.push(open.saturating_sub(last.ts)),
                     None => missing += 1,
                 }
@@ -183,7 +180,10 @@ impl Histograms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::categories::fixture::{exec, fork, scenario};
+    use crate::{
+        analysis::fixture,
+        fixtures::{exec, header, root},
+    };
 
     /// Within HdrHistogram's precision (3 significant digits).
     fn close(got: f64, want: f64) -> bool {
@@ -206,8 +206,7 @@ mod tests {
 
     #[test]
     fn latencies_of_a_run() {
-        let (_, _, model, a) = scenario();
-        let h = Histograms::new(&model, Some(&a));
+        let h = Histograms::new(&fixture::analysis());
         // copy: one worker without items (50 ms); ping: two 9 ms items.
         assert_stats(&h.task_latency["copy"], 1, [50.0; 4]);
         assert_stats(&h.task_latency["ping"], 2, [9.0; 4]);
@@ -231,8 +230,8 @@ mod tests {
 
     #[test]
     fn module_without_payload_open_is_counted_missing() {
-        let model = Model::from_events(&[fork(0.0, 10, 1), exec(1.0, 10, &["/usr/bin/python3"])]);
-        let h = Histograms::new(&model, None);
+        let events = [root(0, 10), exec(1, 10, &["/usr/bin/python3"])];
+        let h = Histograms::new(&Analysis::from_events(header(&["python3"]), None, &events, &[]));
         assert_eq!(h.interpreter_startup.count, 0);
         assert_eq!(h.interpreter_startup_missing, 1);
         assert!(h.task_latency.is_empty());

@@ -10,11 +10,7 @@ pub mod timeline;
 use clap::ValueEnum;
 use serde::Serialize;
 
-use crate::{
-    ansible::attribution::Attribution,
-    model::Model,
-    trace::{AnsibleRecord, Footer, Header},
-};
+use crate::analysis::Analysis;
 
 /// Output format of `report`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -25,42 +21,25 @@ pub enum Format {
     Markdown,
 }
 
-/// A saved trace with its process model and attribution, ready for any output.
-pub struct Loaded {
-    pub trace: crate::trace::Trace,
-    pub model: Model,
-    pub attribution: Attribution,
+/// How much a [`Report`] shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// The summary and the task table (what `record` prints at exit).
+    Summary,
+    /// Also the latency histograms and the wall-time categories (`report`).
+    Full,
 }
 
-impl Loaded {
-    /// Reads a trace straight into its model: the events are not kept, so memory is what the
-    /// model needs, not the file's size. The file is opened as `owner` (under sudo, the user:
-    /// see [`crate::output::open_read`]).
-    pub fn read(
-        path: &std::path::Path,
-        owner: Option<&crate::record::launch::RunAs>,
-    ) -> anyhow::Result<Self> {
-        let file = crate::output::open_read(path, owner)?;
-        let mut model = Model::default();
-        let trace = crate::trace::Trace::read_file(file, path, |e| model.apply(&e))?;
-        let attribution = Attribution::new(&model, &trace.ansible);
-        Ok(Self { trace, model, attribution })
-    }
-
-    /// The attribution, when the plugins reported anything.
-    pub fn ansible(&self) -> Option<&Attribution> {
-        self.attribution.available.then_some(&self.attribution)
-    }
-}
-
-/// Everything `report` shows: the run summary, the per-task tables for Ansible runs, and (with
-/// details) latency histograms and the wall-time categories.
+/// Everything `report` shows: the run summary, the per-task tables for Ansible runs, and (in
+/// full) latency histograms and the wall-time categories.
 #[derive(Serialize)]
 pub struct Report {
     #[serde(flatten)]
     pub summary: summary::Summary,
+    /// Shown for every Ansible run, even when no plugin message arrived: a broken channel is
+    /// reported rather than hidden.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub ansible: Option<tasks::TaskReport>,
+    pub tasks: Option<tasks::TaskReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub histograms: Option<hist::Histograms>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,26 +47,14 @@ pub struct Report {
 }
 
 impl Report {
-    /// `ansible`: whether the run was an Ansible run (plugins injected); its tables are shown
-    /// even when empty, so a broken channel is reported rather than hidden. `details` adds the
-    /// histograms and categories.
-    pub fn new(
-        header: &Header,
-        footer: Option<&Footer>,
-        model: &Model,
-        records: &[AnsibleRecord],
-        ansible: bool,
-        by: tasks::By,
-        details: bool,
-    ) -> Self {
-        let attribution = Attribution::new(model, records);
-        let available = attribution.available.then_some(&attribution);
+    /// `by`: the rows of the task table.
+    pub fn new(analysis: &Analysis, by: tasks::By, detail: Detail) -> Self {
+        let full = detail == Detail::Full;
         Self {
-            summary: summary::Summary::new(header, footer, model),
-            ansible: (ansible || available.is_some())
-                .then(|| tasks::TaskReport::new(model, &attribution, by)),
-            histograms: details.then(|| hist::Histograms::new(model, available)),
-            categories: details.then(|| categories::Categories::new(header, footer, model, available)),
+            summary: summary::Summary::new(analysis),
+            tasks: analysis.ansible_run().then(|| tasks::TaskReport::new(analysis, by)),
+            histograms: full.then(|| hist::Histograms::new(analysis)),
+            categories: full.then(|| categories::Categories::new(analysis)),
         }
     }
 
@@ -105,7 +72,7 @@ impl Report {
         Ok(match format {
             Format::Text => {
                 let mut s = self.summary.text();
-                if let Some(t) = &self.ansible {
+                if let Some(t) = &self.tasks {
                     s.push('\n');
                     s.push_str(&t.text(top_n));
                 }
@@ -121,7 +88,7 @@ impl Report {
             }
             Format::Markdown => {
                 let mut s = self.summary.markdown();
-                if let Some(t) = &self.ansible {
+                if let Some(t) = &self.tasks {
                     s.push_str("\n### Tasks\n\n");
                     s.push_str(&t.markdown());
                 }

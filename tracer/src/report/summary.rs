@@ -4,9 +4,9 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use crate::{
-    model::Model,
+    analysis::Analysis,
     report::labels::printable,
-    trace::{Counters, Footer, Header, Status},
+    trace::{Counters, Status},
 };
 
 /// How many executables the top list shows.
@@ -70,7 +70,8 @@ fn ms(ns: u64) -> f64 {
 }
 
 impl Summary {
-    pub fn new(header: &Header, footer: Option<&Footer>, model: &Model) -> Self {
+    pub fn new(analysis: &Analysis) -> Self {
+        let (header, footer, model) = (&analysis.header, analysis.footer.as_ref(), &analysis.model);
         let t = &model.totals;
         let mut execs_by_path = BTreeMap::new();
         let mut failed_execs_by_error = BTreeMap::new();
@@ -90,12 +91,11 @@ impl Summary {
             execs_by_path.iter().map(|(path, &execs)| TopExe { path: path.clone(), execs }).collect();
         top.sort_by(|a, b| b.execs.cmp(&a.execs).then_with(|| a.path.cmp(&b.path)));
         top.truncate(TOP);
-        let end = footer.map(|f| f.end_ns).unwrap_or(t.last_ns);
         let counters = footer.map(|f| f.counters).unwrap_or_default();
         Self {
             command: header.command.clone(),
             status: footer.map(|f| f.status),
-            duration_ms: ms(end.saturating_sub(header.start_ns)),
+            duration_ms: ms(analysis.end_ns() - header.start_ns),
             processes: model.processes.len() as u64,
             forks: t.forks,
             threads: t.threads,
@@ -254,35 +254,17 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::Event;
+    use crate::fixtures::{exec, header, root};
 
     #[test]
     fn counts_and_top_list() {
-        let mut events =
-            vec![Event::Fork { ts: 1, pid: 10, tgid: 10, ppid: 1, ptgid: 1, thread: false, root: true }];
-        for i in 0..3u32 {
-            events.push(Event::Exec {
-                ts: 2 + i as u64,
-                pid: 10,
-                tgid: 10,
-                old_pid: 10,
-                filename: if i == 0 { "/bin/sh".into() } else { "/bin/true".into() },
-                argv: vec![],
-                argv_bytes: 0,
-                argv_truncated: false,
-                argv_unreadable: false,
-                filename_truncated: false,
-            });
-        }
-        let model = Model::from_events(&events);
-        let header: Header = serde_json::from_value(serde_json::json!({
-            "format": "spawntrace-trace", "version": 1, "tool_version": "0", "kernel": "",
-            "hostname": "", "clock": "CLOCK_MONOTONIC", "realtime_offset_ns": 0, "boot_time_s": 0,
-            "command": ["sh"], "root_pid": 10, "uid": 0, "gid": 0, "start_ns": 0,
-            "argv_cap": 4096, "path_cap": 256
-        }))
-        .unwrap();
-        let s = Summary::new(&header, None, &model);
+        let events = [
+            root(1, 10),
+            exec(2, 10, &["/bin/sh"]),
+            exec(3, 10, &["/bin/true"]),
+            exec(4, 10, &["/bin/true"]),
+        ];
+        let s = Summary::new(&Analysis::from_events(header(&["sh"]), None, &events, &[]));
         assert_eq!(s.execs, 3);
         assert_eq!(s.execs_by_path["/bin/true"], 2);
         assert_eq!(s.top_executables[0], TopExe { path: "/bin/true".into(), execs: 2 });

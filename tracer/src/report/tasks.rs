@@ -8,6 +8,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    analysis::Analysis,
     ansible::attribution::{Attribution, Owner},
     model::{Model, basename},
 };
@@ -71,6 +72,8 @@ pub struct TaskReport {
     pub other: OtherRows,
     /// Plugin messages lost on the way (the plugins count what they could not send).
     pub dropped_messages: u64,
+    /// Datagrams on the attribution socket that were not messages of the protocol.
+    pub malformed_messages: u64,
     pub pid_mismatches: u64,
     /// Worker announcements whose pid matched no traced process.
     pub unmatched_workers: u64,
@@ -114,7 +117,10 @@ impl Acc {
 }
 
 impl TaskReport {
-    pub fn new(model: &Model, a: &Attribution, by: By) -> Self {
+    pub fn new(analysis: &Analysis, by: By) -> Self {
+        let empty = Attribution::default();
+        let a = analysis.attribution.as_ref().unwrap_or(&empty);
+        let model = &analysis.model;
         // Row key: (task, host?, item?) in task order.
         let mut rows: BTreeMap<(usize, Option<String>, Option<u32>), Acc> = BTreeMap::new();
         let mut totals = Acc::default();
@@ -190,13 +196,14 @@ impl TaskReport {
         let mut totals = totals.finish();
         totals.name = "TOTAL".into();
         Self {
-            attribution_available: a.available,
+            attribution_available: analysis.attribution.is_some(),
             playbook: a.playbook.clone(),
             by: format!("{by:?}").to_lowercase(),
             tasks,
             totals,
             other,
             dropped_messages: a.dropped_messages,
+            malformed_messages: analysis.footer.as_ref().map_or(0, |f| f.malformed_messages),
             pid_mismatches: a.pid_mismatches,
             unmatched_workers: a.unmatched_workers,
         }
@@ -278,12 +285,8 @@ impl TaskReport {
             );
         }
         let _ = writeln!(o, "{}", self.other_line());
-        if self.dropped_messages > 0 || self.pid_mismatches > 0 || self.unmatched_workers > 0 {
-            let _ = writeln!(
-                o,
-                "plugin messages lost: {}, pid mismatches: {}, workers not seen by the kernel: {}",
-                self.dropped_messages, self.pid_mismatches, self.unmatched_workers
-            );
+        if let Some(health) = self.health() {
+            let _ = writeln!(o, "{health}");
         }
         if top_n > 0 && self.tasks.len() > top_n {
             for (what, rows) in [
@@ -325,7 +328,22 @@ impl TaskReport {
             );
         }
         let _ = writeln!(o, "\n{}", self.other_line());
+        if let Some(health) = self.health() {
+            let _ = writeln!(o, "\n{health}");
+        }
         o
+    }
+
+    /// How well the plugins' messages came through, when anything went wrong.
+    fn health(&self) -> Option<String> {
+        let counts =
+            [self.dropped_messages, self.malformed_messages, self.pid_mismatches, self.unmatched_workers];
+        counts.iter().any(|&n| n > 0).then(|| {
+            format!(
+                "plugin messages lost: {}, malformed: {}, pid mismatches: {}, workers not seen by the kernel: {}",
+                self.dropped_messages, self.malformed_messages, self.pid_mismatches, self.unmatched_workers
+            )
+        })
     }
 }
 

@@ -14,10 +14,14 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    ansible::attribution::{Attribution, Owner},
+    analysis::Analysis,
+    ansible::{
+        attribution::{Attribution, Owner},
+        processes::Kind,
+    },
     model::{Model, basename},
-    report::labels::{self, Kind},
-    trace::{Header, errno_name},
+    report::labels,
+    trace::errno_name,
 };
 
 /// Longest argv (joined, in characters) kept in a slice's args.
@@ -48,7 +52,7 @@ enum Args {
         action: Option<String>,
         play: Option<String>,
         host: String,
-        status: Option<String>,
+        status: Option<&'static str>,
         worker_pid: u32,
         items: usize,
         cpu_ms: f64,
@@ -65,25 +69,20 @@ enum Args {
     },
 }
 
-/// The timeline of a trace, as Chrome trace-event JSON (object form), as a value.
-pub fn timeline(header: &Header, model: &Model, attribution: Option<&Attribution>) -> Value {
+/// The timeline of a run, as Chrome trace-event JSON (object form), as a value.
+pub fn timeline(analysis: &Analysis) -> Value {
     let mut out = Vec::new();
-    write_timeline(header, model, attribution, &mut out).expect("writing to memory");
+    write_timeline(analysis, &mut out).expect("writing to memory");
     serde_json::from_slice(&out).expect("the timeline is JSON")
 }
 
-/// Writes the timeline of a trace, event by event: memory is the slices' (one per process,
-/// task and item), not the output's.
-pub fn write_timeline(
-    header: &Header,
-    model: &Model,
-    attribution: Option<&Attribution>,
-    w: &mut impl std::io::Write,
-) -> anyhow::Result<()> {
+/// Writes the timeline of a run, event by event: memory is the slices' (one per process, task
+/// and item), not the output's.
+pub fn write_timeline(analysis: &Analysis, w: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let (header, model, attribution) = (&analysis.header, &analysis.model, analysis.attribution.as_ref());
     let start = header.start_ns;
     let trace_end = model.totals.last_ns.max(start);
     let us = |t: u64| (t.saturating_sub(start) + 500) / 1000;
-    let attribution = attribution.filter(|a| a.available);
     let (groups, hosts, place) = layout(model, attribution);
 
     let mut slices = Vec::new();
@@ -108,7 +107,7 @@ pub fn write_timeline(
                     action: task.map(|t| t.action.clone()),
                     play: task.map(|t| t.play.clone()),
                     host: w.host.clone(),
-                    status: w.status.clone(),
+                    status: w.status.map(|s| s.name()),
                     worker_pid: w.pid,
                     items: w.items.len(),
                     cpu_ms: cpu_ms(p.cpu_ns),
@@ -152,7 +151,7 @@ pub fn write_timeline(
             end: us(p.end_ns.unwrap_or(trace_end).max(p.start_ns)),
             rank: 2,
             name: labels::label(model, i),
-            cat: kind_name(labels::kind(model, i)),
+            cat: kind_name(analysis.kind(i)),
             args: Args::Process {
                 pid: p.tgid(),
                 argv,
@@ -366,7 +365,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::report::categories::fixture::scenario;
+    use crate::analysis::fixture;
 
     fn of<'a>(v: &'a Value, ph: &str) -> Vec<&'a Value> {
         v["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == ph).collect()
@@ -419,8 +418,7 @@ mod tests {
 
     #[test]
     fn ansible_run_by_host_with_nested_lanes() {
-        let (h, _, model, a) = scenario();
-        let v = timeline(&h, &model, Some(&a));
+        let v = timeline(&fixture::analysis());
         assert_eq!(v["displayTimeUnit"], "ms");
         assert_eq!(v["otherData"]["playbook"], "/site.yml");
         for e in v["traceEvents"].as_array().unwrap() {
@@ -480,8 +478,7 @@ mod tests {
 
     #[test]
     fn failed_execs_are_instants_on_their_process_lane() {
-        let (h, _, model, a) = scenario();
-        let v = timeline(&h, &model, Some(&a));
+        let v = timeline(&fixture::analysis());
         let instants = of(&v, "i");
         assert_eq!(instants.len(), 1);
         let i = instants[0];
@@ -496,13 +493,13 @@ mod tests {
 
     #[test]
     fn plain_runs_are_one_tree_by_depth() {
-        let (h, _, model, _) = scenario();
-        let v = timeline(&h, &model, None);
+        let analysis = fixture::unattributed();
+        let v = timeline(&analysis);
         let (lanes, groups) = names(&v);
         assert_eq!(groups.values().collect::<Vec<_>>(), ["command: python ansible-playbook"]);
         assert_nested(&v);
         let module = slice(&v, "python3 AnsiballZ_copy");
         assert_eq!(lanes[&(1, module["tid"].as_u64().unwrap())], "depth 3");
-        assert_eq!(of(&v, "X").len(), model.processes.len());
+        assert_eq!(of(&v, "X").len(), analysis.model.processes.len());
     }
 }

@@ -5,7 +5,7 @@ the controller's own (client, wire); the connection plugins import the rooms the
 framing     the agent socket's frames and their size limits (both sides)
 safe_paths  checks of agent directories and files in shared places (both sides)
 shell_ops   shell housekeeping done natively (echo ~, mkdtemp, chmod, rm, test -e)
-reporter    attribution datagrams to spawntrace's channel (PROTOCOL.md)
+messages    the attribution messages to spawntrace (PROTOCOL.md): one sender, one method per event
 procs       process and file-descriptor helpers
 files       put / fetch
 ansiballz   AnsiballZ payloads: wrapper/zip split, compiled-code cache, fast main

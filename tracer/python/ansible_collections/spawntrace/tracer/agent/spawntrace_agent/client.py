@@ -17,7 +17,7 @@ import time
 
 from . import framing, procs, safe_paths, shell_ops
 from .ansiballz import strip_payload
-from .reporter import Reporter
+from .messages import Sender
 from .wire import Payload
 
 PAYLOAD = Payload()
@@ -126,15 +126,16 @@ _state = {"pid": None}
 def _proc_state():
     if _state["pid"] != os.getpid():
         _state.clear()
-        _state.update(pid=os.getpid(), endpoints={}, failed=set(), reporter=None, umask=None, socks={}, dirs=set())
+        _state.update(pid=os.getpid(), endpoints={}, failed=set(), sender=None, umask=None, socks={}, dirs=set())
     return _state
 
 
-def reporter():
+def sender():
+    """This process's attribution sender (each WorkerProcess makes its own)."""
     st = _proc_state()
-    if st["reporter"] is None:
-        st["reporter"] = Reporter(os.environ.get("SPAWNTRACE_SOCKET"))
-    return st["reporter"]
+    if st["sender"] is None:
+        st["sender"] = Sender.from_env()
+    return st["sender"]
 
 
 def current_umask():
@@ -731,21 +732,10 @@ class AgentConnectionMixin:
         if parts is None or resp.get("need_zip"):
             resp, blob = endpoint.request(req, in_data or b"", on_started=on_started)
         timing = os.environ.get("SPAWNTRACE_AGENT_TIMING")
-        if timing and resp.get("t"):
+        if timing and resp.get("timing"):
             # diagnostics: where a module run's time went (monotonic ns): request sent, agent
             # accepted, request read, runner started, runner done, reply sent, reply received
-            t = resp["t"]
-            rec = {
-                "module": req["module"],
-                "runner_pid": started.get("pid"),
-                "sent": t0,
-                "accepted": t[4] if len(t) > 4 else None,
-                "read": t[0],
-                "runner_start": t[1],
-                "runner_done": t[2],
-                "replied": t[3],
-                "received": time.monotonic_ns(),
-            }
+            rec = dict(resp["timing"], module=req["module"], runner_pid=started.get("pid"), sent=t0, received=time.monotonic_ns())
             with open(timing, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if not resp.get("ok"):
@@ -756,11 +746,7 @@ class AgentConnectionMixin:
     def _st_on_started(self, endpoint, req):
         def started(resp):
             if endpoint.remote or not resp.get("reported"):
-                fields = {k: req.get(k) for k in ("task_uuid", "host", "worker_pid", "item", "module")}
-                fields.update(pid=resp.get("pid"), runner_pid=resp.get("pid"), agent_pid=resp.get("agent_pid"))
-                if endpoint.remote:
-                    fields["remote"] = True
-                reporter().send("runner_start", **fields)
+                sender().runner_start(resp.get("pid"), resp.get("agent_pid"), req, remote=endpoint.remote)
 
         return started
 

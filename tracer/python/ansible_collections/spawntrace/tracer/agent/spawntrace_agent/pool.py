@@ -197,18 +197,7 @@ class RunnerPool(object):
                 view = view[n:]
             # reported before the runner may start anything: a runner that runs several modules
             # (in-process) is attributed by time, so its report must precede the module's forks
-            reported = False
-            if self.reporter.usable:
-                reported = self.reporter.send(
-                    "runner_start",
-                    pid=runner["pid"],
-                    agent_pid=os.getpid(),
-                    task_uuid=req.get("task_uuid"),
-                    host=req.get("host"),
-                    worker_pid=req.get("worker_pid"),
-                    item=req.get("item"),
-                    module=req.get("module"),
-                )
+            reported = self.sender.runner_start(runner["pid"], os.getpid(), req)
             os.write(runner["req_w"], b"!")
         except OSError:
             reusable = False
@@ -245,7 +234,7 @@ class RunnerPool(object):
             pass
         if runner["done"].endswith(b"\n"):
             fields = runner["done"].split()
-            runner["times"] = [int(x) for x in fields[1:3]]
+            runner["run_started"], runner["run_ended"] = int(fields[1]), int(fields[2])
             runner["again"] = len(fields) > 3 and fields[3] == b"1" and runner.get("req_w") is not None
             runner["done"] = b""
             self._finish(pid, int(fields[0]))
@@ -284,14 +273,21 @@ class RunnerPool(object):
                 self._discard(runner)
         conn = runner.pop("conn")
         payload = runner.get("payload")
-        times = runner.get("times") or [None, None]
         req = runner.pop("req")
+        # where the run's time went, monotonic ns (the client's SPAWNTRACE_AGENT_TIMING)
+        timing = {
+            "accepted": runner["t_accept"],
+            "read": runner["t_recv"],
+            "runner_start": runner.get("run_started"),
+            "runner_done": runner.get("run_ended"),
+            "replied": now(),
+        }
         # queued (see _send): a client that does not read its reply holds up nobody
-        self._reply(conn, rc, out, err, t=[runner["t_recv"]] + times + [now(), runner["t_accept"]])
+        self._reply(conn, rc, out, err, timing=timing)
         self._done_with(conn, req)
         if again:
             # in-process reuse (opt-in): this runner is warm and has its memory; it goes first
-            for k in ("payload", "done", "times", "t_recv", "t_accept", "eof"):
+            for k in ("payload", "done", "run_started", "run_ended", "t_recv", "t_accept", "eof"):
                 runner.pop(k, None)
             if len(self.spares) >= self.pool:
                 self._discard(self.spares.pop())

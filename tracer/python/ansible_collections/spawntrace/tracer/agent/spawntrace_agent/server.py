@@ -9,9 +9,9 @@ import time
 
 from . import files
 from .framing import BIG, PROTOCOL, FrameReader, ProtocolError, encode_frame
+from .messages import Sender
 from .pool import RunnerPool
 from .procs import alive, drain, now, peer_uid, sigchld_wakeup
-from .reporter import Reporter
 from .runner import Baseline
 from .shell_ops import run_op
 
@@ -53,7 +53,7 @@ class Agent(RunnerPool):
         self.controller = cfg.get("controller_pid")
         self.controller_start = cfg.get("controller_start")
         self.allowed = set([os.getuid(), int(cfg.get("client_uid", os.getuid()))])
-        self.reporter = Reporter(cfg.get("report"))
+        self.sender = Sender(cfg.get("report"))
         self.conns = {}  # fd -> Conn, every client connection open
         # a connection with part of a request in and no byte more for `frame_timeout` seconds, or
         # with part of a reply out that its client takes no byte of for `send_timeout`, is dropped
@@ -68,13 +68,7 @@ class Agent(RunnerPool):
         self._pool_init(cfg)
 
     def serve(self):
-        self.reporter.send(
-            "agent_start",
-            host=self.cfg.get("host"),
-            user=self.cfg.get("user"),
-            become_user=self.cfg.get("become_user"),
-            version=self.cfg.get("version"),
-        )
+        self.sender.agent_start(self.cfg.get("host"), self.cfg.get("user"), self.cfg.get("become_user"), self.cfg.get("version"))
         rfd, wfd = self.wakeup = sigchld_wakeup()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -354,7 +348,7 @@ class Agent(RunnerPool):
                     "ok": True,
                     "pid": os.getpid(),
                     "version": self.cfg.get("version"),
-                    "reporting": self.reporter.usable,
+                    "reporting": self.sender.usable,
                     "served": self.served,
                     "accepted": self.accepted,
                 },

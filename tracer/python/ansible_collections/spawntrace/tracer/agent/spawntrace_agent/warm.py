@@ -1,12 +1,26 @@
 # The zygote's warm state: what every runner it forks starts with already imported and compiled.
 from __future__ import absolute_import
 
+import contextlib
 import os
 import sys
 import time
 
 from .ansiballz import CODE_CACHE, cache_zip_source, install_code_cache, split_payload
 from .safe_paths import create_file
+
+
+@contextlib.contextmanager
+def first_on_sys_path(path):
+    """`path` first on sys.path for the block's imports only."""
+    sys.path.insert(0, path)
+    try:
+        yield
+    finally:
+        try:
+            sys.path.remove(path)
+        except ValueError:
+            pass
 
 
 class DynPath(list):
@@ -65,40 +79,30 @@ class WarmState(object):
             data = base64.b64decode(payload[i + 10 : j])
         except Exception:
             return
-        d = self.directory()
-        path = os.path.join(d, "warm-%d.zip" % os.getpid())
-        fd = create_file(path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        self.zips.add(path)
+        path = self._keep_zip(data, "warm-%d.zip" % os.getpid())
         before = set(sys.modules)
-        sys.path.insert(0, path)
-        try:
-            import importlib
-
-            # what every AnsiballZ wrapper imports from the standard library (zipfile decodes
-            # member names with cp437), then ansible's own entry points
-            for name in ("base64", "shutil", "tempfile", "zipfile", "runpy", "encodings.cp437", "resource"):
-                try:
-                    importlib.import_module(name)
-                except ImportError:
-                    pass
-            for name in ("ansible.module_utils.basic", "ansible.module_utils._internal._ansiballz._loader"):
-                try:
-                    importlib.import_module(name)
-                except ImportError:
-                    pass
-        except Exception:
-            # a half-imported ansible is worse than none
-            for name in set(sys.modules) - before:
-                if name == "ansible" or name.startswith("ansible."):
-                    del sys.modules[name]
-            return
-        finally:
+        with first_on_sys_path(path):
             try:
-                sys.path.remove(path)
-            except ValueError:
-                pass
+                import importlib
+
+                # what every AnsiballZ wrapper imports from the standard library (zipfile decodes
+                # member names with cp437), then ansible's own entry points
+                for name in ("base64", "shutil", "tempfile", "zipfile", "runpy", "encodings.cp437", "resource"):
+                    try:
+                        importlib.import_module(name)
+                    except ImportError:
+                        pass
+                for name in ("ansible.module_utils.basic", "ansible.module_utils._internal._ansiballz._loader"):
+                    try:
+                        importlib.import_module(name)
+                    except ImportError:
+                        pass
+            except Exception:
+                # a half-imported ansible is worse than none
+                for name in set(sys.modules) - before:
+                    if name == "ansible" or name.startswith("ansible."):
+                        del sys.modules[name]
+                return
         self._dynamic_paths()
         install_code_cache()
         # tempfile finds its directory by creating a test file, once per process: do it here for
@@ -189,16 +193,10 @@ class WarmState(object):
         CODE_CACHE[("payload", sha)] = path
 
     def _import_from_zip(self, raw, names):
-        d = self.directory()
-        path = os.path.join(d, "warm-%d-%d.zip" % (os.getpid(), len(self.zips)))
-        fd = create_file(path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        self.zips.add(path)
+        path = self._keep_zip(raw, "warm-%d-%d.zip" % (os.getpid(), len(self.zips)))
         import importlib
 
-        sys.path.insert(0, path)
-        try:
+        with first_on_sys_path(path):
             for name in names:
                 if name in sys.modules:
                     continue
@@ -209,12 +207,17 @@ class WarmState(object):
                     self.unwarmable.add(name)
                     for n in set(sys.modules) - before:
                         del sys.modules[n]
-        finally:
-            try:
-                sys.path.remove(path)
-            except ValueError:
-                pass
         self._dynamic_paths()
+
+    def _keep_zip(self, data, name):
+        """Writes `data` as a zip the warm modules keep importing from (their __path__ names it),
+        in this agent's directory, and returns its path."""
+        path = os.path.join(self.directory(), name)
+        fd = create_file(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        self.zips.add(path)
+        return path
 
     def _dynamic_paths(self):
         for name, mod in list(sys.modules.items()):

@@ -14,108 +14,24 @@ requirements:
   - enabled in callbacks_enabled (spawntrace does this itself)
 """
 
-import errno
 import functools
-import json
 import os
-import socket
 import sys
-import time
 
 from ansible.plugins.callback import CallbackBase
+
+# the agent's package, agent/spawntrace_agent in this collection: its `messages` is the one
+# sender of the attribution protocol
+_AGENT = os.path.normpath(os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "agent"))
+if _AGENT not in sys.path:
+    sys.path.append(_AGENT)
+
+from spawntrace_agent import messages  # noqa: E402
 
 try:
     from ansible.release import __version__ as _ANSIBLE_VERSION
 except Exception:  # pragma: no cover - every supported ansible-core has it
     _ANSIBLE_VERSION = None
-
-PROTOCOL_VERSION = 1
-# Largest datagram sent; longer strings are clipped to stay below it.
-MAX_DATAGRAM = 60 * 1024
-# Longest string field, in characters, and the shorter limit used if a message is still too big.
-MAX_FIELD = 4096
-MAX_FIELD_RETRY = 256
-MAX_LABEL = 200
-# How long a send may wait for a receiver whose queue is full (Linux lets only
-# net.unix.max_dgram_qlen datagrams wait, 10 by default) before the message is dropped. After one
-# such timeout the process stops waiting until a send succeeds again, so a receiver that never
-# reads costs each process at most one wait.
-SEND_WAIT = 0.05
-
-_SOCKET_ENV = "SPAWNTRACE_SOCKET"
-
-
-def _clip(value, limit=MAX_FIELD):
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
-
-
-class _Sender:
-    """Sends protocol messages from one process, on a socket of its own."""
-
-    def __init__(self, path, waiting=True):
-        self.path = path
-        self.pid = os.getpid()
-        self.sock = None
-        # Messages this process could not send, and exceptions it swallowed.
-        self.dropped = 0
-        self.errors = 0
-        self.waiting = waiting
-
-    def send(self, ev, **fields):
-        try:
-            msg = {
-                "v": PROTOCOL_VERSION,
-                "ev": ev,
-                "ts": time.monotonic_ns(),
-                "pid": self.pid,
-                "dropped": self.dropped,
-                "errors": self.errors,
-            }
-            msg.update(fields)
-            self._send(_encode(msg))
-        except Exception:
-            self.errors += 1
-
-    def _send(self, data):
-        try:
-            if self.sock is None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                # Connected, so that a full receiver queue can be waited for (poll sees it).
-                self.sock.connect(self.path)
-                self.sock.settimeout(SEND_WAIT if self.waiting else 0.0)
-            self.sock.send(data)
-            if not self.waiting:
-                self.waiting = True
-                self.sock.settimeout(SEND_WAIT)
-        except TimeoutError:
-            self.dropped += 1
-            self.waiting = False
-            self.sock.settimeout(0.0)
-        except OSError as e:
-            self.dropped += 1
-            if e.errno not in (errno.EAGAIN, errno.ENOBUFS):
-                # Receiver gone or not there yet: reconnect on the next message.
-                self.close()
-
-    def close(self):
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            self.sock = None
-
-
-def _encode(msg):
-    data = json.dumps(msg, ensure_ascii=False, separators=(",", ":"), default=str)
-    data = data.encode("utf-8", "replace")
-    if len(data) > MAX_DATAGRAM:
-        short = {k: _clip(v, MAX_FIELD_RETRY) if isinstance(v, str) else v for k, v in msg.items()}
-        data = json.dumps(short, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "replace")
-    return data
 
 
 # This process's sender; replaced in every forked worker.
@@ -127,7 +43,7 @@ def _label(item, no_log):
     if no_log:
         return "(censored due to no_log)"
     try:
-        return _clip(item if isinstance(item, str) else repr(item), MAX_LABEL)
+        return messages.clip(item if isinstance(item, str) else repr(item), messages.MAX_LABEL)
     except Exception:
         return "<%s>" % type(item).__name__
 
@@ -162,13 +78,11 @@ def _after_fork_in_child():
             return
     except Exception:
         return
-    # The parent's socket is left alone (only this child's copy of its descriptor is closed).
-    parent.close()
-    _sender = sender = _Sender(parent.path, parent.waiting)
+    _sender = sender = parent.for_child()
     try:
         host = proc._host.get_name()
         task_uuid = proc._task._uuid
-        sender.send("worker_start", host=_clip(host), task_uuid=task_uuid, worker_id=proc.worker_id, ppid=os.getppid())
+        sender.worker_start(host, task_uuid, proc.worker_id, os.getppid())
         _bracket_loop_items(sender, host, task_uuid)
     except Exception:
         sender.errors += 1
@@ -201,7 +115,7 @@ def _bracket_loop_items(sender, host, task_uuid):
         except Exception:
             sender.errors += 1
             label = None
-        sender.send("item_start", host=host, task_uuid=task_uuid, index=index, label=label)
+        sender.item_start(host, task_uuid, index, label)
         status = None
         try:
             result = execute(self, *args, **kwargs)
@@ -211,7 +125,7 @@ def _bracket_loop_items(sender, host, task_uuid):
                 sender.errors += 1
             return result
         finally:
-            sender.send("item_end", host=host, task_uuid=task_uuid, index=index, status=status)
+            sender.item_end(host, task_uuid, index, status)
 
     te_cls._run_loop = _run_loop
     te_cls._execute = _execute
@@ -243,26 +157,19 @@ class CallbackModule(CallbackBase):
         global _sender
         self._play_uuid = None
         self._tasks_sent = set()
-        path = os.environ.get(_SOCKET_ENV)
-        if path and _sender is None:
-            _sender = _Sender(path)
+        if os.environ.get(messages.SOCKET_ENV) and _sender is None:
+            _sender = messages.Sender.from_env()
             os.register_at_fork(after_in_child=_after_fork_in_child)
 
     @_safe
     def v2_playbook_on_start(self, playbook):
         path = playbook._file_name  # None for ad hoc commands
-        _sender.send(
-            "playbook_start",
-            playbook=_clip(os.path.abspath(path)) if path else None,
-            ansible_version=_ANSIBLE_VERSION,
-            python=sys.version.split()[0],
-            python_executable=_clip(sys.executable),
-        )
+        _sender.playbook_start(os.path.abspath(path) if path else None, _ANSIBLE_VERSION, sys.version.split()[0], sys.executable)
 
     @_safe
     def v2_playbook_on_play_start(self, play):
         self._play_uuid = play._uuid
-        _sender.send("play_start", uuid=play._uuid, name=_clip(play.get_name()), strategy=_clip(play.strategy))
+        _sender.play_start(play._uuid, play.get_name(), play.strategy)
 
     @_safe
     def v2_playbook_on_task_start(self, task, is_conditional):
@@ -277,20 +184,19 @@ class CallbackModule(CallbackBase):
         if task._uuid in self._tasks_sent:
             return
         self._tasks_sent.add(task._uuid)
-        _sender.send(
-            "task_start",
+        _sender.task_start(
             uuid=task._uuid,
-            name=_clip(task.get_name()),
-            action=_clip(task.action),
-            role=_clip(task._role.get_name()) if task._role else None,
+            name=task.get_name(),
+            action=task.action,
+            role=task._role.get_name() if task._role else None,
             play_uuid=self._play_uuid,
             handler=handler,
             loop=task.loop is not None or bool(task.loop_with),
-            path=_clip(task.get_path()),
+            path=task.get_path(),
         )
 
-    def _runner_end(self, result, status, **fields):
-        _sender.send("runner_end", host=_clip(result.host.get_name()), task_uuid=result.task._uuid, status=status, **fields)
+    def _runner_end(self, result, status, ignore_errors=None):
+        _sender.runner_end(result.host.get_name(), result.task._uuid, status, ignore_errors)
 
     @_safe
     def v2_runner_on_ok(self, result):
@@ -310,4 +216,4 @@ class CallbackModule(CallbackBase):
 
     @_safe
     def v2_playbook_on_stats(self, stats):
-        _sender.send("playbook_end")
+        _sender.playbook_end()

@@ -1,0 +1,105 @@
+//! Test hosts from Rust: a real sshd per host in its own network namespace, set up and torn
+//! down by `sshlab.py serve` next to this crate — the one lab the Python tests use too. A [`Lab`]
+//! is that process: it lives while the `Lab` does, and ends (tearing everything down) when its
+//! stdin closes, so even a test that panics or is killed leaves no namespace behind.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+/// The script that does the work.
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/sshlab.py");
+
+/// One test host.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Host {
+    /// `h1`, `h2`, …
+    pub name: String,
+    pub addr: String,
+    pub netns: String,
+}
+
+/// What `sshlab.py serve` prints once its hosts accept logins.
+#[derive(Debug, Deserialize)]
+struct Description {
+    dir: PathBuf,
+    key: PathBuf,
+    user: String,
+    ssh_options: Vec<String>,
+    hosts: Vec<Host>,
+    inventory: PathBuf,
+}
+
+/// A set of test hosts sharing one client key and one login user.
+pub struct Lab {
+    pub hosts: Vec<Host>,
+    /// The lab's directory (keys, sshd configs and logs); gone with the lab.
+    pub dir: PathBuf,
+    /// The client's private key.
+    pub key: PathBuf,
+    /// The login user on every host (shell /bin/sh, key-only logins).
+    pub user: String,
+    /// ssh options that keep the user's ssh config and known_hosts out of the test.
+    pub ssh_options: Vec<String>,
+    /// An INI inventory of the hosts (ssh as the lab's user, the targets' system Python).
+    pub inventory: PathBuf,
+    serve: Child,
+    /// Held open for the lab's life: closing it ends the lab.
+    stdin: Option<ChildStdin>,
+}
+
+impl Lab {
+    /// Starts `n` hosts named h1..hn, in the inventory's `group`. Needs root, sshd and
+    /// iproute2 (`cargo xtask setup` installs them); the error is the script's own one line.
+    pub fn start(n: usize, group: &str) -> Result<Lab> {
+        // The system's Python: the lab needs only its standard library, and root's PATH may
+        // lead to a pyenv shim.
+        let python =
+            ["/usr/bin/python3", "python3"].into_iter().find(|p| Path::new(p).is_file()).unwrap_or("python3");
+        let mut serve = Command::new(python)
+            .args([SCRIPT, "serve", "--hosts", &n.to_string(), "--group", group])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {SCRIPT}"))?;
+        let stdin = serve.stdin.take();
+        let mut line = String::new();
+        let read = BufReader::new(serve.stdout.take().expect("piped")).read_line(&mut line);
+        let d = match read.ok().filter(|&n| n > 0).map(|_| serde_json::from_str::<Description>(&line)) {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                // EOF on its stdin, not a kill: it tears down what it set up
+                drop(stdin);
+                let _ = serve.wait();
+                bail!("sshlab printed something else than its description ({e}): {line}");
+            }
+            None => {
+                let out = serve.wait_with_output().context("waiting for sshlab")?;
+                bail!("cannot start the ssh test hosts: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        };
+        Ok(Lab {
+            hosts: d.hosts,
+            dir: d.dir,
+            key: d.key,
+            user: d.user,
+            ssh_options: d.ssh_options,
+            inventory: d.inventory,
+            serve,
+            stdin,
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // EOF on its stdin: the script tears the lab down and exits.
+        drop(self.stdin.take());
+        let _ = self.serve.wait();
+    }
+}

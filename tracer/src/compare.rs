@@ -320,7 +320,9 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
 
     let classic_mean = results.get(&ExecutionMode::Classic).map(|r| Stats::of(&r.walls).mean);
     let mut reports = Vec::new();
-    for (m, runs) in &results {
+    // In the order the modes were asked for.
+    for (m, _) in &modes {
+        let runs = &results[m];
         let first = runs.first.as_ref().expect("every mode ran at least once");
         let wall = Stats::of(&runs.walls);
         let stat = |f: &dyn Fn(&RunNumbers) -> u64| {
@@ -341,11 +343,12 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
             traces: runs.traces.clone(),
             wall_s: wall,
         });
-        write_pictures(&opts.out, *m, first, owner)?;
+        write_pictures(&opts.out, *m, first, &runs.first_stacks, owner)?;
     }
     if let Some(classic) = results.get(&ExecutionMode::Classic) {
         let before = &classic.first_stacks;
-        for (m, runs) in results.iter().filter(|(m, _)| **m != ExecutionMode::Classic) {
+        for (m, _) in modes.iter().filter(|(m, _)| *m != ExecutionMode::Classic) {
+            let runs = &results[m];
             let title = format!("spawntrace: classic → {} (processes spawned)", m.name());
             write_file(&opts.out.join(diff_file(*m)), owner, |w| {
                 flamegraph::diff_svg(before, &runs.first_stacks, Weight::Count, &title, w)
@@ -371,7 +374,8 @@ struct RunNumbers {
 }
 
 /// One mode's traced runs: every run's numbers, the first run whole (for its pictures and the
-/// wall-time categories) and its folded stacks (for the differential flamegraphs).
+/// wall-time categories) and its folded stacks (processes spawned, by task: its flamegraph and
+/// the differential ones).
 #[derive(Default)]
 struct ModeRuns {
     walls: Vec<f64>,
@@ -401,10 +405,16 @@ impl ModeRuns {
     }
 }
 
-/// The flamegraph (processes spawned) and the timeline of one run of a mode.
-fn write_pictures(out: &Path, m: ExecutionMode, a: &Analysis, owner: Option<&launch::RunAs>) -> Result<()> {
-    let stacks = flamegraph::folded(a, Weight::Count, FlameBy::Task);
-    write_file(&out.join(flamegraph_file(m)), owner, |w| flamegraph::svg(a, &stacks, Weight::Count, w))?;
+/// The flamegraph (processes spawned, from `stacks`: its folded stacks) and the timeline of one
+/// run of a mode.
+fn write_pictures(
+    out: &Path,
+    m: ExecutionMode,
+    a: &Analysis,
+    stacks: &[String],
+    owner: Option<&launch::RunAs>,
+) -> Result<()> {
+    write_file(&out.join(flamegraph_file(m)), owner, |w| flamegraph::svg(a, stacks, Weight::Count, w))?;
     write_file(&out.join(timeline_file(m)), owner, |w| crate::report::timeline::write_timeline(a, w))
 }
 

@@ -422,6 +422,18 @@ mod tests {
         assert_eq!(a.pid_mismatches, 0);
     }
 
+    /// Tasks t1 and t2 announced by the controller (pid 10), t1's worker (pid 20) and an agent
+    /// (pid 30) started.
+    fn two_tasks_and_an_agent() -> Vec<Received> {
+        vec![
+            msg(10, 2, json!({"ev": "playbook_start", "playbook": null})),
+            msg(10, 3, json!({"ev": "task_start", "uuid": "t1", "name": "a", "action": "copy"})),
+            msg(10, 4, json!({"ev": "task_start", "uuid": "t2", "name": "b", "action": "copy"})),
+            msg(20, 10, json!({"ev": "worker_start", "host": "h", "task_uuid": "t1"})),
+            msg(30, 11, json!({"ev": "agent_start"})),
+        ]
+    }
+
     #[test]
     fn persistent_agents_and_their_runners() {
         let events = vec![
@@ -437,17 +449,13 @@ mod tests {
             fork(31, 33, 30), // runner for that worker
         ];
         let model = Model::from_events(&events);
-        let messages = vec![
-            msg(10, 2, json!({"ev": "playbook_start", "playbook": null})),
-            msg(10, 3, json!({"ev": "task_start", "uuid": "t1", "name": "a", "action": "copy"})),
-            msg(10, 4, json!({"ev": "task_start", "uuid": "t2", "name": "b", "action": "copy"})),
-            msg(20, 10, json!({"ev": "worker_start", "host": "h", "task_uuid": "t1"})),
-            msg(30, 11, json!({"ev": "agent_start"})),
+        let mut messages = two_tasks_and_an_agent();
+        messages.extend([
             msg(30, 12, json!({"ev": "runner_start", "runner_pid": 31, "worker_pid": 20, "item": 1})),
             msg(40, 30, json!({"ev": "worker_start", "host": "h", "task_uuid": "t2"})),
             msg(30, 31, json!({"ev": "runner_start", "runner_pid": 33, "host": "h", "task_uuid": "t2"})),
             msg(40, 31, json!({"ev": "runner_start", "runner_pid": 5, "remote": true})),
-        ];
+        ]);
         let a = Attribution::new(&model, &messages);
         let owner = owners(&model, &a);
         assert_eq!(owner(30), Owner::Agent);
@@ -472,16 +480,12 @@ mod tests {
             fork(32, 33, 31), // a command run by the module of task 2
         ];
         let model = Model::from_events(&events);
-        let messages = vec![
-            msg(10, 2, json!({"ev": "playbook_start", "playbook": null})),
-            msg(10, 3, json!({"ev": "task_start", "uuid": "t1", "name": "a", "action": "copy"})),
-            msg(10, 4, json!({"ev": "task_start", "uuid": "t2", "name": "b", "action": "copy"})),
-            msg(20, 10, json!({"ev": "worker_start", "host": "h", "task_uuid": "t1"})),
-            msg(30, 11, json!({"ev": "agent_start"})),
+        let mut messages = two_tasks_and_an_agent();
+        messages.extend([
             msg(30, 13, json!({"ev": "runner_start", "runner_pid": 31, "worker_pid": 20})),
             msg(40, 30, json!({"ev": "worker_start", "host": "h", "task_uuid": "t2"})),
             msg(30, 31, json!({"ev": "runner_start", "runner_pid": 31, "worker_pid": 40})),
-        ];
+        ]);
         let a = Attribution::new(&model, &messages);
         let owner = owners(&model, &a);
         assert_eq!(owner(31), Owner::Task { worker: 0, item: None }, "the runner keeps its first task");

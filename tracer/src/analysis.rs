@@ -20,8 +20,8 @@ pub struct Analysis {
     pub model: Model,
     /// Who each process worked for; None when no plugin message arrived.
     pub attribution: Option<Attribution>,
-    /// The trace's last line was cut short (a killed writer) and skipped.
-    pub torn_tail: bool,
+    /// Plugin messages the trace held that are not messages of the protocol (older traces).
+    pub skipped_plugin_messages: u64,
 }
 
 impl Analysis {
@@ -34,7 +34,7 @@ impl Analysis {
     /// The analysis of a model built with [`Analysis::new_model`] and the plugins' messages.
     pub fn new(header: Header, footer: Option<Footer>, model: Model, messages: &[Received]) -> Self {
         let attribution = (!messages.is_empty()).then(|| Attribution::new(&model, messages));
-        Self { header, footer, model, attribution, torn_tail: false }
+        Self { header, footer, model, attribution, skipped_plugin_messages: 0 }
     }
 
     /// From events in memory (tests, tools).
@@ -58,8 +58,8 @@ impl Analysis {
         let file = crate::output::open_read(path, owner)?;
         let mut model = Self::new_model();
         let trace = Trace::read_file(file, path, |e| model.apply(&e))?;
-        let Trace { header, footer, plugin_messages, torn_tail, .. } = trace;
-        Ok(Self { torn_tail, ..Self::new(header, footer, model, &plugin_messages) })
+        let Trace { header, footer, plugin_messages, skipped_plugin_messages, .. } = trace;
+        Ok(Self { skipped_plugin_messages, ..Self::new(header, footer, model, &plugin_messages) })
     }
 
     /// Whether the trace ends with its footer.
@@ -70,7 +70,7 @@ impl Analysis {
     /// Whether this was an Ansible run: its tables are shown even when no message arrived, so a
     /// broken channel is reported rather than hidden.
     pub fn ansible_run(&self) -> bool {
-        self.header.plugins_injected || self.attribution.is_some()
+        self.header.callback_injected || self.attribution.is_some()
     }
 
     /// When the run ended: the footer's end, else (incomplete) the last event's time; never
@@ -86,6 +86,11 @@ impl Analysis {
     /// Events lost, None when unknown (an incomplete trace).
     pub fn dropped_events(&self) -> Option<u64> {
         self.footer.as_ref().map(|f| f.counters.dropped_events())
+    }
+
+    /// Datagrams and trace lines that were not messages of the protocol.
+    pub fn malformed_messages(&self) -> u64 {
+        self.footer.as_ref().map_or(0, |f| f.malformed_messages) + self.skipped_plugin_messages
     }
 
     /// Processes given to no task or category (all of them without attribution).
@@ -124,7 +129,7 @@ pub(crate) mod fixture {
     };
 
     pub fn header() -> Header {
-        Header { plugins_injected: true, ..fixtures::header(&["ansible-playbook", "site.yml"]) }
+        Header { callback_injected: true, ..fixtures::header(&["ansible-playbook", "site.yml"]) }
     }
 
     pub fn footer() -> Footer {

@@ -108,6 +108,6 @@ pub fn header(command: &[&str]) -> Header {
         start_ns: BASE,
         argv_cap: 4096,
         path_cap: 256,
-        plugins_injected: false,
+        callback_injected: false,
     }
 }

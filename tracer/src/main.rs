@@ -147,7 +147,7 @@ struct RecordArgs {
     quiet: bool,
     /// Inject the Ansible callback plugin: when COMMAND runs ansible-playbook/ansible (auto),
     /// always, or never.
-    #[arg(long = "ansible", value_enum, default_value_t)]
+    #[arg(long = "ansible", value_name = "ANSIBLE", value_enum, default_value_t)]
     inject_callback: spawntrace::ansible::InjectCallback,
     /// Run Ansible's local and ssh connections through spawntrace's persistent agents.
     #[arg(long)]

@@ -41,10 +41,10 @@ pub struct Header {
     /// Capture limits: argv bytes per exec and bytes per path.
     pub argv_cap: usize,
     pub path_cap: usize,
-    /// The Ansible plugins were injected into the run (written as `ansible` by earlier
-    /// versions).
-    #[serde(default, alias = "ansible")]
-    pub plugins_injected: bool,
+    /// The Ansible callback plugin was injected into the run (an Ansible run: its tables are
+    /// shown even when no message arrived).
+    #[serde(default, rename = "ansible")]
+    pub callback_injected: bool,
 }
 
 /// How a process ended.
@@ -335,6 +335,9 @@ pub struct Trace {
     pub footer: Option<Footer>,
     /// The last line was cut short (the tracer died while writing it) and was skipped.
     pub torn_tail: bool,
+    /// Plugin message lines that are not messages of the protocol (traces written before the
+    /// tracer checked what it stored): skipped.
+    pub skipped_plugin_messages: u64,
 }
 
 impl Trace {
@@ -443,10 +446,10 @@ impl Trace {
                     if let Some(o) = value.as_object_mut() {
                         o.remove("type");
                     }
-                    t.plugin_messages.push(
-                        serde_json::from_value(value)
-                            .with_context(|| format!("line {n}: bad plugin message"))?,
-                    )
+                    match serde_json::from_value(value) {
+                        Ok(received) => t.plugin_messages.push(received),
+                        Err(_) => t.skipped_plugin_messages += 1,
+                    }
                 }
                 Some(_) => t.extra.push(value),
                 None => bail!("line {n}: record without a type"),
@@ -516,6 +519,23 @@ mod tests {
         good.push_str("\n{\"type\":\"exec\",\"ts\":\"x\"}\n");
         let err = Trace::from_reader(good.as_bytes()).unwrap_err();
         assert!(format!("{err:#}").contains("line 2: bad event"), "{err:#}");
+    }
+
+    #[test]
+    fn an_older_traces_header_and_stray_plugin_lines_still_read() {
+        let mut header = serde_json::to_value(Line::Header(header())).unwrap();
+        header["ansible"] = true.into();
+        let text = [
+            header.to_string(),
+            // stored by older tracers, which kept any JSON object from the socket
+            r#"{"type":"ansible","sender_pid":9,"ev":"task_start","ts":1}"#.to_owned(),
+            r#"{"type":"ansible","sender_pid":9,"v":1,"ts":2,"pid":9,"ev":"playbook_end"}"#.to_owned(),
+        ]
+        .join("\n");
+        let t = Trace::from_reader(text.as_bytes()).unwrap();
+        assert!(t.header.callback_injected);
+        assert_eq!((t.plugin_messages.len(), t.skipped_plugin_messages), (1, 1));
+        assert!(!t.complete());
     }
 
     #[test]

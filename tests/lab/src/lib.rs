@@ -1,9 +1,10 @@
 //! Test hosts from Rust: a real sshd per host in its own network namespace, set up and torn
 //! down by `sshlab.py serve` next to this crate — the one lab the Python tests use too. A [`Lab`]
 //! is that process: it lives while the `Lab` does, and ends (tearing everything down) when its
-//! stdin closes, so even a test that panics or is killed leaves no namespace behind.
+//! stdin closes, so even a test that panics or is killed leaves no namespace behind — unless
+//! the script is killed with it by SIGKILL (a whole process group killed so).
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
 };
@@ -68,19 +69,25 @@ impl Lab {
             .spawn()
             .with_context(|| format!("starting {SCRIPT}"))?;
         let stdin = serve.stdin.take();
+        // Read on a thread of its own: a long error (sshd's log) must not fill the pipe while
+        // we wait for the description on stdout.
+        let mut stderr = serve.stderr.take().expect("piped");
+        let errors = std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = stderr.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        });
         let mut line = String::new();
         let read = BufReader::new(serve.stdout.take().expect("piped")).read_line(&mut line);
-        let d = match read.ok().filter(|&n| n > 0).map(|_| serde_json::from_str::<Description>(&line)) {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                // EOF on its stdin, not a kill: it tears down what it set up
-                drop(stdin);
-                let _ = serve.wait();
-                bail!("sshlab printed something else than its description ({e}): {line}");
-            }
-            None => {
-                let out = serve.wait_with_output().context("waiting for sshlab")?;
-                bail!("cannot start the ssh test hosts: {}", String::from_utf8_lossy(&out.stderr).trim());
+        let description = read.ok().filter(|&n| n > 0).map(|_| serde_json::from_str::<Description>(&line));
+        let Some(Ok(d)) = description else {
+            // EOF on its stdin, never a kill: it tears down whatever it set up
+            drop(stdin);
+            let _ = serve.wait();
+            let errors = errors.join().unwrap_or_default();
+            match description {
+                Some(Err(e)) => bail!("sshlab printed something else than its description ({e}): {line}"),
+                _ => bail!("cannot start the ssh test hosts: {}", errors.trim()),
             }
         };
         Ok(Lab {
@@ -101,5 +108,17 @@ impl Drop for Lab {
         // EOF on its stdin: the script tears the lab down and exits.
         drop(self.stdin.take());
         let _ = self.serve.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_lab_that_cannot_start_says_why() {
+        let err = match super::Lab::start(0, "targets") {
+            Ok(_) => panic!("a lab of no host started"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("--hosts must be at least 1"), "{err}");
     }
 }

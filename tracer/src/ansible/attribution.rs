@@ -109,6 +109,7 @@ impl Attribution {
         // `dropped` never decreases within a sender: its last value is its total.
         let mut dropped: HashMap<u32, u64> = HashMap::new();
         let mut controller = None;
+        let processes = ByTgid::new(model);
         // Processes whose owner a message states outright (persistent agents and their runners).
         let mut stated: HashMap<usize, Owner> = HashMap::new();
         // Runners that ran several modules (in-process runs): (start, owner) of each, in order;
@@ -119,15 +120,16 @@ impl Attribution {
             let ts = m.ts();
             let entry = dropped.entry(pid).or_default();
             *entry = (*entry).max(m.message.dropped);
-            // (a runner_start of an older agent named the runner in `pid`)
-            let old_runner_start = matches!(m.event(), PluginEvent::RunnerStart { runner_pid: None, .. });
+            // Older agents and clients named the runner in a runner_start's `pid`.
+            let old_runner_start = matches!(m.event(), PluginEvent::RunnerStart { runner_pid, .. }
+                if runner_pid.is_none_or(|r| r == m.message.pid));
             if m.sender_pid != 0 && m.message.pid != m.sender_pid && !old_runner_start {
                 a.pid_mismatches += 1;
             }
             match m.event() {
                 PluginEvent::PlaybookStart { playbook, .. } => {
                     a.playbook.clone_from(playbook);
-                    controller = find_process(model, pid, ts);
+                    controller = processes.find(pid, ts);
                 }
                 PluginEvent::PlayStart { uuid, name, .. } => {
                     plays.insert(uuid, name);
@@ -154,7 +156,7 @@ impl Attribution {
                 }
                 PluginEvent::WorkerStart { host, task_uuid, .. } => {
                     let Some(&task) = task_index.get(task_uuid.as_str()) else { continue };
-                    let Some(proc) = find_process(model, pid, ts) else {
+                    let Some(proc) = processes.find(pid, ts) else {
                         a.unmatched_workers += 1;
                         continue;
                     };
@@ -189,18 +191,18 @@ impl Attribution {
                     }
                 }
                 PluginEvent::AgentStart { .. } => {
-                    if let Some(proc) = find_process(model, pid, ts) {
+                    if let Some(proc) = processes.find(pid, ts) {
                         stated.insert(proc, Owner::Agent);
                     }
                 }
                 // A remote runner is on another machine: not a process of this trace.
                 PluginEvent::RunnerStart { remote: false, worker_pid, host, task_uuid, item, .. } => {
-                    let runner = m.runner_pid().unwrap_or(pid);
+                    let Some(runner) = m.runner_pid() else { continue };
                     let worker = worker_pid.and_then(|wp| worker_of_pid.get(&wp).copied()).or_else(|| {
                         let task = *task_index.get(task_uuid.as_deref()?)?;
                         worker_by_host_task.get(&(host.as_deref()?, task)).copied()
                     });
-                    if let (Some(w), Some(proc)) = (worker, find_process(model, runner, ts)) {
+                    if let (Some(w), Some(proc)) = (worker, processes.find(runner, ts)) {
                         let owner = Owner::Task { worker: w, item: *item };
                         stated.entry(proc).or_insert(owner);
                         runs.entry(proc).or_default().push((ts, owner));
@@ -307,15 +309,35 @@ impl Attribution {
     }
 }
 
-/// The live process with this tgid at `ts`.
-fn find_process(model: &Model, tgid: u32, ts: u64) -> Option<usize> {
-    model
-        .processes
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.tgid() == tgid && p.start_ns <= ts && p.end_ns.is_none_or(|e| e >= ts))
-        .max_by_key(|(_, p)| p.start_ns)
-        .map(|(i, _)| i)
+/// The model's processes by tgid (a recycled tgid has several), so that each message finds its
+/// sender without a scan of every process.
+struct ByTgid<'m> {
+    model: &'m Model,
+    lifetimes: HashMap<u32, Vec<usize>>,
+}
+
+impl<'m> ByTgid<'m> {
+    fn new(model: &'m Model) -> Self {
+        let mut lifetimes: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, p) in model.processes.iter().enumerate() {
+            lifetimes.entry(p.tgid()).or_default().push(i);
+        }
+        Self { model, lifetimes }
+    }
+
+    /// The live process with this tgid at `ts` (the latest started, if the trace disagrees).
+    fn find(&self, tgid: u32, ts: u64) -> Option<usize> {
+        let live = |&&i: &&usize| {
+            let p = &self.model.processes[i];
+            p.start_ns <= ts && p.end_ns.is_none_or(|e| e >= ts)
+        };
+        self.lifetimes
+            .get(&tgid)?
+            .iter()
+            .filter(live)
+            .max_by_key(|&&i| self.model.processes[i].start_ns)
+            .copied()
+    }
 }
 
 /// An ssh ControlMaster mux: a fork (no exec of its own) of an `ssh` client, below the worker,
@@ -499,11 +521,15 @@ mod tests {
         let model = Model::from_events(&events);
         let mut old = msg(30, 12, json!({"ev": "runner_start", "worker_pid": 20}));
         old.message.pid = 31;
+        // the client of older agents sent the runner in both `pid` and `runner_pid`
+        let mut old_client = msg(20, 13, json!({"ev": "runner_start", "runner_pid": 31, "remote": true}));
+        old_client.message.pid = 31;
         let messages = vec![
             msg(10, 2, json!({"ev": "playbook_start", "playbook": null})),
             msg(10, 3, json!({"ev": "task_start", "uuid": "t1", "name": "a", "action": "copy"})),
             msg(20, 10, json!({"ev": "worker_start", "host": "h", "task_uuid": "t1"})),
             old,
+            old_client,
         ];
         let a = Attribution::new(&model, &messages);
         assert_eq!(owners(&model, &a)(31), Owner::Task { worker: 0, item: None });

@@ -83,7 +83,10 @@ impl Channel {
                 Ok(message) => out.push(Received { sender_pid: pid.unwrap_or(0), message }),
                 Err(e) => {
                     self.malformed += 1;
-                    log::debug!("malformed attribution datagram: {e}");
+                    log::debug!(
+                        "malformed attribution datagram: {}",
+                        crate::report::labels::printable(&e.to_string())
+                    );
                 }
             }
         }

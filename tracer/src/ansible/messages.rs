@@ -2,7 +2,7 @@
 //! attribution channel, typed (documented in tracer/python/PROTOCOL.md). The Python side builds
 //! each message in one place too (`spawntrace_agent/messages.py`): a field changed here changes
 //! there.
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The protocol version the plugins send in `v`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -43,6 +43,7 @@ pub enum PluginEvent {
     },
     PlayStart {
         uuid: String,
+        #[serde(default, deserialize_with = "null_as_empty")]
         name: String,
         #[serde(default)]
         strategy: Option<String>,
@@ -50,7 +51,9 @@ pub enum PluginEvent {
     /// Once per task uuid, before its workers are forked.
     TaskStart {
         uuid: String,
+        #[serde(default, deserialize_with = "null_as_empty")]
         name: String,
+        #[serde(default, deserialize_with = "null_as_empty")]
         action: String,
         #[serde(default)]
         role: Option<String>,
@@ -146,6 +149,11 @@ pub enum PluginEvent {
     Other,
 }
 
+/// Names Ansible may leave empty: a null is an empty name, not a malformed message.
+fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
 /// How a task (or a loop item) ended on a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -209,6 +217,8 @@ pub enum Malformed {
     Schema(#[from] serde_json::Error),
     #[error("unknown event")]
     UnknownEvent,
+    #[error("protocol version {0}, not {PROTOCOL_VERSION}")]
+    Version(u32),
 }
 
 /// Decodes one datagram. Unknown events are malformed here (the plugins are this build's own);
@@ -216,6 +226,7 @@ pub enum Malformed {
 pub fn decode(datagram: &[u8]) -> Result<Message, Malformed> {
     let message: Message = serde_json::from_slice(datagram)?;
     match message.event {
+        _ if message.v != PROTOCOL_VERSION => Err(Malformed::Version(message.v)),
         PluginEvent::Other => Err(Malformed::UnknownEvent),
         _ => Ok(message),
     }
@@ -231,6 +242,7 @@ mod tests {
         for (body, want) in [
             (r#""ev":"playbook_start","playbook":null,"python":"3.11.7""#, "PlaybookStart"),
             (r#""ev":"play_start","uuid":"p","name":"n","strategy":"linear""#, "PlayStart"),
+            (r#""ev":"play_start","uuid":"p","name":null"#, "PlayStart"),
             (
                 r#""ev":"task_start","uuid":"t","name":"n","action":"copy","role":null,"play_uuid":"p","handler":false,"loop":true,"path":"x.yml:3""#,
                 "TaskStart",
@@ -266,6 +278,7 @@ mod tests {
             br#"{"v":1,"ts":5,"pid":7,"ev":"runner_end","host":"h","task_uuid":"t","status":"fine"}"#,
             br#"{"v":1,"ts":-5,"pid":7,"ev":"playbook_end"}"#,
             br#"{"v":1,"ts":5,"pid":7,"ev":"a_new_event"}"#,
+            br#"{"v":2,"ts":5,"pid":7,"ev":"playbook_end"}"#,
         ] {
             assert!(decode(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }

@@ -187,7 +187,7 @@ async fn record_into(
     signals.set_child(root_pid, terminal);
 
     let header =
-        Header { plugins_injected: inject.callback, ..make_header(opts, run_as, root_pid, start_ns) };
+        Header { callback_injected: inject.callback, ..make_header(opts, run_as, root_pid, start_ns) };
     if let Some(w) = writer.as_deref_mut() {
         w.header(&header)?;
     }
@@ -381,7 +381,7 @@ fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: 
         start_ns,
         argv_cap: tracer_common::ARGV_CAP,
         path_cap: tracer_common::PATH_CAP,
-        plugins_injected: false,
+        callback_injected: false,
     }
 }
 

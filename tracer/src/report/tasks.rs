@@ -118,9 +118,11 @@ impl Acc {
 
 impl TaskReport {
     pub fn new(analysis: &Analysis, by: By) -> Self {
-        let empty = Attribution::default();
-        let a = analysis.attribution.as_ref().unwrap_or(&empty);
         let model = &analysis.model;
+        // Without attribution every process is unattributed.
+        let none =
+            Attribution { owners: vec![Owner::Unattributed; model.processes.len()], ..Default::default() };
+        let a = analysis.attribution.as_ref().unwrap_or(&none);
         // Row key: (task, host?, item?) in task order.
         let mut rows: BTreeMap<(usize, Option<String>, Option<u32>), Acc> = BTreeMap::new();
         let mut totals = Acc::default();
@@ -203,7 +205,7 @@ impl TaskReport {
             totals,
             other,
             dropped_messages: a.dropped_messages,
-            malformed_messages: analysis.footer.as_ref().map_or(0, |f| f.malformed_messages),
+            malformed_messages: analysis.malformed_messages(),
             pid_mismatches: a.pid_mismatches,
             unmatched_workers: a.unmatched_workers,
         }
@@ -243,9 +245,15 @@ impl TaskReport {
     }
 
     fn unavailable_note(&self) -> Option<&'static str> {
-        (!self.attribution_available).then_some(
-            "Ansible attribution unavailable: no message arrived from the spawntrace callback plugin",
-        )
+        match (self.attribution_available, self.malformed_messages) {
+            (true, _) => None,
+            (false, 0) => Some(
+                "Ansible attribution unavailable: no message arrived from the spawntrace callback plugin",
+            ),
+            (false, _) => Some(
+                "Ansible attribution unavailable: no message of the protocol arrived from the spawntrace plugins",
+            ),
+        }
     }
 
     fn other_line(&self) -> String {
@@ -260,6 +268,9 @@ impl TaskReport {
         let mut o = String::new();
         if let Some(n) = self.unavailable_note() {
             let _ = writeln!(o, "{n}");
+            if let Some(health) = self.health() {
+                let _ = writeln!(o, "{health}");
+            }
             return o;
         }
         let w = self.tasks.iter().map(|r| Self::label(r).chars().count()).max().unwrap_or(4).clamp(4, 48);
@@ -304,6 +315,9 @@ impl TaskReport {
         let mut o = String::new();
         if let Some(n) = self.unavailable_note() {
             let _ = writeln!(o, "_{n}_");
+            if let Some(health) = self.health() {
+                let _ = writeln!(o, "\n{health}");
+            }
             return o;
         }
         let _ = writeln!(

@@ -15,9 +15,8 @@ import struct
 import sys
 import time
 
-from . import framing, procs, safe_paths, shell_ops
+from . import framing, messages, procs, safe_paths, shell_ops
 from .ansiballz import strip_payload
-from .messages import Sender
 from .wire import Payload
 
 PAYLOAD = Payload()
@@ -126,16 +125,8 @@ _state = {"pid": None}
 def _proc_state():
     if _state["pid"] != os.getpid():
         _state.clear()
-        _state.update(pid=os.getpid(), endpoints={}, failed=set(), sender=None, umask=None, socks={}, dirs=set())
+        _state.update(pid=os.getpid(), endpoints={}, failed=set(), umask=None, socks={}, dirs=set())
     return _state
-
-
-def sender():
-    """This process's attribution sender (each WorkerProcess makes its own)."""
-    st = _proc_state()
-    if st["sender"] is None:
-        st["sender"] = Sender.from_env()
-    return st["sender"]
 
 
 def current_umask():
@@ -746,7 +737,7 @@ class AgentConnectionMixin:
     def _st_on_started(self, endpoint, req):
         def started(resp):
             if endpoint.remote or not resp.get("reported"):
-                sender().runner_start(resp.get("pid"), resp.get("agent_pid"), req, remote=endpoint.remote)
+                messages.sender().runner_start(resp.get("pid"), resp.get("agent_pid"), req, remote=endpoint.remote)
 
         return started
 

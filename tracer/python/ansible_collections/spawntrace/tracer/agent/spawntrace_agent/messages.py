@@ -45,36 +45,29 @@ def encode(msg):
 
 
 class Sender(object):
-    """Sends this process's messages on a socket of its own (a forked child makes its own with
-    `for_child`: the kernel vouches for each datagram's sender pid, and a shared socket would
-    blur that). Sending never raises and never blocks the run for long."""
+    """Sends one process's messages on a socket of its own: its `dropped` and `errors` are that
+    process's (PROTOCOL.md), and the kernel vouches for each datagram's sender. Sending never
+    raises and never blocks the run for long: a send waits up to SEND_WAIT for room, and after
+    one such timeout a sender stops waiting until a send succeeds again, unless it is `patient`
+    (the agent: its runner_start must precede what the runner starts)."""
 
-    def __init__(self, path, waiting=True):
+    def __init__(self, path, patient=False):
         self.path = path
+        self.patient = patient
         self.sock = None
         # Messages this process could not send, and exceptions it swallowed.
         self.dropped = 0
         self.errors = 0
-        self.waiting = waiting
+        self.waiting = True
         # False without a socket, or once the socket refused us (an agent running as another,
         # become, user cannot write to the controller user's socket).
         self.usable = bool(path)
 
-    @classmethod
-    def from_env(cls):
-        return cls(os.environ.get(SOCKET_ENV))
-
-    def for_child(self):
-        """The sender of a freshly forked child: this process's socket is closed in the child
-        only (the parent keeps its own)."""
-        self.close()
-        child = Sender(self.path, self.waiting)
-        child.usable = self.usable
-        return child
-
     def send(self, ev, **fields):
         """Sends one message; True when it went out."""
         if not self.usable:
+            if self.path:
+                self.dropped += 1
             return False
         try:
             msg = {"v": PROTOCOL_VERSION, "ev": ev, "ts": now(), "pid": os.getpid(), "dropped": self.dropped, "errors": self.errors}
@@ -105,8 +98,9 @@ class Sender(object):
             return True
         except socket.timeout:
             self.dropped += 1
-            self.waiting = False
-            self.sock.settimeout(0.0)
+            if not self.patient:
+                self.waiting = False
+                self.sock.settimeout(0.0)
         except OSError as e:
             self.dropped += 1
             if e.errno not in (errno.EAGAIN, errno.ENOBUFS):
@@ -170,7 +164,9 @@ class Sender(object):
 
     def runner_start(self, runner_pid, agent_pid, request, remote=False):
         """`request`: the module run request the runner got (its task_uuid, host, worker_pid,
-        item and module say whom the runner works for)."""
+        item and module say whom the runner works for). Without a runner, nothing to say."""
+        if runner_pid is None:
+            return False
         return self.send(
             "runner_start",
             runner_pid=runner_pid,
@@ -182,3 +178,23 @@ class Sender(object):
             module=clip(request.get("module")),
             remote=bool(remote),
         )
+
+
+# This process's sender of the socket SOCKET_ENV names (see `sender`).
+_process = {"pid": None, "sender": None}
+
+
+def sender():
+    """This process's one sender of the socket SOCKET_ENV names, shared by the callback and the
+    connection plugins, so that its `dropped` counts every message the process lost. A forked
+    child gets a sender of its own (closing only its copy of the parent's socket); whether to
+    wait for room carries over."""
+    pid = os.getpid()
+    if _process["pid"] != pid:
+        parent = _process["sender"]
+        child = Sender(os.environ.get(SOCKET_ENV) if parent is None else parent.path)
+        if parent is not None:
+            parent.close()
+            child.waiting, child.usable = parent.waiting, parent.usable
+        _process.update(pid=pid, sender=child)
+    return _process["sender"]

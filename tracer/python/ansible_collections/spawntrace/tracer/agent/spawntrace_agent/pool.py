@@ -234,7 +234,8 @@ class RunnerPool(object):
             pass
         if runner["done"].endswith(b"\n"):
             fields = runner["done"].split()
-            runner["run_started"], runner["run_ended"] = int(fields[1]), int(fields[2])
+            # "rc started ended [again]": the times are diagnostics, missing ones are None
+            runner["run_started"], runner["run_ended"] = ([int(x) for x in fields[1:3]] + [None, None])[:2]
             runner["again"] = len(fields) > 3 and fields[3] == b"1" and runner.get("req_w") is not None
             runner["done"] = b""
             self._finish(pid, int(fields[0]))

@@ -53,7 +53,8 @@ class Agent(RunnerPool):
         self.controller = cfg.get("controller_pid")
         self.controller_start = cfg.get("controller_start")
         self.allowed = set([os.getuid(), int(cfg.get("client_uid", os.getuid()))])
-        self.sender = Sender(cfg.get("report"))
+        # patient: a runner_start that gives up waiting would be sent late by the client
+        self.sender = Sender(cfg.get("report"), patient=True)
         self.conns = {}  # fd -> Conn, every client connection open
         # a connection with part of a request in and no byte more for `frame_timeout` seconds, or
         # with part of a reply out that its client takes no byte of for `send_timeout`, is dropped

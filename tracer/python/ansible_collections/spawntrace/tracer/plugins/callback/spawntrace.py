@@ -34,8 +34,9 @@ except Exception:  # pragma: no cover - every supported ansible-core has it
     _ANSIBLE_VERSION = None
 
 
-# This process's sender; replaced in every forked worker.
-_sender = None
+# Whether this run reports at all (SPAWNTRACE_SOCKET is set); the sender is the process's own,
+# messages.sender().
+_enabled = False
 
 
 def _label(item, no_log):
@@ -61,9 +62,7 @@ def _status(result):
 def _after_fork_in_child():
     """os.register_at_fork hook: in a freshly forked WorkerProcess, announce it and bracket its
     loop items. Never uses Ansible's display (its lock may be held across the fork)."""
-    global _sender
-    parent = _sender
-    if parent is None:
+    if not _enabled:
         return
     try:
         # The frame that called os.fork(): multiprocessing.popen_fork.Popen._launch, whose
@@ -78,7 +77,7 @@ def _after_fork_in_child():
             return
     except Exception:
         return
-    _sender = sender = parent.for_child()
+    sender = messages.sender()
     try:
         host = proc._host.get_name()
         task_uuid = proc._task._uuid
@@ -136,12 +135,12 @@ def _safe(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if _sender is None:
+        if not _enabled:
             return
         try:
             method(self, *args, **kwargs)
         except Exception:
-            _sender.errors += 1
+            messages.sender().errors += 1
 
     return wrapper
 
@@ -154,22 +153,22 @@ class CallbackModule(CallbackBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        global _sender
+        global _enabled
         self._play_uuid = None
         self._tasks_sent = set()
-        if os.environ.get(messages.SOCKET_ENV) and _sender is None:
-            _sender = messages.Sender.from_env()
+        if os.environ.get(messages.SOCKET_ENV) and not _enabled:
+            _enabled = True
             os.register_at_fork(after_in_child=_after_fork_in_child)
 
     @_safe
     def v2_playbook_on_start(self, playbook):
         path = playbook._file_name  # None for ad hoc commands
-        _sender.playbook_start(os.path.abspath(path) if path else None, _ANSIBLE_VERSION, sys.version.split()[0], sys.executable)
+        messages.sender().playbook_start(os.path.abspath(path) if path else None, _ANSIBLE_VERSION, sys.version.split()[0], sys.executable)
 
     @_safe
     def v2_playbook_on_play_start(self, play):
         self._play_uuid = play._uuid
-        _sender.play_start(play._uuid, play.get_name(), play.strategy)
+        messages.sender().play_start(play._uuid, play.get_name(), play.strategy)
 
     @_safe
     def v2_playbook_on_task_start(self, task, is_conditional):
@@ -184,7 +183,7 @@ class CallbackModule(CallbackBase):
         if task._uuid in self._tasks_sent:
             return
         self._tasks_sent.add(task._uuid)
-        _sender.task_start(
+        messages.sender().task_start(
             uuid=task._uuid,
             name=task.get_name(),
             action=task.action,
@@ -196,7 +195,7 @@ class CallbackModule(CallbackBase):
         )
 
     def _runner_end(self, result, status, ignore_errors=None):
-        _sender.runner_end(result.host.get_name(), result.task._uuid, status, ignore_errors)
+        messages.sender().runner_end(result.host.get_name(), result.task._uuid, status, ignore_errors)
 
     @_safe
     def v2_runner_on_ok(self, result):
@@ -216,4 +215,4 @@ class CallbackModule(CallbackBase):
 
     @_safe
     def v2_playbook_on_stats(self, stats):
-        _sender.playbook_end()
+        messages.sender().playbook_end()

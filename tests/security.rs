@@ -309,3 +309,60 @@ fn root_does_not_write_into_another_users_directory() {
         .unwrap();
     one_line_error(&run, &format!("belongs to uid {}, not 0", attacker.uid));
 }
+
+/// The traced command asks spawntrace to "record a target" with a command of its choosing: it
+/// runs with the user's credentials and a bare environment, never as root.
+#[test]
+#[file_serial(ebpf)]
+fn a_target_request_runs_its_command_as_the_user_only() {
+    require_root!();
+    let root_dir = tempfile::tempdir().unwrap();
+    let victim = victim(root_dir.path());
+    let attacker = TestUser::create("target");
+    let witness = attacker.dir.join("witness");
+    // the "ssh command" writes who ran it and with what environment, then tries root's file
+    let command = format!(
+        "id -u > {w}; env | sort >> {w}; echo pwned > {v}",
+        w = witness.display(),
+        v = victim.display()
+    );
+    let script = format!(
+        r#"
+import json, os, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(os.environ["SPAWNTRACE_TARGET_SOCKET"])
+s.sendall(json.dumps({{"target": "me@nowhere:22", "argv": ["/bin/sh", "-c", {command:?}], "control_master": True,
+                       "env": {{"SSH_AUTH_SOCK": "/agent", "LD_PRELOAD": "/evil.so"}}}}).encode() + b"\n")
+print(s.makefile().readline().strip())
+"#
+    );
+    let run = attacker
+        .sudo_spawntrace()
+        .env("SECRET_OF_ROOTS_ENV", "1")
+        .args(["-q", "--ansible", "always", "--", "/usr/bin/python3", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let answer = String::from_utf8_lossy(&run.stdout);
+    assert!(answer.contains(r#""recording":false"#), "{answer}");
+    assert_untouched(&victim);
+    let seen = std::fs::read_to_string(&witness).expect("the command ran as the user");
+    let mut lines = seen.lines();
+    assert_eq!(lines.next(), Some(attacker.uid.to_string().as_str()), "{seen}");
+    let env: Vec<&str> = lines.map(|l| l.split('=').next().unwrap()).collect();
+    for name in &env {
+        assert!(
+            ["PATH", "HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK", "PWD", "SHLVL", "_"].contains(name),
+            "{name} leaked into the command's environment: {env:?}"
+        );
+    }
+    assert!(
+        seen.contains("SSH_AUTH_SOCK=/agent") && seen.contains(&format!("HOME={}", attacker_home(&attacker)))
+    );
+    let m = std::fs::metadata(&witness).unwrap();
+    assert_eq!(m.uid(), attacker.uid, "written by the user");
+}
+
+fn attacker_home(user: &TestUser) -> String {
+    nix::unistd::User::from_name(&user.name).unwrap().unwrap().dir.display().to_string()
+}

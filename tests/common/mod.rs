@@ -86,11 +86,14 @@ pub fn record_with(extra: &[&str], env: &[(&str, &str)], argv: &[&str]) -> Run {
     let output = cmd.output().expect("running spawntrace");
     let trace = Trace::read(&out)
         .unwrap_or_else(|e| panic!("{e:#}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr)));
-    let analysis = Analysis::from_events(
+    let mut model = Analysis::new_model();
+    trace.events.iter().for_each(|e| model.apply(e));
+    let analysis = Analysis::new(
         trace.header.clone(),
         trace.footer.clone(),
-        &trace.events,
+        model,
         &trace.plugin_messages,
+        &trace.targets,
     );
     Run { output, trace, analysis, dir }
 }

@@ -14,10 +14,11 @@ Python:
 
 CLI (the contract other languages rely on):
 
-    python3 tests/lab/sshlab.py serve --hosts N [--group GROUP]
+    python3 tests/lab/sshlab.py serve --hosts N [--group GROUP] [--sudo]
 
-sets N hosts up, writes an INI inventory of them as GROUP (default `targets`; `write_inventory`),
-then writes exactly one line to stdout and flushes it:
+sets N hosts up (with --sudo, the login user may sudo to root without a password while the lab
+lives), writes an INI inventory of them as GROUP (default `targets`; `write_inventory`), then
+writes exactly one line to stdout and flushes it:
 
     {"dir": "/tmp/spawntrace-sshlab-…", "key": "/tmp/spawntrace-sshlab-…/client_key",
      "user": "spawntrace-test", "ssh_options": ["-F", "/dev/null", "-o", …],
@@ -103,8 +104,11 @@ class Lab:
     """`hosts` test hosts h1..hN, up when the constructor returns; `close()` (or leaving a `with`
     block) tears them down. A failed setup tears down what it made before raising."""
 
-    def __init__(self, hosts: int = 1):
+    def __init__(self, hosts: int = 1, sudo: bool = False):
         self.user = USER
+        # with `sudo`, USER may run anything as root without a password while the lab lives (a
+        # sudoers.d file of this lab: USER is shared by every lab on the machine)
+        self._sudoers = Path(f"/etc/sudoers.d/spawntrace-sshlab-{os.getpid()}") if sudo else None
         self.ssh_options = list(SSH_OPTIONS)
         self.hosts: list[Host] = []
         self._veths: list[str] = []
@@ -136,6 +140,10 @@ class Lab:
         shutil.copy(self.dir / "client_key.pub", self.dir / "authorized_keys")
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         os.chmod("/run/sshd", 0o755)
+        if self._sudoers is not None:
+            fd = os.open(self._sudoers, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o440)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{USER} ALL=(root) NOPASSWD: ALL\n")
         with _subnet_lock():
             for i in range(1, count + 1):
                 self.hosts.append(self._add_network(f"h{i}", _free_subnet()))
@@ -247,6 +255,9 @@ class Lab:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         self._veths.clear()
         self._netns.clear()
+        if self._sudoers is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._sudoers.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -274,7 +285,7 @@ def _free_subnet() -> int:
     raise LabError(f"no free subnet in {SUBNET_PREFIX}.0.0/16")
 
 
-def serve(hosts: int, group: str) -> int:
+def serve(hosts: int, group: str, sudo: bool) -> int:
     # A signal only wakes the loop below (through the pipe): raised as an exception, it could land
     # between the lab's setup and its `with`, leaving the lab up. One during setup is seen after it.
     wake_r, wake_w = os.pipe()
@@ -283,7 +294,7 @@ def serve(hosts: int, group: str) -> int:
     for s in STOP_SIGNALS:
         signal.signal(s, lambda *_: None)
     try:
-        lab = Lab(hosts)
+        lab = Lab(hosts, sudo=sudo)
     except Exception as e:
         why = str(e) if isinstance(e, LabError) else f"{type(e).__name__}: {e}"
         print("sshlab: " + why.replace("\n", " "), file=sys.stderr, flush=True)
@@ -307,10 +318,11 @@ def main(argv: list[str]) -> int:
     serve_parser = commands.add_parser("serve", help="set hosts up, print them as one JSON line, tear down at stdin EOF or a signal")
     serve_parser.add_argument("--hosts", type=int, default=1, metavar="N")
     serve_parser.add_argument("--group", default="targets", help="the hosts' group in the inventory written (default: targets)")
+    serve_parser.add_argument("--sudo", action="store_true", help="let the login user sudo to root without a password while the lab lives")
     args = parser.parse_args(argv)
     if args.hosts < 1:
         parser.error("--hosts must be at least 1")
-    return serve(args.hosts, args.group)
+    return serve(args.hosts, args.group, args.sudo)
 
 
 if __name__ == "__main__":

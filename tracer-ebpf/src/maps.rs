@@ -2,7 +2,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{KernelOffsets, counter};
 
@@ -26,9 +26,14 @@ pub static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(1638
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// The tracer's own tgid: the processes it forks are the roots of the traced trees.
+/// The tracer's own tgid: the first processes it forks are the roots of the traced trees.
 #[unsafe(no_mangle)]
 pub static TRACER_TGID: Global<u32> = Global::new(0);
+
+/// How many more of the tracer's forks are roots (userspace sets it at load: the command; what
+/// the tracer starts later, such as the ssh to a target recorder, is not the run's).
+#[map]
+pub static ROOTS_LEFT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Kernel struct offsets from the running kernel's BTF (zero = unknown).
 #[unsafe(no_mangle)]

@@ -1,16 +1,21 @@
 //! One analysed run: what the trace says about itself (header, footer), the process model
-//! rebuilt from its events, and the Ansible attribution. It is built once — from a finished
-//! recording or from a saved trace — and every output (report, histograms, wall-time
-//! categories, flamegraph, timeline, compare, check) reads it.
+//! rebuilt from its events, the Ansible attribution, and what the run did on its SSH targets.
+//! It is built once — from a finished recording or from a saved trace — and every output
+//! (report, histograms, wall-time categories, flamegraph, timeline, compare, check) reads it.
 use std::path::Path;
 
 use anyhow::Result;
 
 use crate::{
-    ansible::{attribution::Attribution, messages::Received, processes},
+    ansible::{
+        attribution::Attribution,
+        messages::Received,
+        processes,
+        target_attribution::{self, Target},
+    },
     model::Model,
     record::launch::RunAs,
-    trace::{Event, Footer, Header, Trace},
+    trace::{Event, Footer, Header, TargetRecord, Trace},
 };
 
 pub struct Analysis {
@@ -22,6 +27,9 @@ pub struct Analysis {
     pub attribution: Option<Attribution>,
     /// Plugin messages the trace held that are not messages of the protocol (older traces).
     pub skipped_plugin_messages: u64,
+    /// The SSH targets the run reached, each with its own processes (attributed when the
+    /// controller's are).
+    pub targets: Vec<Target>,
 }
 
 impl Analysis {
@@ -31,10 +39,23 @@ impl Analysis {
         Model::marking_opens(processes::is_module_payload)
     }
 
-    /// The analysis of a model built with [`Analysis::new_model`] and the plugins' messages.
-    pub fn new(header: Header, footer: Option<Footer>, model: Model, messages: &[Received]) -> Self {
+    /// The analysis of a model built with [`Analysis::new_model`], the plugins' messages and
+    /// the records of the SSH targets.
+    pub fn new(
+        header: Header,
+        footer: Option<Footer>,
+        model: Model,
+        messages: &[Received],
+        target_records: &[TargetRecord],
+    ) -> Self {
         let attribution = (!messages.is_empty()).then(|| Attribution::new(&model, messages));
-        Self { header, footer, model, attribution, skipped_plugin_messages: 0 }
+        let mut targets = target_attribution::targets(target_records);
+        if let Some(a) = &attribution {
+            for t in &mut targets {
+                target_attribution::attribute(t, &model, a);
+            }
+        }
+        Self { header, footer, model, attribution, skipped_plugin_messages: 0, targets }
     }
 
     /// From events in memory (tests, tools).
@@ -48,7 +69,7 @@ impl Analysis {
         for e in events {
             model.apply(e);
         }
-        Self::new(header, footer, model, messages)
+        Self::new(header, footer, model, messages, &[])
     }
 
     /// Reads a saved trace straight into its model: the events are not kept, so memory is what
@@ -58,8 +79,8 @@ impl Analysis {
         let file = crate::output::open_read(path, owner)?;
         let mut model = Self::new_model();
         let trace = Trace::read_file(file, path, |e| model.apply(&e))?;
-        let Trace { header, footer, plugin_messages, skipped_plugin_messages, .. } = trace;
-        Ok(Self { skipped_plugin_messages, ..Self::new(header, footer, model, &plugin_messages) })
+        let Trace { header, footer, plugin_messages, skipped_plugin_messages, targets, .. } = trace;
+        Ok(Self { skipped_plugin_messages, ..Self::new(header, footer, model, &plugin_messages, &targets) })
     }
 
     /// Whether the trace ends with its footer.

@@ -449,7 +449,7 @@ async fn untraced(
     run_as: Option<&launch::RunAs>,
     tag: &str,
 ) -> Result<f64> {
-    let inject = ansible::Plugins { callback: false, persistent: m.persistent() };
+    let inject = ansible::Plugins { callback: false, persistent: m.persistent(), targets: false };
     let session = match inject.persistent {
         true => Some(ansible::Session::start(run_as, inject)?.0),
         false => None,

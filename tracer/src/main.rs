@@ -156,6 +156,10 @@ struct RecordArgs {
     /// isolated).
     #[arg(long, requires = "persistent")]
     in_process: bool,
+    /// For Ansible runs: also record what the run does on its SSH targets (a recorder started
+    /// on each through the run's own ssh ControlMaster, as root there), or skip them.
+    #[arg(long, value_enum, default_value_t)]
+    targets: spawntrace::ansible::targets::Targets,
     /// Ring-buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     ring_buffer_mib: u32,
@@ -180,8 +184,19 @@ struct RecordArgs {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let matches = cli().get_matches();
-    if let Some(("generate", m)) = matches.subcommand() {
-        return done(Generate::from_arg_matches(m).map_err(Into::into).and_then(generate));
+    match matches.subcommand() {
+        Some(("generate", m)) => {
+            return done(Generate::from_arg_matches(m).map_err(Into::into).and_then(generate));
+        }
+        Some((TARGET_RECORD, _)) => {
+            let code = match runtime() {
+                Ok(rt) => rt.block_on(record::target::record()),
+                Err(e) => return fail(&e, EXIT_TOOL_FAILURE),
+            };
+            // not waiting for the runtime's blocked read of stdin
+            std::process::exit(code);
+        }
+        _ => {}
     }
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cli()).exit());
     match cli.cmd {
@@ -235,10 +250,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// The documented CLI plus the hidden `spawntrace generate`.
+/// The hidden subcommand a controller's spawntrace runs on SSH targets (see
+/// [`record::target`]); not for users.
+const TARGET_RECORD: &str = "target-record";
+
+/// The documented CLI plus the hidden `spawntrace generate` and `spawntrace target-record`.
 fn cli() -> clap::Command {
     let generate = clap::Command::new("generate").hide(true).subcommand_required(true);
-    Cli::command().subcommand(Generate::augment_subcommands(generate))
+    Cli::command()
+        .subcommand(Generate::augment_subcommands(generate))
+        .subcommand(clap::Command::new(TARGET_RECORD).hide(true))
 }
 
 /// What `spawntrace generate` writes: it describes [`Cli`] only, without itself.
@@ -294,6 +315,7 @@ fn run_record(args: RecordArgs) -> ExitCode {
         ring_mib: args.ring_buffer_mib,
         inject_callback: args.inject_callback,
         persistent: args.persistent,
+        record_targets: args.targets == spawntrace::ansible::targets::Targets::Record,
         env: in_process_env(args.in_process),
         probe_stats: args.probe_stats,
         linger: args.linger,
@@ -382,7 +404,7 @@ fn in_process_env(in_process: bool) -> Vec<(std::ffi::OsString, std::ffi::OsStri
 async fn run(persistent: bool, in_process: bool, command: &[OsString]) -> Result<u8> {
     use spawntrace::{ansible, record::launch};
     launch::check_argv(command)?;
-    let inject = ansible::Plugins { callback: false, persistent };
+    let inject = ansible::Plugins { callback: false, persistent, targets: false };
     let session = match persistent {
         true => Some(ansible::Session::start(None, inject)?.0),
         false => None,

@@ -230,11 +230,56 @@ pub struct Footer {
     pub malformed_messages: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The first and the last line of a trace.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum Line {
+pub enum Bookend {
     Header(Header),
     Footer(Footer),
+}
+
+/// What a run recorded of its SSH targets (`target`: `user@host:port`, as the run's ssh
+/// connection reached it): the controller's records about each target and, wrapped, every line
+/// of each target recorder's own trace, in the order they came.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TargetRecord {
+    /// An Ansible worker (its pid vouched for by the kernel) reaches this target.
+    TargetUser { target: String, worker_pid: u32, ts: u64 },
+    /// Whether the target is recorded and, if not, why; how long its recorder took to start
+    /// (the worker that first reached the target waited that long).
+    TargetState {
+        target: String,
+        recording: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default)]
+        start_ns: u64,
+    },
+    /// The target's `CLOCK_MONOTONIC` minus ours (add it to our time to get theirs), and the
+    /// bound of that estimate's error (half the best ping's round trip).
+    TargetClock { target: String, offset_ns: i64, error_ns: u64 },
+    /// A line of the target recorder's trace; its times are on the target's clock.
+    TargetLine { target: String, line: TargetLine },
+}
+
+impl TargetRecord {
+    pub fn target(&self) -> &str {
+        match self {
+            TargetRecord::TargetUser { target, .. }
+            | TargetRecord::TargetState { target, .. }
+            | TargetRecord::TargetClock { target, .. }
+            | TargetRecord::TargetLine { target, .. } => target,
+        }
+    }
+}
+
+/// A line of a target recorder's trace: its header, an event, its footer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetLine {
+    Event(Event),
+    Bookend(Bookend),
 }
 
 /// Longest line a trace may hold (bytes, without the newline). The tracer's own lines stay far
@@ -249,26 +294,40 @@ pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 const FLUSH_BYTES: usize = 256 * 1024;
 
 /// Writes a trace to `FILE.partial` and renames it to `FILE` on [`TraceWriter::finish`], so a
-/// trace at the final path is always complete. Lines are buffered whole and written whole, at
-/// least every [`FLUSH_INTERVAL`]: the partial file of a killed tracer is readable up to its
-/// last flush (its last line torn at worst, which readers skip).
+/// trace at the final path is always complete; or to a stream (a target recorder's stdout).
+/// Lines are buffered whole and written whole, at least every [`FLUSH_INTERVAL`]: the partial
+/// file of a killed tracer is readable up to its last flush (its last line torn at worst, which
+/// readers skip).
 pub struct TraceWriter {
-    out: crate::output::Partial,
+    out: Destination,
     buf: Vec<u8>,
     last_flush: std::time::Instant,
+}
+
+enum Destination {
+    File(crate::output::Partial),
+    Stream(Box<dyn std::io::Write + Send>),
 }
 
 impl TraceWriter {
     /// Creates the file now, as `owner` (see [`crate::output`]), so an unwritable path fails
     /// before anything is run.
     pub fn create(path: &Path, owner: Option<&crate::record::launch::RunAs>) -> Result<Self> {
-        let out = crate::output::Partial::create(path, owner)?;
-        Ok(Self { out, buf: Vec::with_capacity(2 * FLUSH_BYTES), last_flush: std::time::Instant::now() })
+        Ok(Self::to(Destination::File(crate::output::Partial::create(path, owner)?)))
+    }
+
+    /// Writes the trace to `out` (whole lines, flushed as a file would be).
+    pub fn stream(out: impl std::io::Write + Send + 'static) -> Self {
+        Self::to(Destination::Stream(Box::new(out)))
+    }
+
+    fn to(out: Destination) -> Self {
+        Self { out, buf: Vec::with_capacity(2 * FLUSH_BYTES), last_flush: std::time::Instant::now() }
     }
 
     /// The header is flushed at once: even a trace killed right after the start says what ran.
     pub fn header(&mut self, h: &Header) -> Result<()> {
-        self.line(&Line::Header(h.clone()))?;
+        self.line(&Bookend::Header(h.clone()))?;
         self.flush()
     }
 
@@ -280,7 +339,12 @@ impl TraceWriter {
         self.line(&TaggedMessage { ty: "ansible", received })
     }
 
-    fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
+    pub fn target(&mut self, record: &TargetRecord) -> Result<()> {
+        self.line(record)
+    }
+
+    /// Any other line of the format (a target's records, a target recorder's answers).
+    pub fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
         serde_json::to_writer(&mut self.buf, v)?;
         self.buf.push(b'\n');
         if self.buf.len() >= FLUSH_BYTES {
@@ -297,26 +361,40 @@ impl TraceWriter {
         }
     }
 
-    fn flush(&mut self) -> Result<()> {
+    /// Writes what is pending now.
+    pub fn flush(&mut self) -> Result<()> {
         self.last_flush = std::time::Instant::now();
         if self.buf.is_empty() {
             return Ok(());
         }
-        let tmp = self.out.tmp().display().to_string();
-        self.out.file().write_all(&self.buf).with_context(|| format!("writing {tmp}"))?;
+        match &mut self.out {
+            Destination::File(partial) => {
+                let tmp = partial.tmp().display().to_string();
+                partial.file().write_all(&self.buf).with_context(|| format!("writing {tmp}"))?;
+            }
+            Destination::Stream(out) => {
+                out.write_all(&self.buf).and_then(|()| out.flush()).context("writing the trace")?
+            }
+        }
         self.buf.clear();
         Ok(())
     }
 
-    pub fn finish(mut self, f: &Footer) -> Result<PathBuf> {
-        self.line(&Line::Footer(f.clone()))?;
+    /// Writes the footer; a file is renamed into place (its final path is returned).
+    pub fn finish(mut self, f: &Footer) -> Result<Option<PathBuf>> {
+        self.line(&Bookend::Footer(f.clone()))?;
         self.flush()?;
-        self.out.commit()
+        match self.out {
+            Destination::File(partial) => partial.commit().map(Some),
+            Destination::Stream(_) => Ok(None),
+        }
     }
 
     /// Removes the partial file (recording failed before anything useful was written).
     pub fn discard(self) {
-        self.out.discard();
+        if let Destination::File(partial) = self.out {
+            partial.discard();
+        }
     }
 }
 
@@ -338,6 +416,8 @@ pub struct Trace {
     /// Plugin message lines that are not messages of the protocol (traces written before the
     /// tracer checked what it stored): skipped.
     pub skipped_plugin_messages: u64,
+    /// What was recorded of the SSH targets, in order.
+    pub targets: Vec<TargetRecord>,
 }
 
 impl Trace {
@@ -407,9 +487,9 @@ impl Trace {
                 if v > VERSION as u64 {
                     bail!("trace format version {v} is newer than this spawntrace reads ({VERSION})");
                 }
-                match serde_json::from_value::<Line>(value).context("line 1: bad header")? {
-                    Line::Header(h) => h,
-                    Line::Footer(_) => bail!("line 1 is a footer"),
+                match serde_json::from_value::<Bookend>(value).context("line 1: bad header")? {
+                    Bookend::Header(h) => h,
+                    Bookend::Footer(_) => bail!("line 1 is a footer"),
                 }
             }
         };
@@ -432,9 +512,9 @@ impl Trace {
                 Err(e) => return Err(e).with_context(|| format!("line {n} is not JSON")),
             };
             match value.get("type").and_then(|t| t.as_str()) {
-                Some("footer") => match serde_json::from_value::<Line>(value) {
-                    Ok(Line::Footer(f)) => t.footer = Some(f),
-                    Ok(Line::Header(_)) => unreachable!("tagged footer"),
+                Some("footer") => match serde_json::from_value::<Bookend>(value) {
+                    Ok(Bookend::Footer(f)) => t.footer = Some(f),
+                    Ok(Bookend::Header(_)) => unreachable!("tagged footer"),
                     Err(e) => bail!("line {n}: bad footer: {e}"),
                 },
                 Some("header") => bail!("line {n}: a second header"),
@@ -451,6 +531,9 @@ impl Trace {
                         Err(_) => t.skipped_plugin_messages += 1,
                     }
                 }
+                Some("target_user" | "target_state" | "target_clock" | "target_line") => t.targets.push(
+                    serde_json::from_value(value).with_context(|| format!("line {n}: bad target record"))?,
+                ),
                 Some(_) => t.extra.push(value),
                 None => bail!("line {n}: record without a type"),
             }
@@ -515,7 +598,7 @@ mod tests {
             let err = Trace::from_reader(text.as_bytes()).unwrap_err();
             assert!(format!("{err:#}").contains(want), "{text:?}: {err:#}");
         }
-        let mut good = serde_json::to_string(&Line::Header(header())).unwrap();
+        let mut good = serde_json::to_string(&Bookend::Header(header())).unwrap();
         good.push_str("\n{\"type\":\"exec\",\"ts\":\"x\"}\n");
         let err = Trace::from_reader(good.as_bytes()).unwrap_err();
         assert!(format!("{err:#}").contains("line 2: bad event"), "{err:#}");
@@ -523,7 +606,7 @@ mod tests {
 
     #[test]
     fn an_older_traces_header_and_stray_plugin_lines_still_read() {
-        let mut header = serde_json::to_value(Line::Header(header())).unwrap();
+        let mut header = serde_json::to_value(Bookend::Header(header())).unwrap();
         header["ansible"] = true.into();
         let text = [
             header.to_string(),

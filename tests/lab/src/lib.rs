@@ -57,12 +57,23 @@ impl Lab {
     /// Starts `n` hosts named h1..hn, in the inventory's `group`. Needs root, sshd and
     /// iproute2 (`cargo xtask setup` installs them); the error is the script's own one line.
     pub fn start(n: usize, group: &str) -> Result<Lab> {
+        Self::start_with(n, group, &[])
+    }
+
+    /// As [`Lab::start`], with the login user allowed to sudo to root without a password while
+    /// the lab lives.
+    pub fn start_with_sudo(n: usize, group: &str) -> Result<Lab> {
+        Self::start_with(n, group, &["--sudo"])
+    }
+
+    fn start_with(n: usize, group: &str, options: &[&str]) -> Result<Lab> {
         // The system's Python: the lab needs only its standard library, and root's PATH may
         // lead to a pyenv shim.
         let python =
             ["/usr/bin/python3", "python3"].into_iter().find(|p| Path::new(p).is_file()).unwrap_or("python3");
         let mut serve = Command::new(python)
             .args([SCRIPT, "serve", "--hosts", &n.to_string(), "--group", group])
+            .args(options)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -6,7 +6,7 @@ use tracer_common::{ForkEvent, ForkFlags, counter, kind};
 
 use super::Record;
 use crate::{
-    maps::{TRACER_TGID, TRACKED, bump, current_ids, is_tracked},
+    maps::{ROOTS_LEFT, TRACER_TGID, TRACKED, bump, current_ids, is_tracked},
     task,
 };
 
@@ -23,6 +23,9 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let thread = child_tgid == tgid;
+    if root && !thread && !take_root() {
+        return 0; // a process the tracer starts for itself
+    }
     let flags = match (thread, root) {
         // The tracer's own threads are not traced.
         (true, true) => return 0,
@@ -43,4 +46,19 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
         rec.submit();
     }
     0
+}
+
+/// Whether one more of the tracer's forks may be a root, counting it. Not atomic: the tracer
+/// forks its command before anything else, never two processes at once.
+#[inline(always)]
+fn take_root() -> bool {
+    let Some(left) = ROOTS_LEFT.get_ptr_mut(0) else { return false };
+    // SAFETY: the map's one slot, valid while the program runs.
+    unsafe {
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+    }
+    true
 }

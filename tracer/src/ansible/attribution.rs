@@ -95,6 +95,19 @@ pub struct Attribution {
     pub pid_mismatches: u64,
     /// worker_start messages whose pid matched no traced process.
     pub unmatched_workers: u64,
+    /// Module runs a persistent agent on an SSH target handed to a runner there.
+    pub remote_runners: Vec<RemoteRunner>,
+}
+
+/// A module run handed to a runner process on an SSH target (a `runner_start` with `remote`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteRunner {
+    pub worker: usize,
+    pub item: Option<u32>,
+    /// The runner's pid on the target.
+    pub runner_pid: u32,
+    /// When it was reported (controller clock).
+    pub ts: u64,
 }
 
 impl Attribution {
@@ -195,14 +208,22 @@ impl Attribution {
                         stated.insert(proc, Owner::Agent);
                     }
                 }
-                // A remote runner is on another machine: not a process of this trace.
-                PluginEvent::RunnerStart { remote: false, worker_pid, host, task_uuid, item, .. } => {
+                PluginEvent::RunnerStart { remote, worker_pid, host, task_uuid, item, .. } => {
                     let Some(runner) = m.runner_pid() else { continue };
                     let worker = worker_pid.and_then(|wp| worker_of_pid.get(&wp).copied()).or_else(|| {
                         let task = *task_index.get(task_uuid.as_deref()?)?;
                         worker_by_host_task.get(&(host.as_deref()?, task)).copied()
                     });
-                    if let (Some(w), Some(proc)) = (worker, processes.find(runner, ts)) {
+                    let Some(w) = worker else { continue };
+                    // A remote runner is on the target: a process of its recording, if any.
+                    if *remote {
+                        a.remote_runners.push(RemoteRunner {
+                            worker: w,
+                            item: *item,
+                            runner_pid: runner,
+                            ts,
+                        });
+                    } else if let Some(proc) = processes.find(runner, ts) {
                         let owner = Owner::Task { worker: w, item: *item };
                         stated.entry(proc).or_insert(owner);
                         runs.entry(proc).or_default().push((ts, owner));
@@ -215,9 +236,7 @@ impl Attribution {
                         a.workers[w].status = Some(*status);
                     }
                 }
-                PluginEvent::RunnerStart { remote: true, .. }
-                | PluginEvent::PlaybookEnd {}
-                | PluginEvent::Other => {}
+                PluginEvent::PlaybookEnd {} | PluginEvent::Other => {}
             }
         }
         a.dropped_messages = dropped.values().sum();

@@ -6,6 +6,8 @@ pub mod channel;
 pub mod config;
 pub mod messages;
 pub mod processes;
+pub mod target_attribution;
+pub mod targets;
 
 use std::{
     ffi::OsString,
@@ -78,12 +80,24 @@ pub struct Plugins {
     pub callback: bool,
     /// The persistent-agent connection plugins (`local`, `ssh`).
     pub persistent: bool,
+    /// An `ssh` connection plugin that has spawntrace record each SSH target, and the socket
+    /// it asks on (the persistent agent's `ssh` plugin asks too).
+    pub targets: bool,
+}
+
+/// The sockets a [`Session`] binds for spawntrace to serve.
+#[derive(Default)]
+pub struct Sockets {
+    /// The plugins' attribution messages.
+    pub channel: Option<Channel>,
+    /// The connection plugins' requests to record a target ([`targets`]).
+    pub targets: Option<std::os::unix::net::UnixListener>,
 }
 
 impl Session {
     /// Writes the plugins, binds the channel (when the callback is injected) and works out the
     /// environment, all owned by the user the command will run as.
-    pub fn start(run_as: Option<&RunAs>, inject: Plugins) -> Result<(Self, Option<Channel>)> {
+    pub fn start(run_as: Option<&RunAs>, inject: Plugins) -> Result<(Self, Sockets)> {
         let home =
             run_as.map(|r| PathBuf::from(&r.home)).or_else(|| std::env::var_os("HOME").map(PathBuf::from));
         let cwd = std::env::current_dir().context("current directory")?;
@@ -101,6 +115,14 @@ impl Session {
                 true => Some(Channel::bind(&socket)?),
                 false => None,
             };
+            let target_socket = session.path().join("targets.sock");
+            let targets = match inject.targets {
+                true => Some(
+                    std::os::unix::net::UnixListener::bind(&target_socket)
+                        .with_context(|| format!("binding {}", target_socket.display()))?,
+                ),
+                false => None,
+            };
             // Read as the user: a config file root could read but they cannot is not theirs to use.
             let settings = config::plugin_settings(&cwd, |k| std::env::var(k).ok(), home.as_deref())?;
             let plugins = root.join("spawntrace/tracer/plugins");
@@ -111,17 +133,25 @@ impl Session {
                 env.push(("ANSIBLE_CALLBACKS_ENABLED".into(), settings.enabled_with(CALLBACK_NAME).into()));
                 env.push(("SPAWNTRACE_SOCKET".into(), socket.into_os_string()));
             }
-            if inject.persistent {
-                let connection = plugins.join("connection");
+            // The persistent agent's ssh plugin records targets too: one plugin directory.
+            let connection = match (inject.persistent, inject.targets) {
+                (true, _) => Some(plugins.join("connection")),
+                (false, true) => Some(plugins.join("target_recording")),
+                (false, false) => None,
+            };
+            if let Some(connection) = connection {
                 anyhow::ensure!(
-                    connection.join("local.py").is_file(),
-                    "this spawntrace was built without the persistent-agent connection plugins"
+                    connection.join("ssh.py").is_file(),
+                    "this spawntrace was built without its connection plugins"
                 );
                 let path = settings.connection_path_with(&connection, home.as_deref());
                 env.push(("ANSIBLE_CONNECTION_PLUGINS".into(), path.into()));
             }
+            if inject.targets {
+                env.push((targets::SOCKET_ENV.into(), target_socket.into_os_string()));
+            }
             session.env = env;
-            Ok((session, channel))
+            Ok((session, Sockets { channel, targets }))
         })
     }
 

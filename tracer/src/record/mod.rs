@@ -5,6 +5,7 @@ pub mod launch;
 pub mod preflight;
 pub mod probes;
 pub mod reader;
+pub mod target;
 
 use std::path::PathBuf;
 
@@ -19,7 +20,7 @@ use crate::{
         messages::{PluginEvent, Received},
     },
     model::Model,
-    trace::{self, Counters, Event, Footer, Header, Status, TraceWriter},
+    trace::{self, Counters, Event, Footer, Header, Status, TargetRecord, TraceWriter},
 };
 use launch::{RunAs, SignalForwarder};
 use probes::Probes;
@@ -40,6 +41,8 @@ pub struct Options {
     pub inject_callback: ansible::InjectCallback,
     /// Inject the persistent-agent connection plugins.
     pub persistent: bool,
+    /// With the callback: also record what the run does on its SSH targets.
+    pub record_targets: bool,
     /// More environment for the command.
     pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     /// Send the command's stdout and stderr to this file instead of ours.
@@ -66,6 +69,7 @@ impl Options {
             ring_mib: 32,
             inject_callback: ansible::InjectCallback::Auto,
             persistent: false,
+            record_targets: true,
             env: Vec::new(),
             log: None,
             progress: None,
@@ -117,7 +121,7 @@ pub async fn record(opts: Options) -> Result<Recording> {
     let result = record_into(&opts, &signals, run_as.as_ref(), writer.as_mut()).await;
     match (result, writer) {
         (Ok(mut rec), Some(w)) => {
-            rec.trace_path = Some(w.finish(rec.footer())?);
+            rec.trace_path = w.finish(rec.footer())?;
             Ok(rec)
         }
         (Ok(rec), None) => Ok(rec),
@@ -155,18 +159,22 @@ async fn record_into(
     let mut ring = readable(probes.events()?).context("polling the ring buffer")?;
 
     // Kept alive (its directory holds the plugins and the socket) until the command has ended.
-    let inject = ansible::Plugins {
-        callback: opts.inject_callback.enabled(&opts.command),
-        persistent: opts.persistent,
-    };
-    let (_session, mut channel, mut env) = match inject.callback || inject.persistent {
+    let callback = opts.inject_callback.enabled(&opts.command);
+    let inject =
+        ansible::Plugins { callback, persistent: opts.persistent, targets: callback && opts.record_targets };
+    let (_session, mut channel, mut targets, mut env) = match inject.callback || inject.persistent {
         true => {
-            let (session, channel) = ansible::Session::start(run_as, inject)?;
+            let (session, sockets) = ansible::Session::start(run_as, inject)?;
             let env = session.env.clone();
-            let channel = channel.map(readable).transpose().context("polling the attribution socket")?;
-            (Some(session), channel, env)
+            let channel =
+                sockets.channel.map(readable).transpose().context("polling the attribution socket")?;
+            let targets = sockets
+                .targets
+                .map(|l| ansible::targets::TargetRecording::start(l, run_as.cloned()))
+                .transpose()?;
+            (Some(session), channel, targets, env)
         }
-        false => (None, None, Vec::new()),
+        false => (None, None, None, Vec::new()),
     };
     env.extend(opts.env.iter().cloned());
 
@@ -194,6 +202,7 @@ async fn record_into(
     let mut sink = Sink {
         model: Analysis::new_model(),
         plugin_messages: Vec::new(),
+        targets: Vec::new(),
         writer,
         events: 0,
         decode_failures: 0,
@@ -235,6 +244,10 @@ async fn record_into(
                 sink.drain_channel(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
+            // (pending, never None, while the recording runs: it ends with `finish` below)
+            Some(record) = async { targets.as_mut().expect("guarded").next().await }, if targets.is_some() => {
+                sink.target(record)?;
+            }
         }
         if let Some(until) = linger_until
             && (tokio::time::Instant::now() >= until || sink.model.still_running().next().is_none())
@@ -250,6 +263,10 @@ async fn record_into(
     }
     if let Some(ch) = channel.as_mut() {
         sink.drain_channel(ch.get_mut())?;
+    }
+    // The target recorders end with the command: what they still send is the run's.
+    if let Some(t) = targets.take() {
+        t.finish(|record| sink.target(record)).await?;
     }
     let malformed_messages = channel.as_ref().map_or(0, |ch| ch.get_ref().malformed);
     let end_ns = monotonic_ns();
@@ -268,7 +285,7 @@ async fn record_into(
         interrupted: signals.interrupted(),
         malformed_messages,
     };
-    let analysis = Analysis::new(header, Some(footer), sink.model, &sink.plugin_messages);
+    let analysis = Analysis::new(header, Some(footer), sink.model, &sink.plugin_messages, &sink.targets);
     Ok(Recording { analysis, trace_path: None })
 }
 
@@ -277,6 +294,7 @@ async fn record_into(
 struct Sink<'w> {
     model: Model,
     plugin_messages: Vec<Received>,
+    targets: Vec<TargetRecord>,
     writer: Option<&'w mut TraceWriter>,
     events: u64,
     decode_failures: u64,
@@ -315,6 +333,14 @@ impl Sink<'_> {
                 name.clone_into(&mut task);
             }
         }
+        Ok(())
+    }
+
+    fn target(&mut self, record: TargetRecord) -> Result<()> {
+        if let Some(w) = self.writer.as_deref_mut() {
+            w.target(&record)?;
+        }
+        self.targets.push(record);
         Ok(())
     }
 

@@ -58,7 +58,9 @@ impl Probes {
             links.push(prog.take_link(id)?);
         }
         log::debug!("probes loaded and attached in {:?}", start.elapsed());
-        Ok(Self { links, ebpf, _stats: stats })
+        let mut probes = Self { links, ebpf, _stats: stats };
+        probes.allow_roots(1)?;
+        Ok(probes)
     }
 
     /// Starts forwarding kernel-side aya-log messages to the `log` crate.
@@ -70,6 +72,21 @@ impl Probes {
                 None
             }
         }
+    }
+
+    /// How many of the tracer's next forks are the roots of traced trees (the command); later
+    /// ones are the tracer's own.
+    fn allow_roots(&mut self, n: u32) -> Result<()> {
+        let map = self.ebpf.map_mut("ROOTS_LEFT").context("ROOTS_LEFT map missing")?;
+        aya::maps::Array::<_, u32>::try_from(map)?.set(0, n, 0).context("setting ROOTS_LEFT")
+    }
+
+    /// Adds a running process to the traced set: its events, and its descendants from now on,
+    /// are recorded (a target recorder's sshd session).
+    pub fn track(&mut self, tgid: u32) -> Result<()> {
+        let map = self.ebpf.map_mut("TRACKED").context("TRACKED map missing")?;
+        let mut tracked = aya::maps::HashMap::<_, u32, u8>::try_from(map)?;
+        tracked.insert(tgid, 1, 0).with_context(|| format!("tracking process {tgid}"))
     }
 
     /// The event ring buffer (can be taken once).

@@ -5,9 +5,53 @@ use serde::Serialize;
 
 use crate::{
     analysis::Analysis,
+    ansible::{
+        attribution::Owner,
+        target_attribution::{Target, TargetState},
+    },
     report::labels::printable,
     trace::{Counters, Status},
 };
+
+fn target_summary(analysis: &Analysis, t: &Target) -> TargetSummary {
+    let mut hosts: Vec<String> = Vec::new();
+    if let Some(a) = &analysis.attribution {
+        for w in t.owners.iter().filter_map(|o| match o {
+            Owner::Task { worker, .. } => Some(*worker),
+            _ => None,
+        }) {
+            let host = &a.workers[w].host;
+            if !hosts.contains(host) {
+                hosts.push(host.clone());
+            }
+        }
+        for (pid, _) in &t.users {
+            if let Some(w) = a.workers.iter().find(|w| w.pid == *pid)
+                && !hosts.contains(&w.host)
+            {
+                hosts.push(w.host.clone());
+            }
+        }
+    }
+    TargetSummary {
+        target: t.target.clone(),
+        hosts,
+        recorded: t.state == TargetState::Recording,
+        reason: match &t.state {
+            TargetState::Recording => None,
+            TargetState::Unavailable(why) => Some(why.clone()),
+        },
+        processes: t.model.processes.len() as u64,
+        execs: t.model.totals.execs,
+        agent: t.owners.iter().filter(|o| **o == Owner::Agent).count() as u64,
+        connection: t.owners.iter().filter(|o| **o == Owner::Connection).count() as u64,
+        unattributed: t.unattributed(),
+        complete: t.footer.is_some(),
+        dropped_events: t.footer.as_ref().map(|f| f.counters.dropped_events()),
+        clock_error_ms: t.clock.map(|(_, e)| (e as f64 / 1e4).round() / 100.0),
+        recorder_start_ms: ms(t.start_ns),
+    }
+}
 
 /// How many executables the top list shows.
 const TOP: usize = 10;
@@ -53,6 +97,39 @@ pub struct Summary {
     /// False when the trace has no footer (the tracer was killed mid-run).
     pub complete: bool,
     pub interrupted: bool,
+    /// The SSH targets the run reached: whether each was recorded (and if not, why), and what
+    /// ran there.
+    pub targets: Vec<TargetSummary>,
+}
+
+/// One SSH target of the run.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TargetSummary {
+    /// `user@host:port`.
+    pub target: String,
+    /// The inventory hosts whose workers reached it.
+    pub hosts: Vec<String>,
+    pub recorded: bool,
+    /// Why it was not recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub processes: u64,
+    pub execs: u64,
+    /// Processes of long-lived agents (a persistent agent, Mitogen's context) and of the
+    /// connection (the sshd session).
+    pub agent: u64,
+    pub connection: u64,
+    /// Processes given to no task, agent or connection.
+    pub unattributed: u64,
+    /// The target recorder's trace ended with its footer.
+    pub complete: bool,
+    /// Events lost on the target; None when unknown (its trace is incomplete).
+    pub dropped_events: Option<u64>,
+    /// The bound of the error of the target's clock mapped onto ours.
+    pub clock_error_ms: Option<f64>,
+    /// How long the recorder took to start, or to fail (the first worker to reach the target
+    /// waited that long).
+    pub recorder_start_ms: f64,
 }
 
 /// A process still alive when the recording ended.
@@ -123,7 +200,38 @@ impl Summary {
             probe_cpu_ms: footer.and_then(|f| f.probe_cpu_ns).map(ms),
             complete: footer.is_some(),
             interrupted: footer.is_some_and(|f| f.interrupted),
+            targets: analysis.targets.iter().map(|t| target_summary(analysis, t)).collect(),
         }
+    }
+
+    /// One line per SSH target: recorded (what ran there) or why not.
+    pub fn targets_text(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .map(|t| {
+                let hosts = match t.hosts.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({})", t.hosts.join(", ")),
+                };
+                let what = match (&t.reason, t.complete) {
+                    (Some(reason), _) => format!("not recorded: {reason}"),
+                    (None, complete) => format!(
+                        "{} processes ({} agent, {} unattributed), {} execs{}, recorder started in {:.3} s{}",
+                        t.processes,
+                        t.agent,
+                        t.unattributed,
+                        t.execs,
+                        t.clock_error_ms.map(|e| format!(", clock ±{e:.3} ms")).unwrap_or_default(),
+                        t.recorder_start_ms / 1000.0,
+                        match complete {
+                            true => String::new(),
+                            false => "; INCOMPLETE (its recorder ended early)".into(),
+                        }
+                    ),
+                };
+                format!("target {}{hosts}: {what}", printable(&t.target))
+            })
+            .collect()
     }
 
     fn status_text(&self) -> String {
@@ -202,6 +310,9 @@ impl Summary {
             }
         }
         let _ = writeln!(o, "  {}", self.health_text());
+        for t in self.targets_text() {
+            let _ = writeln!(o, "  {t}");
+        }
         o
     }
 
@@ -240,6 +351,9 @@ impl Summary {
         ];
         for (k, v) in rows {
             let _ = writeln!(o, "| {k} | {} |", v.replace('|', "\\|"));
+        }
+        for t in self.targets_text() {
+            let _ = writeln!(o, "\n- {}", t.replace('|', "\\|"));
         }
         if !self.top_executables.is_empty() {
             let _ = writeln!(o, "\n| executable | execs |\n|---|---:|");

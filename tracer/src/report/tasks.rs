@@ -47,6 +47,20 @@ pub struct TaskRow {
     pub failed_execs: u64,
     pub opens: u64,
     pub cpu_ms: f64,
+    /// What the row's work cost on its SSH targets (present when a target was recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetWork>,
+}
+
+/// A row's processes on the SSH targets.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct TargetWork {
+    pub processes: u64,
+    pub execs: u64,
+    /// Executable basename -> execs.
+    pub execs_by_exe: BTreeMap<String, u64>,
+    pub opens: u64,
+    pub cpu_ms: f64,
 }
 
 /// Processes outside any task, by category.
@@ -101,6 +115,19 @@ impl Acc {
         self.row.cpu_ms += p.cpu_ns as f64 / 1e6;
     }
 
+    /// A process of an SSH target.
+    fn add_target(&mut self, model: &Model, i: usize) {
+        let p = &model.processes[i];
+        let t = self.row.target.get_or_insert_default();
+        t.processes += 1;
+        for e in &p.execs {
+            t.execs += 1;
+            *t.execs_by_exe.entry(basename(&e.filename).to_owned()).or_insert(0) += 1;
+        }
+        t.opens += p.opens as u64;
+        t.cpu_ms += p.cpu_ns as f64 / 1e6;
+    }
+
     fn span(&mut self, start: u64, end: Option<u64>) {
         self.first = Some(self.first.map_or(start, |f| f.min(start)));
         self.last = self.last.max(end.unwrap_or(start));
@@ -112,6 +139,9 @@ impl Acc {
         self.row.wall_ms = self.first.map_or(0.0, |f| (self.last.saturating_sub(f)) as f64 / 1e6);
         self.row.cpu_ms = (self.row.cpu_ms * 100.0).round() / 100.0;
         self.row.wall_ms = (self.row.wall_ms * 100.0).round() / 100.0;
+        if let Some(t) = &mut self.row.target {
+            t.cpu_ms = (t.cpu_ms * 100.0).round() / 100.0;
+        }
         self.row
     }
 }
@@ -153,6 +183,22 @@ impl TaskReport {
                 Owner::Unattributed => other.unattributed += 1,
             }
         }
+        // The targets' processes go to the rows of the workers they worked for.
+        for target in &analysis.targets {
+            for (i, owner) in target.owners.iter().enumerate() {
+                if let Owner::Task { worker, item } = *owner {
+                    let w = &a.workers[worker];
+                    let key = match by {
+                        By::Task => (w.task, None, None),
+                        By::Host => (w.task, Some(w.host.clone()), None),
+                        By::Item => (w.task, Some(w.host.clone()), item),
+                    };
+                    rows.entry(key).or_default().add_target(&target.model, i);
+                    totals.add_target(&target.model, i);
+                }
+            }
+        }
+        let recorded = analysis.targets.iter().any(|t| t.header.is_some());
         // Items run are the workers' item windows (whatever processes they started).
         for (wi, w) in a.workers.iter().enumerate() {
             for win in &w.items {
@@ -179,6 +225,9 @@ impl TaskReport {
                         .find(|win| win.index == it)
                 });
                 let mut row = acc.finish();
+                if recorded {
+                    row.target.get_or_insert_default();
+                }
                 // An item row's wall time is its window inside the worker.
                 if let Some(win) = window {
                     let end = win.end_ns.unwrap_or(win.start_ns);
@@ -197,6 +246,9 @@ impl TaskReport {
             .collect();
         let mut totals = totals.finish();
         totals.name = "TOTAL".into();
+        if recorded {
+            totals.target.get_or_insert_default();
+        }
         Self {
             attribution_available: analysis.attribution.is_some(),
             playbook: a.playbook.clone(),
@@ -234,14 +286,23 @@ impl TaskReport {
         s
     }
 
+    /// The row's most exec'd executables (then, with targets, theirs).
     fn top_execs(r: &TaskRow, n: usize) -> String {
-        let mut v: Vec<(&String, &u64)> = r.execs_by_exe.iter().collect();
-        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        let mut s: Vec<String> = v.iter().take(n).map(|(k, c)| format!("{k} {c}")).collect();
-        if v.len() > n {
-            s.push("…".into());
+        let top = |by: &BTreeMap<String, u64>| {
+            let mut v: Vec<(&String, &u64)> = by.iter().collect();
+            v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let mut s: Vec<String> = v.iter().take(n).map(|(k, c)| format!("{k} {c}")).collect();
+            if v.len() > n {
+                s.push("…".into());
+            }
+            s.join(", ")
+        };
+        match &r.target {
+            Some(t) if !t.execs_by_exe.is_empty() => {
+                format!("{}; on targets: {}", top(&r.execs_by_exe), top(&t.execs_by_exe))
+            }
+            _ => top(&r.execs_by_exe),
         }
-        s.join(", ")
     }
 
     fn unavailable_note(&self) -> Option<&'static str> {
@@ -274,15 +335,30 @@ impl TaskReport {
             return o;
         }
         let w = self.tasks.iter().map(|r| Self::label(r).chars().count()).max().unwrap_or(4).clamp(4, 48);
+        // the targets' processes and execs, when a target was recorded
+        let targets = self.totals.target.is_some();
         let _ = writeln!(
             o,
-            "{:<w$}  {:<16} {:>5} {:>5} {:>9} {:>6} {:>6} {:>7} {:>9}  execs by executable",
-            "task", "action", "hosts", "items", "wall s", "procs", "execs", "opens", "cpu s"
+            "{:<w$}  {:<16} {:>5} {:>5} {:>9} {:>6} {:>6} {:>7} {:>9}{}  execs by executable",
+            "task",
+            "action",
+            "hosts",
+            "items",
+            "wall s",
+            "procs",
+            "execs",
+            "opens",
+            "cpu s",
+            if targets { format!(" {:>7} {:>7}", "t.procs", "t.execs") } else { String::new() }
         );
         for r in self.tasks.iter().chain(std::iter::once(&self.totals)) {
+            let on_targets = match &r.target {
+                Some(t) if targets => format!(" {:>7} {:>7}", t.processes, t.execs),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 o,
-                "{:<w$}  {:<16} {:>5} {:>5} {:>9.3} {:>6} {:>6} {:>7} {:>9.3}  {}",
+                "{:<w$}  {:<16} {:>5} {:>5} {:>9.3} {:>6} {:>6} {:>7} {:>9.3}{on_targets}  {}",
                 truncate(&Self::label(r), w),
                 truncate(short_action(&r.action), 16),
                 r.hosts.len(),
@@ -320,15 +396,24 @@ impl TaskReport {
             }
             return o;
         }
+        let targets = self.totals.target.is_some();
+        let (head, rule) = match targets {
+            true => (" target processes | target execs |", "---:|---:|"),
+            false => ("", ""),
+        };
         let _ = writeln!(
             o,
-            "| task | action | hosts | items | wall s | processes | execs | opens | cpu s | execs by executable |\n\
-             |---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+            "| task | action | hosts | items | wall s | processes | execs | opens | cpu s |{head} execs by executable |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|{rule}---|"
         );
         for r in self.tasks.iter().chain(std::iter::once(&self.totals)) {
+            let on_targets = match &r.target {
+                Some(t) if targets => format!(" {} | {} |", t.processes, t.execs),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {:.3} | {} | {} | {} | {:.3} | {} |",
+                "| {} | {} | {} | {} | {:.3} | {} | {} | {} | {:.3} |{on_targets} {} |",
                 Self::label(r).replace('|', "\\|"),
                 r.action,
                 r.hosts.len(),

@@ -19,4 +19,5 @@ bootstrap   bind, daemonize, READY line; the agent process's entry point
 importer    imports this package from the payload's sources (first part of the payload)
 wire        (controller) the payload, its first stage and the agent version
 client      (controller) the connection plugins' side: commands, endpoints, bootstrap
+target_recording  (controller) asks spawntrace to record an SSH target before the first command
 """

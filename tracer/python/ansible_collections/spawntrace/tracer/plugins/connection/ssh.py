@@ -16,7 +16,7 @@ if _AGENT not in sys.path:
 
 from ansible.errors import AnsibleError, AnsibleFileNotFound
 
-from spawntrace_agent import client  # noqa: E402
+from spawntrace_agent import client, target_recording  # noqa: E402
 
 _builtin_ssh = client.builtin_connection("ssh")
 _SSHConnection = _builtin_ssh.Connection
@@ -28,8 +28,9 @@ DOCUMENTATION = _builtin_ssh.DOCUMENTATION.replace(
 )
 
 
-class Connection(client.AgentConnectionMixin, _SSHConnection):
-    """ssh connection through a spawntrace persistent agent on the target."""
+class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin, _SSHConnection):
+    """ssh connection through a spawntrace persistent agent on the target (the target recorded
+    when spawntrace traces the run)."""
 
     def _st_target(self):
         self.host = self.get_option("host") or self._play_context.remote_addr

@@ -1,0 +1,203 @@
+//! What a run does on its SSH targets, recorded there: real sshd hosts in network namespaces
+//! (tests/lab), real ansible-playbook, real eBPF recorders started on the hosts through the run's
+//! own ssh ControlMaster.
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use common::ansible::{envs, playbook};
+use serial_test::file_serial;
+use spawntrace::{
+    ansible::attribution::Owner,
+    model::basename,
+    report::{
+        summary::Summary,
+        tasks::{By, TaskReport},
+    },
+};
+
+/// Each item runs printf as many times as its number, marking each with host and item.
+const MARKS: &str = r#"
+- hosts: targets
+  gather_facts: false
+  tasks:
+    - name: marks
+      ansible.builtin.shell: "for i in $(seq {{ item }}); do /usr/bin/printf 'mark-{{ inventory_hostname }}-{{ item }} '; done"
+      loop: [1, 2, 3]
+    - name: copy
+      ansible.builtin.copy:
+        content: "hello\n"
+        dest: "/tmp/spawntrace-targets-{{ inventory_hostname }}"
+"#;
+
+fn newest_env() -> std::path::PathBuf {
+    envs().into_iter().next_back().expect("an environment")
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn target_processes_land_on_their_task_host_and_item_and_nothing_else_is_recorded() {
+    require_root!();
+    let lab = sshlab::Lab::start_with_sudo(2, "targets").expect("the ssh test hosts");
+    let cp = tempfile::tempdir().unwrap();
+    for (strategy, mode) in [("linear", "classic"), ("free", "classic"), ("linear", "persistent")] {
+        let what = format!("{strategy} {mode}");
+        // An unrelated ssh session to h1 while the run goes on: its own sshd session, not the
+        // run's, so none of it may appear.
+        let stop = Arc::new(AtomicBool::new(false));
+        let unrelated = {
+            let (stop, key, user, addr) =
+                (stop.clone(), lab.key.clone(), lab.user.clone(), lab.hosts[0].addr.clone());
+            let options = lab.ssh_options.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = Command::new("ssh")
+                        .args(&options)
+                        .arg("-i")
+                        .arg(&key)
+                        .args(["-o", "BatchMode=yes", &format!("{user}@{addr}"), "/usr/bin/printf unrelated"])
+                        .output();
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
+        let pb = common::ansible::playbook_with(
+            if mode == "persistent" { &["--persistent"] } else { &[] },
+            &newest_env(),
+            MARKS,
+            lab.inventory.to_str().unwrap(),
+            &[
+                ("ANSIBLE_FORKS", "2"),
+                ("ANSIBLE_STRATEGY", strategy),
+                ("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path().to_str().unwrap()),
+            ],
+            &[],
+        );
+        stop.store(true, Ordering::Relaxed);
+        unrelated.join().unwrap();
+        let a = &pb.run.analysis;
+        let summary = Summary::new(a);
+        assert_eq!(summary.targets.len(), 2, "{what}: {:?}", summary.targets);
+        for (t, s) in a.targets.iter().zip(&summary.targets) {
+            assert!(s.recorded && s.complete, "{what}: {s:?}");
+            assert_eq!(s.unattributed, 0, "{what}: {s:?}");
+            // the persistent agent there (and its zygote, spare runners) is classified
+            assert_eq!(s.agent > 0, mode == "persistent", "{what}: {s:?}");
+            let [host] = s.hosts.as_slice() else { panic!("{what}: one host per target: {s:?}") };
+            // every printf there is this host's, none is the unrelated session's
+            let printfs: Vec<&Vec<String>> = t
+                .model
+                .processes
+                .iter()
+                .flat_map(|p| &p.execs)
+                .filter(|e| basename(&e.filename) == "printf")
+                .map(|e| &e.argv)
+                .collect();
+            assert_eq!(printfs.len(), 1 + 2 + 3, "{what} {host}: {printfs:?}");
+            assert!(
+                printfs.iter().all(|argv| argv.join(" ").contains(&format!("mark-{host}-"))),
+                "{printfs:?}"
+            );
+            assert!(t.owners.iter().filter(|o| **o == Owner::Connection).count() == 1, "the sshd session");
+        }
+        // per task, host and item: as many printf execs there as the item's number
+        let rows = TaskReport::new(a, By::Item).tasks;
+        let mut seen = BTreeMap::new();
+        for row in rows.iter().filter(|r| r.name == "marks" && r.item.is_some()) {
+            let target = row.target.as_ref().expect("target work in every row");
+            let printf = target.execs_by_exe.get("printf").copied().unwrap_or(0);
+            let label: u64 = row.item_label.as_deref().unwrap().parse().unwrap();
+            assert_eq!(printf, label, "{what}: {} item {label}", row.host.as_deref().unwrap());
+            seen.insert((row.host.clone().unwrap(), label), printf);
+        }
+        assert_eq!(seen.len(), 2 * 3, "{what}: {seen:?}");
+        // copy's work on each target is in its task: a module Python each (classic), the
+        // agent's runner and the programs the module runs (persistent)
+        let copy = TaskReport::new(a, By::Task).tasks.into_iter().find(|r| r.name == "copy").unwrap();
+        let on_targets = copy.target.unwrap();
+        match mode {
+            "classic" => assert!(on_targets.execs_by_exe.get("python3").copied().unwrap_or(0) >= 2, "{what}"),
+            _ => assert!(
+                on_targets.processes >= 2 && !on_targets.execs_by_exe.contains_key("python3"),
+                "{what}"
+            ),
+        }
+    }
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn a_target_without_root_is_reported_and_the_run_goes_on() {
+    require_root!();
+    let lab = sshlab::Lab::start(1, "targets").expect("the ssh test hosts");
+    let cp = tempfile::tempdir().unwrap();
+    let pb = playbook(
+        &newest_env(),
+        MARKS,
+        lab.inventory.to_str().unwrap(),
+        &[("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path().to_str().unwrap())],
+        &[],
+    );
+    let summary = Summary::new(&pb.run.analysis);
+    let [t] = summary.targets.as_slice() else { panic!("{:?}", summary.targets) };
+    assert!(!t.recorded, "{t:?}");
+    assert!(t.reason.as_deref().is_some_and(|r| r.contains("no root")), "{t:?}");
+    assert!(
+        summary.targets_text()[0].contains("not recorded: no root there"),
+        "{:?}",
+        summary.targets_text()
+    );
+    // the controller side is as without target recording
+    let marks =
+        TaskReport::new(&pb.run.analysis, By::Task).tasks.into_iter().find(|r| r.name == "marks").unwrap();
+    assert!(marks.execs_by_exe.get("ssh").copied().unwrap_or(0) >= 3, "{:?}", marks.execs_by_exe);
+    assert!(marks.target.is_none(), "no target recorded: no target columns");
+}
+
+#[test]
+#[file_serial(ebpf)]
+fn a_recorder_killed_mid_run_leaves_an_incomplete_target_and_nothing_running() {
+    require_root!();
+    let lab = sshlab::Lab::start_with_sudo(1, "targets").expect("the ssh test hosts");
+    let cp = tempfile::tempdir().unwrap();
+    let recorders = || -> Vec<String> {
+        let out =
+            Command::new("pgrep").args(["-f", "^/var/cache/spawntrace/bin/[0-9a-f]+ target-record"]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    // the hosts are network namespaces of this machine: their recorder is a process here
+    let killer = std::thread::spawn(move || {
+        for _ in 0..600 {
+            if let Some(pid) = recorders().first() {
+                // once it records (its start takes about a second), during the sleep
+                std::thread::sleep(Duration::from_millis(2500));
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+    let pb = playbook(
+        &newest_env(),
+        "- hosts: targets\n  gather_facts: false\n  tasks:\n    - command: sleep 5\n    - command: /usr/bin/printf after\n",
+        lab.inventory.to_str().unwrap(),
+        &[("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path().to_str().unwrap())],
+        &[],
+    );
+    assert!(killer.join().unwrap(), "the recorder was never seen");
+    let summary = Summary::new(&pb.run.analysis);
+    let [t] = summary.targets.as_slice() else { panic!("{:?}", summary.targets) };
+    assert!(t.recorded && !t.complete && t.dropped_events.is_none(), "{t:?}");
+    assert!(summary.targets_text()[0].contains("INCOMPLETE"), "{:?}", summary.targets_text());
+    assert!(recorders().is_empty(), "a recorder is still running: {:?}", recorders());
+}

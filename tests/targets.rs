@@ -19,6 +19,7 @@ use spawntrace::{
     ansible::attribution::Owner,
     model::basename,
     report::{
+        categories::{Categories, Category},
         summary::Summary,
         tasks::{By, TaskReport},
     },
@@ -130,6 +131,19 @@ fn target_processes_land_on_their_task_host_and_item_and_nothing_else_is_recorde
                 "{what}"
             ),
         }
+        // where the time went: the target's shell helpers and module take over from the ssh
+        // that waits for them; the first task waited for the recorders
+        let categories = Categories::new(a);
+        let share = |task: &str, c: Category| {
+            let t = categories.tasks.iter().find(|t| t.name == task).unwrap();
+            t.categories.get(&c).map_or(0.0, |s| s.share)
+        };
+        assert!(share("copy", Category::Module) > 0.0, "{what}: {categories:?}");
+        assert!(share("copy", Category::Other) < 0.05, "{what}: {categories:?}");
+        if mode == "classic" {
+            assert!(share("marks", Category::Shell) > 0.0 && share("copy", Category::Shell) > 0.0, "{what}");
+        }
+        assert!(share("marks", Category::TargetRecorder) > 0.0, "{what}: {categories:?}");
     }
 }
 

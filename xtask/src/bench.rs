@@ -136,9 +136,46 @@ fn mitogen_strategy(env: &Path) -> Option<std::path::PathBuf> {
 }
 
 /// A test host for `bench runner --ssh`: sshd in a network namespace (the tests' lab,
-/// tests/lab); its error says what is missing.
+/// tests/lab), whose login user may sudo (to record the target); its error says what is
+/// missing.
 fn ssh_lab() -> Result<sshlab::Lab> {
-    sshlab::Lab::start(1, "benchmark_targets")
+    sshlab::Lab::start_with_sudo(1, "benchmark_targets")
+}
+
+/// A traced run of the benchmark with spawntrace `flags` and `vars`, written to `trace`: its
+/// `report --format json`, or None when the run failed.
+fn traced_report(
+    spawntrace: &Path,
+    flags: &[&str],
+    vars: &[EnvVar],
+    playbook: &Path,
+    inv: &[std::ffi::OsString],
+    extra: &str,
+    trace: &Path,
+) -> Result<Option<serde_json::Value>> {
+    let mut cmd = Command::new(spawntrace);
+    cmd.arg("-q").args(flags).arg("-o").arg(trace).arg("--").arg(playbook).args(inv);
+    cmd.args(["playbooks/bench.yml", "-e", extra]).current_dir(root());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let status = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status();
+    if !status.is_ok_and(|s| s.success()) {
+        return Ok(None);
+    }
+    let out = Command::new(spawntrace).args(["report", "--format", "json"]).arg(trace).output()?;
+    Ok(Some(serde_json::from_slice(&out.stdout)?))
+}
+
+/// An environment variable for a traced run.
+type EnvVar = (&'static str, std::ffi::OsString);
+
+/// `sh 4, python3 2` from an executable -> execs object, most first.
+fn top_execs(by_exe: &serde_json::Value) -> String {
+    let mut v: Vec<(&String, u64)> =
+        by_exe.as_object().into_iter().flatten().map(|(k, n)| (k, n.as_u64().unwrap_or(0))).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    v.iter().take(5).map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
 }
 
 /// The seed benchmark (`count` copy + `count` lineinfile) in each execution mode, interleaved
@@ -257,32 +294,43 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
         ratio("in-process", "bound"),
         ratio("mitogen", "bound")
     );
-    // Execs per module task of a persistent run (each mode), as the kernel saw them.
-    for (name, flags) in
-        [("persistent", &["--persistent"][..]), ("in-process", &["--persistent", "--in-process"][..])]
-    {
+    // Execs per module task of a traced run of each mode, as the kernel saw them; over ssh, on
+    // the target too (recorded there through the run's ControlMaster).
+    let mut traced_modes: Vec<(&str, Vec<&str>, Vec<EnvVar>)> = vec![
+        ("persistent", vec!["--persistent"], vec![]),
+        ("in-process", vec!["--persistent", "--in-process"], vec![]),
+    ];
+    if ssh {
+        traced_modes.insert(0, ("classic", vec![], vec![]));
+        if let Some(dir) = mitogen_strategy(&env) {
+            traced_modes.push((
+                "mitogen",
+                vec![],
+                vec![
+                    ("ANSIBLE_STRATEGY_PLUGINS", dir.into_os_string()),
+                    ("ANSIBLE_STRATEGY", "mitogen_linear".into()),
+                ],
+            ));
+        }
+    }
+    for (name, flags, vars) in &traced_modes {
         let trace = tmp.join(format!("{name}.jsonl"));
-        let traced = Command::new(&spawntrace)
-            .arg("-q")
-            .args(flags)
-            .arg("-o")
-            .arg(&trace)
-            .arg("--")
-            .arg(&playbook)
-            .args(&inv)
-            .args(["playbooks/bench.yml", "-e", &extra])
-            .current_dir(root())
-            .stdout(std::process::Stdio::null())
-            .status();
-        if !traced.is_ok_and(|s| s.success()) {
+        let Some(v) = traced_report(&spawntrace, flags, vars, &playbook, &inv, &extra, &trace)? else {
             println!("  {name} execs per task: the traced run failed");
             continue;
-        }
-        let out = Command::new(&spawntrace).args(["report", "--format", "json"]).arg(&trace).output()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        };
         for t in v["tasks"].as_array().into_iter().flatten() {
+            let on_target = match &t["target"] {
+                serde_json::Value::Null => String::new(),
+                target => format!(
+                    "; on the target {} execs ({}), {:.1} ms CPU",
+                    target["execs"],
+                    top_execs(&target["execs_by_exe"]),
+                    target["cpu_ms"].as_f64().unwrap_or(0.0)
+                ),
+            };
             println!(
-                "  {name} execs in {:?} ({}): {} over {} item(s)",
+                "  {name} execs in {:?} ({}): {} over {} item(s){on_target}",
                 t["name"].as_str().unwrap_or(""),
                 t["action"].as_str().unwrap_or(""),
                 t["execs"],
@@ -290,6 +338,54 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
             );
         }
         println!("  {name} unattributed processes: {}", v["outside_tasks"]["unattributed"]);
+        for t in v["targets"].as_array().into_iter().flatten() {
+            match t["reason"].as_str() {
+                Some(why) => {
+                    println!("  {name} target {}: not recorded: {why}", t["target"].as_str().unwrap_or(""))
+                }
+                None => println!(
+                    "  {name} target {}: {} processes ({} agent, {} unattributed), {} execs; recorder started in {:.2} s",
+                    t["target"].as_str().unwrap_or(""),
+                    t["processes"],
+                    t["agent"],
+                    t["unattributed"],
+                    t["execs"],
+                    t["recorder_start_ms"].as_f64().unwrap_or(0.0) / 1000.0
+                ),
+            }
+        }
+    }
+    if ssh {
+        // The target side's own cost: classic runs traced with and without the targets
+        // recorded, interleaved; and the recorders' CPU.
+        let mut with = Vec::new();
+        let mut without = Vec::new();
+        let mut recorder_cpu_ms = Vec::new();
+        for r in 0..runs {
+            for (targets, walls) in [("record", &mut with), ("skip", &mut without)] {
+                let trace = tmp.join(format!("overhead-{targets}-{r}.jsonl"));
+                let flags = ["--targets", targets];
+                let start = Instant::now();
+                let report = traced_report(&spawntrace, &flags, &[], &playbook, &inv, &extra, &trace)?;
+                walls.push(start.elapsed());
+                if let (Some(v), "record") = (report, targets) {
+                    let cpu: f64 = v["targets"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|t| t["recorder_cpu_ms"].as_f64())
+                        .sum();
+                    recorder_cpu_ms.push(cpu);
+                }
+            }
+        }
+        let (w, _) = mean_sd(&with);
+        let (wo, _) = mean_sd(&without);
+        let cpu = recorder_cpu_ms.iter().sum::<f64>() / recorder_cpu_ms.len().max(1) as f64;
+        println!(
+            "  target recording (classic, traced): {w:.2} s with, {wo:.2} s without: {:.2}x; recorder CPU {cpu:.0} ms per run",
+            w / wo
+        );
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())

@@ -84,6 +84,8 @@ enum Decider {
 #[derive(Debug, Default)]
 pub struct Attribution {
     pub playbook: Option<String>,
+    /// The plays' strategies, as announced.
+    pub strategies: Vec<String>,
     pub tasks: Vec<Task>,
     pub workers: Vec<Worker>,
     /// One per process of the model.
@@ -144,8 +146,11 @@ impl Attribution {
                     a.playbook.clone_from(playbook);
                     controller = processes.find(pid, ts);
                 }
-                PluginEvent::PlayStart { uuid, name, .. } => {
+                PluginEvent::PlayStart { uuid, name, strategy } => {
                     plays.insert(uuid, name);
+                    if let Some(s) = strategy.as_ref().filter(|s| !a.strategies.contains(s)) {
+                        a.strategies.push(s.clone());
+                    }
                 }
                 PluginEvent::TaskStart { uuid, name, action, role, play_uuid, handler, is_loop, .. } => {
                     if task_index.contains_key(uuid.as_str()) {

@@ -43,6 +43,8 @@ pub struct Target {
     pub users: Vec<(u32, u64)>,
     /// One per process of the model, once attributed.
     pub owners: Vec<Owner>,
+    /// The processes the agent there reported as module runners.
+    pub runners: Vec<usize>,
 }
 
 impl Target {
@@ -57,6 +59,7 @@ impl Target {
             model: Analysis::new_model(),
             users: Vec::new(),
             owners: Vec::new(),
+            runners: Vec::new(),
         }
     }
 
@@ -70,6 +73,17 @@ impl Target {
     pub fn target_ns(&self, local_ns: u64) -> u64 {
         let offset = self.clock.map_or(0, |(o, _)| o);
         (local_ns as i64 + offset).max(0) as u64
+    }
+
+    /// The recorded sshd session: the model's process the recorder tracked first.
+    pub fn session(&self) -> Option<usize> {
+        let pid = self.header.as_ref()?.root_pid;
+        self.model.processes.iter().position(|p| p.tgid() == pid && p.parent.is_none())
+    }
+
+    /// Whether process `i` is a runner the agent there reported (it runs modules itself).
+    pub fn runner(&self, i: usize) -> bool {
+        self.runners.contains(&i)
     }
 
     /// Processes given to no worker.
@@ -143,7 +157,7 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
         }
     }
     let reported = !runs.is_empty();
-    let session = target.header.as_ref().map(|h| h.root_pid);
+    let session = target.session();
     let n = model.processes.len();
     let mut owners = vec![Owner::Unattributed; n];
     // Long-lived processes first: agents, and the launchers that only led to them.
@@ -152,12 +166,10 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
         let (start, end) = (target.local_ns(p.start_ns), p.end_ns.map_or(u64::MAX, |e| target.local_ns(e)));
         let alive_at_start = workers.iter().filter(|(_, ws, we)| *ws <= start && start <= *we).count();
         let outlives = workers.iter().any(|(_, ws, _)| start < *ws && *ws < end);
-        if outlives && alive_at_start <= 1 && !runs.contains_key(&i) && Some(p.tgid()) != session {
+        if outlives && alive_at_start <= 1 && !runs.contains_key(&i) && Some(i) != session {
             owners[i] = Owner::Agent;
             let mut cur = p.parent;
-            while let Some(q) =
-                cur.filter(|&q| Some(model.processes[q].tgid()) != session && !runs.contains_key(&q))
-            {
+            while let Some(q) = cur.filter(|&q| Some(q) != session && !runs.contains_key(&q)) {
                 owners[q] = Owner::Agent;
                 cur = model.processes[q].parent;
             }
@@ -167,7 +179,7 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
     for i in 0..n {
         let p = &model.processes[i];
         let start = target.local_ns(p.start_ns);
-        if Some(p.tgid()) == session && p.parent.is_none() {
+        if Some(i) == session {
             owners[i] = Owner::Connection;
             continue;
         }
@@ -210,6 +222,7 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
         };
     }
     target.owners = owners;
+    target.runners = runs.into_keys().collect();
 }
 
 /// The live process of `model` with this tgid at `ts`.

@@ -27,6 +27,9 @@ pub enum Category {
     Agent,
     /// Any other program.
     Other,
+    /// Waiting for spawntrace's recorder to start on an SSH target (the first command to each
+    /// target waits for it): the tracing's own cost.
+    TargetRecorder,
     /// The worker's own Python, no other process of it running.
     Worker,
     /// No worker alive: ansible-playbook's own time (run level only).
@@ -34,13 +37,14 @@ pub enum Category {
 }
 
 impl Category {
-    pub const ALL: [Category; 8] = [
+    pub const ALL: [Category; 9] = [
         Category::Module,
         Category::InterpreterStartup,
         Category::Ssh,
         Category::Shell,
         Category::Agent,
         Category::Other,
+        Category::TargetRecorder,
         Category::Worker,
         Category::Controller,
     ];
@@ -53,6 +57,7 @@ impl Category {
             Category::Shell => "shell",
             Category::Agent => "agent",
             Category::Other => "other",
+            Category::TargetRecorder => "target_recorder",
             Category::Worker => "worker",
             Category::Controller => "controller",
         }
@@ -92,11 +97,93 @@ pub struct Categories {
     pub tasks: Vec<TaskCategories>,
 }
 
+/// The segments of an SSH target's processes, added to the segments of the workers they worked
+/// for. A program's category comes from what it runs (a module's Python split at its payload
+/// open); a fork that has not exec'd yet is still its parent's (the sshd session's forks are the
+/// session's: `ssh`); a runner the agent there reported runs its module itself: `module`.
+fn target_segments(target: &crate::ansible::target_attribution::Target, segments: &mut [Vec<Segment>]) {
+    let model = &target.model;
+    let session = target.session();
+    let end_of_trace = model.totals.last_ns;
+    let mut image: Vec<Category> = vec![Category::Other; model.processes.len()];
+    for (i, p) in model.processes.iter().enumerate() {
+        let parent = p.parent.filter(|&q| q < i);
+        let inherited = match parent {
+            Some(q) if Some(q) == session => Category::Ssh,
+            Some(q) => image[q],
+            None => Category::Ssh,
+        };
+        let owner = target.owners.get(i).copied();
+        image[i] = match (p.execs.last(), owner) {
+            (Some(_), _) => match crate::ansible::processes::kind(model, i) {
+                Kind::Module => Category::Module,
+                Kind::Shell => Category::Shell,
+                Kind::Ssh => Category::Ssh,
+                Kind::Other => Category::Other,
+            },
+            (None, Some(Owner::Agent)) => Category::Agent,
+            (None, _) if target.runner(i) => Category::Module,
+            (None, _) => inherited,
+        };
+        let Some(Owner::Task { worker, .. }) = owner else { continue };
+        let Some(spans) = segments.get_mut(worker) else { continue };
+        let (start, end) = (p.start_ns, p.end_ns.unwrap_or(end_of_trace).max(p.start_ns));
+        let mut push = |from: u64, to: u64, category: Category| {
+            let (from, to) = (target.local_ns(from), target.local_ns(to));
+            if from < to {
+                spans.push(Segment { start: from, end: to, category, on_target: true });
+            }
+        };
+        let Some(exec) = p.execs.last().map(|e| e.ts.clamp(start, end)) else {
+            push(start, end, image[i]);
+            continue;
+        };
+        push(start, exec, inherited);
+        match (image[i], p.first_marked_open_ns) {
+            (Category::Module, Some(open)) => {
+                let open = open.clamp(exec, end);
+                push(exec, open, Category::InterpreterStartup);
+                push(open, end, Category::Module);
+            }
+            (category, _) => push(exec, end, category),
+        }
+    }
+}
+
 /// A process's stretch of time in one category.
 struct Segment {
     start: u64,
     end: u64,
     category: Category,
+    /// Work on an SSH target: it outranks the controller's `ssh` that waits for it.
+    on_target: bool,
+}
+
+/// Which of the segments alive at a moment takes it: the most specific category, with the
+/// targets' shell helpers, agents and other programs before the controller's ssh (so that
+/// `ssh` is what the connection itself costs) and the controller's own after it.
+const PRECEDENCE: [(Category, bool); 11] = [
+    (Category::TargetRecorder, false),
+    (Category::Module, true),
+    (Category::InterpreterStartup, true),
+    (Category::Shell, true),
+    (Category::Agent, true),
+    (Category::Other, true),
+    (Category::Ssh, false),
+    (Category::Shell, false),
+    (Category::Agent, false),
+    (Category::Other, false),
+    (Category::Worker, false),
+];
+
+/// A segment's place in [`PRECEDENCE`] (module and start-up rank the same on either side).
+fn rank(category: Category, on_target: bool) -> usize {
+    let on_target = on_target || matches!(category, Category::Module | Category::InterpreterStartup);
+    PRECEDENCE
+        .iter()
+        .position(|&(c, t)| c == category && t == on_target)
+        .or_else(|| PRECEDENCE.iter().position(|&(c, _)| c == category))
+        .unwrap_or(PRECEDENCE.len() - 1)
 }
 
 const N: usize = Category::ALL.len();
@@ -173,7 +260,7 @@ impl Categories {
             let (start, end) = (p.start_ns, end_of(i));
             let mut push = |start: u64, end: u64, category: Category| {
                 if start < end && category != Category::Worker {
-                    segments[w].push(Segment { start, end, category });
+                    segments[w].push(Segment { start, end, category, on_target: false });
                 }
             };
             let Some(exec) = p.execs.last().map(|e| e.ts.clamp(start, end)) else {
@@ -188,6 +275,27 @@ impl Categories {
                     push(open, end, Category::Module);
                 }
                 (category, _) => push(exec, end, category),
+            }
+        }
+        // What the workers' processes did on the SSH targets, on the controller's clock: it runs
+        // while the worker's ssh waits, and being more specific, takes that time over.
+        for target in &analysis.targets {
+            target_segments(target, &mut segments);
+            // the worker that first reached the target waited for its recorder to start
+            let first = target.users.first().and_then(|&(pid, ts)| {
+                let w = workers.iter().position(|w| {
+                    let p = &model.processes[w.proc];
+                    w.pid == pid && p.start_ns <= ts && p.end_ns.is_none_or(|e| ts <= e)
+                })?;
+                Some((w, ts))
+            });
+            if let Some((w, ts)) = first.filter(|_| target.start_ns > 0) {
+                segments[w].push(Segment {
+                    start: ts,
+                    end: ts + target.start_ns,
+                    category: Category::TargetRecorder,
+                    on_target: false,
+                });
             }
         }
 
@@ -250,14 +358,14 @@ impl Categories {
         let w = self.tasks.iter().map(|t| t.name.chars().count()).max().unwrap_or(0).clamp(4, 40);
         let _ = write!(o, "{:<w$} {:>7} {:>8}", "task", "workers", "wall s");
         for c in &Category::ALL[..N - 1] {
-            let _ = write!(o, " {:>7}", short(*c));
+            let _ = write!(o, " {:>8}", short(*c));
         }
         o.push('\n');
         for t in &self.tasks {
             let name: String = t.name.chars().take(w).collect();
             let _ = write!(o, "{name:<w$} {:>7} {:>8.3}", t.workers, s(t.wall_ns));
             for c in &Category::ALL[..N - 1] {
-                let _ = write!(o, " {:>6.1}%", t.categories.get(c).map_or(0.0, |x| x.share * 100.0));
+                let _ = write!(o, " {:>7.1}%", t.categories.get(c).map_or(0.0, |x| x.share * 100.0));
             }
             o.push('\n');
         }
@@ -304,26 +412,26 @@ fn sweep(start: u64, end: u64, segments: &[Segment]) -> [u64; N] {
     for s in segments {
         let (a, b) = (s.start.max(start), s.end.min(end));
         if a < b {
-            points.push((a, s.category as usize, true));
-            points.push((b, s.category as usize, false));
+            let r = rank(s.category, s.on_target);
+            points.push((a, r, true));
+            points.push((b, r, false));
         }
     }
     points.sort_unstable();
-    let mut alive = [0u32; N];
+    let mut alive = [0u32; PRECEDENCE.len()];
     let mut spent = [0u64; N];
     let mut at = start;
-    for (t, c, opens) in points {
-        let top = alive.iter().position(|&k| k > 0).unwrap_or(Category::Worker as usize);
-        spent[top] += t - at;
+    let top = |alive: &[u32]| alive.iter().position(|&k| k > 0).map_or(Category::Worker, |r| PRECEDENCE[r].0);
+    for (t, r, opens) in points {
+        spent[top(&alive) as usize] += t - at;
         at = t;
         if opens {
-            alive[c] += 1;
+            alive[r] += 1;
         } else {
-            alive[c] -= 1;
+            alive[r] -= 1;
         }
     }
-    let top = alive.iter().position(|&k| k > 0).unwrap_or(Category::Worker as usize);
-    spent[top] += end - at;
+    spent[top(&alive) as usize] += end - at;
     spent
 }
 
@@ -361,6 +469,7 @@ fn s(ns: u64) -> f64 {
 fn short(c: Category) -> &'static str {
     match c {
         Category::InterpreterStartup => "interp",
+        Category::TargetRecorder => "recorder",
         c => c.name(),
     }
 }
@@ -439,7 +548,7 @@ mod tests {
 
     #[test]
     fn sweep_picks_the_most_specific_alive() {
-        let seg = |start, end, category| Segment { start, end, category };
+        let seg = |start, end, category| Segment { start, end, category, on_target: false };
         let spent = sweep(
             0,
             100,

@@ -101,6 +101,51 @@ pub fn folded(analysis: &Analysis, weight: Weight, by: FlameBy) -> Vec<String> {
         let key = frames.iter().map(|f| frame(f)).collect::<Vec<_>>().join(";");
         *stacks.entry(key).or_insert(0) += w;
     }
+    // The targets' processes go on from their task and host's `ssh` frame:
+    // `…;task;host;ssh;[target] sh -c …;python3 AnsiballZ_copy`.
+    for (target, a) in analysis.targets.iter().filter_map(|t| Some((t, attribution?))) {
+        let model = &target.model;
+        for (i, p) in model.processes.iter().enumerate() {
+            let w = match weight {
+                Weight::Count => 1,
+                Weight::Wall => {
+                    p.wall_ns().unwrap_or_else(|| model.totals.last_ns.saturating_sub(p.start_ns)) / 1000
+                }
+                Weight::Cpu => p.cpu_ns / 1000,
+            };
+            if w == 0 {
+                continue;
+            }
+            let mut frames = vec![playbook.clone()];
+            match target.owners.get(i).copied().unwrap_or(Owner::Unattributed) {
+                Owner::Task { worker, .. } => {
+                    let wk = &a.workers[worker];
+                    let task = &a.tasks[wk.task];
+                    frames.push(if task.play.is_empty() { "(play)".into() } else { task.play.clone() });
+                    let (t, h) = (task.name.clone(), wk.host.clone());
+                    match by {
+                        FlameBy::Task => frames.extend([t, h]),
+                        FlameBy::Host => frames.extend([h, t]),
+                    }
+                    frames.push("ssh".into());
+                }
+                owner => frames.push(format!("({})", owner.category())),
+            }
+            // below the recorded sshd session, the first frame marked as the target's
+            let session = target.session();
+            let chain: Vec<String> = model
+                .ancestry(i)
+                .into_iter()
+                .filter(|&c| Some(c) != session || c == i)
+                .map(|c| labels::target_label(model, c, session))
+                .collect();
+            for (n, label) in chain.into_iter().enumerate() {
+                frames.push(if n == 0 { format!("[target] {label}") } else { label });
+            }
+            let key = frames.iter().map(|f| frame(f)).collect::<Vec<_>>().join(";");
+            *stacks.entry(key).or_insert(0) += w;
+        }
+    }
     stacks.into_iter().map(|(k, v)| format!("{k} {v}")).collect()
 }
 

@@ -40,6 +40,18 @@ pub fn label(model: &Model, i: usize) -> String {
     }
 }
 
+/// The label of process `i` of an SSH target whose recorded sshd session is `session` (a process
+/// whose exec came before the recording: named here).
+pub fn target_label(model: &Model, i: usize, session: Option<usize>) -> String {
+    const SESSION: &str = "sshd session";
+    let p = &model.processes[i];
+    match (Some(i) == session, p.execs.is_empty(), p.parent) {
+        (true, _, _) => SESSION.to_owned(),
+        (false, true, Some(parent)) if Some(parent) == session => format!("{SESSION} (fork)"),
+        _ => label(model, i),
+    }
+}
+
 fn label_without_fork(model: &Model, i: usize) -> String {
     let l = label(model, i);
     l.strip_suffix(" (fork)").map(str::to_owned).unwrap_or(l)

@@ -50,6 +50,7 @@ fn target_summary(analysis: &Analysis, t: &Target) -> TargetSummary {
         dropped_events: t.footer.as_ref().map(|f| f.counters.dropped_events()),
         clock_error_ms: t.clock.map(|(_, e)| (e as f64 / 1e4).round() / 100.0),
         recorder_start_ms: ms(t.start_ns),
+        recorder_cpu_ms: t.footer.as_ref().map(|f| ms(f.tracer_cpu_ns)),
     }
 }
 
@@ -100,6 +101,9 @@ pub struct Summary {
     /// The SSH targets the run reached: whether each was recorded (and if not, why), and what
     /// ran there.
     pub targets: Vec<TargetSummary>,
+    /// Why the run's SSH targets could not be recorded at all, when that is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets_unrecorded: Option<String>,
 }
 
 /// One SSH target of the run.
@@ -130,6 +134,8 @@ pub struct TargetSummary {
     /// How long the recorder took to start, or to fail (the first worker to reach the target
     /// waited that long).
     pub recorder_start_ms: f64,
+    /// The recorder's own CPU time on the target (None: its trace is incomplete).
+    pub recorder_cpu_ms: Option<f64>,
 }
 
 /// A process still alive when the recording ended.
@@ -164,6 +170,7 @@ impl Summary {
                 *exits.entry(s.to_string()).or_insert(0) += 1;
             }
         }
+        let over_ssh = execs_by_path.keys().any(|p: &String| crate::model::basename(p) == "ssh");
         let mut top: Vec<TopExe> =
             execs_by_path.iter().map(|(path, &execs)| TopExe { path: path.clone(), execs }).collect();
         top.sort_by(|a, b| b.execs.cmp(&a.execs).then_with(|| a.path.cmp(&b.path)));
@@ -201,6 +208,12 @@ impl Summary {
             complete: footer.is_some(),
             interrupted: footer.is_some_and(|f| f.interrupted),
             targets: analysis.targets.iter().map(|t| target_summary(analysis, t)).collect(),
+            targets_unrecorded: analysis
+                .attribution
+                .as_ref()
+                .filter(|a| analysis.targets.is_empty() && a.strategies.iter().any(|s| s.contains("mitogen")))
+                .filter(|_| over_ssh)
+                .map(|_| "Mitogen's connections do not go through spawntrace's ssh plugin: its SSH targets are not recorded".into()),
         }
     }
 
@@ -312,6 +325,9 @@ impl Summary {
         let _ = writeln!(o, "  {}", self.health_text());
         for t in self.targets_text() {
             let _ = writeln!(o, "  {t}");
+        }
+        if let Some(why) = &self.targets_unrecorded {
+            let _ = writeln!(o, "  {why}");
         }
         o
     }

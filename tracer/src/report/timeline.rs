@@ -83,7 +83,9 @@ pub fn write_timeline(analysis: &Analysis, w: &mut impl std::io::Write) -> anyho
     let start = header.start_ns;
     let trace_end = model.totals.last_ns.max(start);
     let us = |t: u64| (t.saturating_sub(start) + 500) / 1000;
-    let (groups, hosts, place) = layout(model, attribution);
+    let (mut groups, hosts, place) = layout(model, attribution);
+    // Groups whose lane 0 holds tasks: the hosts', then each recorded SSH target's.
+    let mut task_groups: Vec<usize> = (0..hosts).collect();
 
     let mut slices = Vec::new();
     let mut is_worker = vec![false; model.processes.len()];
@@ -161,6 +163,77 @@ pub fn write_timeline(analysis: &Analysis, w: &mut impl std::io::Write) -> anyho
             proc: Some(i),
         });
     }
+    // Each recorded SSH target: a group of its own, the tasks of the workers that used it on
+    // lane 0, its processes below by depth under the sshd session (times mapped onto ours).
+    if let Some(a) = attribution {
+        for target in analysis.targets.iter().filter(|t| t.header.is_some()) {
+            let group = groups.len();
+            groups.push(format!("target {}", target.target));
+            task_groups.push(group);
+            let model = &target.model;
+            let target_end = model.totals.last_ns;
+            let mut workers: Vec<usize> = target
+                .owners
+                .iter()
+                .filter_map(|o| match o {
+                    Owner::Task { worker, .. } => Some(*worker),
+                    _ => None,
+                })
+                .collect();
+            workers.sort_unstable();
+            workers.dedup();
+            for w in workers.into_iter().map(|w| &a.workers[w]) {
+                let Some(p) = analysis.model.processes.get(w.proc) else { continue };
+                let task = a.tasks.get(w.task);
+                slices.push(Slice {
+                    group,
+                    level: 0,
+                    ts: us(p.start_ns),
+                    end: us(p.end_ns.unwrap_or(trace_end).max(p.start_ns)),
+                    rank: 0,
+                    name: task.map_or(String::new(), |t| {
+                        if t.name.is_empty() { t.action.clone() } else { t.name.clone() }
+                    }),
+                    cat: "task",
+                    args: Args::Task {
+                        action: task.map(|t| t.action.clone()),
+                        play: task.map(|t| t.play.clone()),
+                        host: w.host.clone(),
+                        status: w.status.map(|s| s.name()),
+                        worker_pid: w.pid,
+                        items: w.items.len(),
+                        cpu_ms: cpu_ms(p.cpu_ns),
+                    },
+                    proc: None,
+                });
+            }
+            let session = target.session();
+            let mut depth = vec![0usize; model.processes.len()];
+            for (i, p) in model.processes.iter().enumerate() {
+                depth[i] = p.parent.filter(|&q| q < i).map_or(0, |q| depth[q] + 1);
+                if Some(i) == session {
+                    continue;
+                }
+                let end = p.end_ns.unwrap_or(target_end).max(p.start_ns);
+                slices.push(Slice {
+                    group,
+                    level: depth[i].max(1),
+                    ts: us(target.local_ns(p.start_ns)),
+                    end: us(target.local_ns(end)),
+                    rank: 2,
+                    name: labels::target_label(model, i, session),
+                    cat: "target",
+                    args: Args::Process {
+                        pid: p.tgid(),
+                        argv: p.execs.last().map(|e| e.argv.join(" ").chars().take(ARGV_CAP).collect()),
+                        status: p.status.map_or("running at trace end".to_owned(), |s| s.to_string()),
+                        cpu_ms: cpu_ms(p.cpu_ns),
+                    },
+                    proc: None,
+                });
+            }
+        }
+    }
     slices.sort_by_key(|s| (s.group, s.level, s.ts, Reverse(s.end), s.rank));
 
     // Greedy lanes: per lane the stack of still-open slice ends; a slice goes to the first lane
@@ -217,7 +290,11 @@ pub fn write_timeline(analysis: &Analysis, w: &mut impl std::io::Write) -> anyho
         )?;
     }
     for (&(g, level, n), &tid) in &tids {
-        let mut name = if g < hosts && level == 0 { "tasks".to_owned() } else { format!("depth {level}") };
+        let mut name = if task_groups.contains(&g) && level == 0 {
+            "tasks".to_owned()
+        } else {
+            format!("depth {level}")
+        };
         if n > 0 {
             name.push_str(&format!(" #{}", n + 1));
         }

@@ -215,3 +215,132 @@ fn a_recorder_killed_mid_run_leaves_an_incomplete_target_and_nothing_running() {
     assert!(summary.targets_text()[0].contains("INCOMPLETE"), "{:?}", summary.targets_text());
     assert!(recorders().is_empty(), "a recorder is still running: {:?}", recorders());
 }
+
+/// The target side counted against ground truth: `strace -f` on the host's sshd sees every exec
+/// a run causes there; a recorded run of the same playbook must count the same execs, by
+/// executable, per task (one module task per playbook), classic and persistent.
+#[test]
+#[file_serial(ebpf)]
+fn target_execs_match_strace_on_the_hosts_sshd() {
+    require_root!();
+    let lab = sshlab::Lab::start_with_sudo(1, "targets").expect("the ssh test hosts");
+    let sshd = Command::new("pgrep")
+        .args(["-f", &format!("sshd -D -e -f {}/sshd_h1.conf", lab.dir.display())])
+        .output()
+        .unwrap();
+    let sshd = String::from_utf8_lossy(&sshd.stdout).split_whitespace().next().expect("h1's sshd").to_owned();
+    // each run writes files of its own (`run`): the same work, whatever ran before
+    let tasks = [
+        (
+            "copy",
+            "ansible.builtin.copy: {content: \"{{ item }}\\n\", dest: \"/tmp/spawntrace-gt-{{ run }}-{{ item }}\"}",
+        ),
+        (
+            "lineinfile",
+            "ansible.builtin.lineinfile: {path: \"/tmp/spawntrace-gt-{{ run }}-{{ item }}\", line: x, create: true}",
+        ),
+    ];
+    for mode in ["classic", "persistent"] {
+        for (name, task) in tasks {
+            let pb = format!(
+                "- hosts: targets\n  gather_facts: false\n  tasks:\n    - {task}\n      loop: [a, b, c]\n"
+            );
+            let flags: &[&str] = if mode == "persistent" { &["--persistent"] } else { &[] };
+            // ground truth: the same playbook, untraced, with strace on the sshd (a fresh
+            // ControlPath dir: a new connection, so a new session strace follows)
+            let untraced_cp = tempfile::tempdir().unwrap();
+            let log = untraced_cp.path().join("strace.log");
+            let mut strace = Command::new("strace")
+                .args(["-f", "-qq", "-e", "trace=execve", "-o"])
+                .arg(&log)
+                .args(["-p", &sshd])
+                .spawn()
+                .expect("strace (cargo xtask setup installs it)");
+            std::thread::sleep(Duration::from_millis(500));
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("pb.yml"), &pb).unwrap();
+            std::fs::write(dir.path().join("ansible.cfg"), "[defaults]\n").unwrap();
+            let mut untraced = match mode {
+                "persistent" => {
+                    let mut c = common::spawntrace();
+                    c.args(["run", "--persistent", "--"]);
+                    c
+                }
+                _ => Command::new(newest_env().join(".venv/bin/ansible-playbook")),
+            };
+            if mode == "persistent" {
+                untraced.arg(newest_env().join(".venv/bin/ansible-playbook"));
+            }
+            let out = untraced
+                .args([
+                    "-i",
+                    lab.inventory.to_str().unwrap(),
+                    "pb.yml",
+                    "-e",
+                    &format!("run={mode}-{name}-strace-{}", std::process::id()),
+                ])
+                .current_dir(dir.path())
+                .env("ANSIBLE_CONFIG", dir.path().join("ansible.cfg"))
+                .env("ANSIBLE_HOST_KEY_CHECKING", "False")
+                .env("ANSIBLE_SSH_CONTROL_PATH_DIR", untraced_cp.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = Command::new("kill").args(["-INT", &strace.id().to_string()]).status();
+            let _ = strace.wait();
+            let truth = strace_execs(&std::fs::read_to_string(&log).unwrap());
+            // recorded
+            let traced_cp = tempfile::tempdir().unwrap();
+            let run = common::ansible::playbook_with(
+                flags,
+                &newest_env(),
+                &pb,
+                lab.inventory.to_str().unwrap(),
+                &[("ANSIBLE_SSH_CONTROL_PATH_DIR", traced_cp.path().to_str().unwrap())],
+                &["-e", &format!("run={mode}-{name}-traced-{}", std::process::id())],
+            );
+            let [target] = run.run.analysis.targets.as_slice() else { panic!("one target") };
+            assert_eq!(target.unattributed(), 0, "{mode} {name}");
+            let mut recorded: BTreeMap<String, u64> = BTreeMap::new();
+            for p in &target.model.processes {
+                for e in &p.execs {
+                    *recorded.entry(basename(&e.filename).to_owned()).or_default() += 1;
+                }
+            }
+            assert_eq!(recorded, truth, "{mode} {name}: recorded vs strace on the sshd");
+            // and they are the task's (the agent's start aside)
+            let row = TaskReport::new(&run.run.analysis, By::Task).tasks.into_iter().next().unwrap();
+            let in_task: u64 = row.target.unwrap().execs;
+            let agent: u64 = target
+                .owners
+                .iter()
+                .zip(&target.model.processes)
+                .filter(|(o, _)| **o == Owner::Agent)
+                .map(|(_, p)| p.execs.len() as u64)
+                .sum();
+            assert_eq!(in_task + agent, recorded.values().sum::<u64>(), "{mode} {name}");
+        }
+    }
+    // the hosts' /tmp is this machine's
+    for entry in std::fs::read_dir("/tmp").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("spawntrace-gt-") && name.contains(&format!("-{}-", std::process::id())) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Successful execs by executable in an `strace -f -e trace=execve` log, sshd's own re-execs
+/// (a new connection's) left out.
+fn strace_execs(log: &str) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("execve(\"") && l.trim_end().ends_with("= 0")) {
+        let path = line.split("execve(\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
+        let exe = basename(path);
+        if !exe.starts_with("sshd") {
+            *counts.entry(exe.to_owned()).or_default() += 1;
+        }
+    }
+    counts
+}

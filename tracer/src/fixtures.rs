@@ -95,6 +95,7 @@ pub fn header(command: &[&str]) -> Header {
     Header {
         format: FORMAT.into(),
         version: VERSION,
+        minor_version: crate::trace::MINOR_VERSION,
         tool_version: "0".into(),
         kernel: "k".into(),
         hostname: "h".into(),

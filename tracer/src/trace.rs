@@ -17,12 +17,18 @@ use crate::ansible::messages::Received;
 pub const FORMAT: &str = "spawntrace-trace";
 /// Bumped on incompatible changes; readers refuse newer versions.
 pub const VERSION: u32 = 1;
+/// Bumped when records are added that older readers may skip (they keep unknown record types
+/// aside): 1 added the SSH targets' `target_*` records.
+pub const MINOR_VERSION: u32 = 1;
 
 /// First line of a trace.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Header {
     pub format: String,
     pub version: u32,
+    /// What this trace may hold beyond `version`'s records ([`MINOR_VERSION`]; 0 before it).
+    #[serde(default)]
+    pub minor_version: u32,
     pub tool_version: String,
     pub kernel: String,
     pub hostname: String,

@@ -394,6 +394,7 @@ fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: 
     Header {
         format: trace::FORMAT.into(),
         version: trace::VERSION,
+        minor_version: trace::MINOR_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").into(),
         kernel: field(|u| u.release()),
         hostname: field(|u| u.nodename()),

@@ -205,6 +205,7 @@ fn header(session: u32, start_ns: u64) -> Header {
     Header {
         format: trace::FORMAT.into(),
         version: trace::VERSION,
+        minor_version: trace::MINOR_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").into(),
         kernel: field(|u| u.release()),
         hostname: field(|u| u.nodename()),

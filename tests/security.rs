@@ -311,7 +311,8 @@ fn root_does_not_write_into_another_users_directory() {
 }
 
 /// The traced command asks spawntrace to "record a target" with a command of its choosing: it
-/// runs with the user's credentials and a bare environment, never as root.
+/// runs with the user's credentials and groups, none of spawntrace's capabilities, environment
+/// or files, from `/`, never as root.
 #[test]
 #[file_serial(ebpf)]
 fn a_target_request_runs_its_command_as_the_user_only() {
@@ -320,19 +321,25 @@ fn a_target_request_runs_its_command_as_the_user_only() {
     let victim = victim(root_dir.path());
     let attacker = TestUser::create("target");
     let witness = attacker.dir.join("witness");
-    // the "ssh command" writes who ran it and with what environment, then tries root's file
+    // the "ssh command" writes who ran it, with what, where, then tries root's file
     let command = format!(
-        "id -u > {w}; env | sort >> {w}; echo pwned > {v}",
+        "{{ id -u; id -G; pwd; grep -E '^Cap(Eff|Prm|Amb):' /proc/self/status; ls -l /proc/self/fd | grep -c -e anon_inode -e socket -e jsonl; env | sort; }} > {w}; echo pwned > {v}",
         w = witness.display(),
         v = victim.display()
     );
+    // the user's own "ssh": a script of theirs (spawntrace passes it ssh options it ignores)
+    let fake_ssh = attacker.dir.join("ssh");
+    std::fs::write(&fake_ssh, format!("#!/bin/sh\n{command}\n")).unwrap();
+    std::fs::set_permissions(&fake_ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&fake_ssh, Some(attacker.uid), Some(attacker.gid)).unwrap();
+    let fake_ssh = fake_ssh.display().to_string();
     let script = format!(
         r#"
 import json, os, socket
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(os.environ["SPAWNTRACE_TARGET_SOCKET"])
-s.sendall(json.dumps({{"target": "me@nowhere:22", "argv": ["/bin/sh", "-c", {command:?}], "control_master": True,
-                       "env": {{"SSH_AUTH_SOCK": "/agent", "LD_PRELOAD": "/evil.so"}}}}).encode() + b"\n")
+s.sendall(json.dumps({{"target": "me@nowhere:22", "argv": [{fake_ssh:?}], "control_master": True,
+                       "env": {{"SSH_AUTH_SOCK": "/agent", "PATH": "/usr/bin:/bin"}}}}).encode() + b"\n")
 print(s.makefile().readline().strip())
 "#
     );
@@ -346,23 +353,24 @@ print(s.makefile().readline().strip())
     let answer = String::from_utf8_lossy(&run.stdout);
     assert!(answer.contains(r#""recording":false"#), "{answer}");
     assert_untouched(&victim);
-    let seen = std::fs::read_to_string(&witness).expect("the command ran as the user");
-    let mut lines = seen.lines();
-    assert_eq!(lines.next(), Some(attacker.uid.to_string().as_str()), "{seen}");
-    let env: Vec<&str> = lines.map(|l| l.split('=').next().unwrap()).collect();
-    for name in &env {
-        assert!(
-            ["PATH", "HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK", "PWD", "SHLVL", "_"].contains(name),
-            "{name} leaked into the command's environment: {env:?}"
-        );
+    let seen = std::fs::read_to_string(&witness)
+        .unwrap_or_else(|e| panic!("the command did not run ({e}); spawntrace answered {answer}"));
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines[0], attacker.uid.to_string(), "{seen}");
+    assert!(lines[1].split_whitespace().all(|g| g != "0"), "root's group: {seen}");
+    assert_eq!(lines[2], "/", "{seen}");
+    for cap in &lines[3..6] {
+        assert!(cap.ends_with("0000000000000000"), "capabilities passed on: {seen}");
     }
+    // only its own pipes and files: none of spawntrace's maps, sockets or trace
+    assert_eq!(lines[6].trim(), "0", "spawntrace's descriptors leaked: {seen}");
+    // the environment is the one the request carried (the user's own), nothing of root's
+    let env: Vec<&str> = lines[7..].iter().map(|l| l.split('=').next().unwrap()).collect();
     assert!(
-        seen.contains("SSH_AUTH_SOCK=/agent") && seen.contains(&format!("HOME={}", attacker_home(&attacker)))
+        !env.contains(&"SECRET_OF_ROOTS_ENV") && !env.contains(&"SUDO_UID"),
+        "root's environment: {env:?}"
     );
+    assert!(seen.contains("SSH_AUTH_SOCK=/agent"), "{seen}");
     let m = std::fs::metadata(&witness).unwrap();
     assert_eq!(m.uid(), attacker.uid, "written by the user");
-}
-
-fn attacker_home(user: &TestUser) -> String {
-    nix::unistd::User::from_name(&user.name).unwrap().unwrap().dir.display().to_string()
 }

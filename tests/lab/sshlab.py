@@ -141,6 +141,7 @@ class Lab:
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         os.chmod("/run/sshd", 0o755)
         if self._sudoers is not None:
+            _remove_stale_sudoers()
             fd = os.open(self._sudoers, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o440)
             with os.fdopen(fd, "w") as f:
                 f.write(f"{USER} ALL=(root) NOPASSWD: ALL\n")
@@ -259,6 +260,16 @@ class Lab:
             with contextlib.suppress(FileNotFoundError):
                 self._sudoers.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _remove_stale_sudoers() -> None:
+    """Removes the sudoers grants of labs whose process is gone (killed with SIGKILL: no
+    teardown ran)."""
+    for entry in Path("/etc/sudoers.d").glob("spawntrace-sshlab-*"):
+        pid = entry.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
 
 
 @contextlib.contextmanager

@@ -66,13 +66,13 @@ impl Target {
     /// A target time on the controller's clock.
     pub fn local_ns(&self, target_ns: u64) -> u64 {
         let offset = self.clock.map_or(0, |(o, _)| o);
-        (target_ns as i64 - offset).max(0) as u64
+        (target_ns as i128 - offset as i128).clamp(0, u64::MAX as i128) as u64
     }
 
     /// A controller time on the target's clock.
     pub fn target_ns(&self, local_ns: u64) -> u64 {
         let offset = self.clock.map_or(0, |(o, _)| o);
-        (local_ns as i64 + offset).max(0) as u64
+        (local_ns as i128 + offset as i128).clamp(0, u64::MAX as i128) as u64
     }
 
     /// The recorded sshd session: the model's process the recorder tracked first.

@@ -3,16 +3,18 @@
 //! the ssh command Ansible itself would run there. The first ask for a target starts a recorder
 //! on it (`spawntrace target-record`, see [`crate::record::target`]) through that ssh command,
 //! run as the user the playbook runs as — so through the ControlMaster that every later command
-//! of the run shares; the recorder there records that sshd session and what it starts. The
-//! answer (recording, or why not) goes back once the recorder records, so nothing the worker's
-//! first command starts is missed.
+//! of the run shares (spawntrace's ssh may be the one that opens it); the recorder there records
+//! that sshd session and what it starts. The answer (recording, or why not) goes back once the
+//! recorder records, so nothing the worker's first command starts is missed.
 //!
 //! spawntrace's own binary is shipped to the target the first time (content-addressed under
-//! `/var/cache/spawntrace/bin/<sha256>`, root's, checked against its hash before every start).
-//! What comes back is a trace of the target, bounded line by line, written into the run's trace
-//! as [`TargetRecord`]s, with the target's clock mapped onto ours.
+//! `/var/cache/spawntrace/bin/<sha256>`, root's alone, checked against its hash before every
+//! start, in the root shell that starts it). What comes back is a trace of the target, read line
+//! by line within a bound, written into the run's trace as [`TargetRecord`]s, with the target's
+//! clock mapped onto ours. Every bound the traced command or a target could push on is a
+//! constant here.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     os::unix::net::UnixListener as StdListener,
     process::Stdio,
     sync::{Arc, Mutex},
@@ -20,17 +22,24 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    process::{Child, ChildStdin, Command},
-    sync::{mpsc, watch},
+    process::{Child, ChildStdin, ChildStdout, Command},
+    sync::{Semaphore, mpsc, watch},
+    task::JoinHandle,
 };
 
 use crate::{
-    record::{launch::RunAs, monotonic_ns, target::Pong},
+    record::{
+        launch::{RunAs, users_helper},
+        monotonic_ns,
+        target::Pong,
+    },
+    report::labels::printable,
     trace::{MAX_LINE, TargetLine, TargetRecord},
 };
 
@@ -45,20 +54,33 @@ pub enum Targets {
 /// The environment variable naming the socket, for the connection plugins.
 pub const SOCKET_ENV: &str = "SPAWNTRACE_TARGET_SOCKET";
 
-/// Longest request a plugin may send.
-const MAX_REQUEST: usize = 64 * 1024;
-/// Longest ssh command a request may carry.
+/// Longest request a plugin may send (the worker's environment included).
+const MAX_REQUEST: usize = 256 * 1024;
+/// Longest ssh command a request may carry, and longest target name.
 const MAX_ARGS: usize = 512;
+const MAX_TARGET_NAME: usize = 1024;
+/// Targets one run records at most, and plugin connections served at once.
+const MAX_TARGETS: usize = 256;
+const MAX_CONNECTIONS: usize = 64;
+/// Records waiting to be written into the trace (recorders wait beyond that).
+const RECORDS_QUEUE: usize = 4096;
+/// Longest line taken from a recorder: with its envelope and the target's name it stays within
+/// a trace's own line limit.
+const MAX_TARGET_LINE: usize = MAX_LINE - 2 * MAX_TARGET_NAME - 256;
+/// Longest reason (a target's or ssh's own words) kept.
+const MAX_REASON: usize = 512;
+/// Bytes of an ssh's stderr kept (its last error).
+const STDERR_TAIL: usize = 4096;
 /// How long a plugin has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a recorder may take to start (shipping the binary included).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long mapping a target's clock may take.
+const CLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a recorder has, once told to stop, to send the rest of its trace.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Clock pings per target; the one with the shortest round trip is kept.
 const PINGS: u64 = 8;
-/// Where the binary lives on a target.
-const REMOTE_DIR: &str = "/var/cache/spawntrace/bin";
 
 /// A plugin's request: record `target`, reached with `argv` (ssh without its remote command).
 #[derive(Debug, Deserialize)]
@@ -69,6 +91,7 @@ struct Request {
     /// Whether the ssh command shares a ControlMaster: without one every command of the run is
     /// a session of its own, which the recorder (recording its own session) would not see.
     control_master: bool,
+    /// The worker's environment (the user's own: its ssh agent, Kerberos cache, PATH…).
     #[serde(default)]
     env: HashMap<String, String>,
 }
@@ -82,26 +105,55 @@ struct Answer {
 }
 
 impl Answer {
-    fn unavailable(reason: impl Into<String>) -> Self {
-        Self { recording: false, reason: Some(reason.into()) }
+    /// Not recorded, for `reason` (escaped and clipped: it may be a target's own words).
+    fn unavailable(reason: impl AsRef<str>) -> Self {
+        let reason: String = printable(reason.as_ref()).chars().take(MAX_REASON).collect();
+        Self { recording: false, reason: Some(reason) }
     }
 }
 
-/// The controller side of target recording for one run.
+/// The controller side of target recording for one run. Dropping it ends every recorder.
 pub struct TargetRecording {
-    records: mpsc::UnboundedReceiver<TargetRecord>,
+    records: mpsc::Receiver<TargetRecord>,
     stop: watch::Sender<bool>,
-    acceptor: tokio::task::JoinHandle<()>,
+    /// Serves the socket (it holds what the requests share: ended first when finishing).
+    acceptor: JoinHandle<()>,
+    tasks: Tasks,
+}
+
+/// Every task of a [`TargetRecording`] (the acceptor, each request, each recorder): aborted
+/// when it is dropped.
+#[derive(Clone, Default)]
+struct Tasks(Arc<Mutex<Vec<JoinHandle<()>>>>);
+
+impl Tasks {
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.0.lock().expect("not poisoned");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(task));
+    }
+
+    fn abort(&self) {
+        self.0.lock().expect("not poisoned").drain(..).for_each(|t| t.abort());
+    }
+}
+
+impl Drop for TargetRecording {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        self.tasks.abort();
+    }
 }
 
 /// What the plugins' requests share.
 struct Shared {
     run_as: Option<RunAs>,
-    records: mpsc::UnboundedSender<TargetRecord>,
+    records: mpsc::Sender<TargetRecord>,
     stop: watch::Receiver<bool>,
     /// Each target's answer, once known (a recorder being started: None).
     targets: Mutex<HashMap<String, watch::Receiver<Option<Answer>>>>,
     binary: Mutex<Option<Arc<Binary>>>,
+    tasks: Tasks,
 }
 
 /// spawntrace's own executable, as shipped to targets.
@@ -112,24 +164,47 @@ struct Binary {
 
 impl TargetRecording {
     /// Serves `listener` (bound in the run's private directory); recorders run as `run_as`.
+    /// Start it once the command runs: spawntrace's own children before it would be taken for
+    /// the command (see the probes' `ROOTS_LEFT`).
     pub fn start(listener: StdListener, run_as: Option<RunAs>) -> Result<Self> {
         listener.set_nonblocking(true)?;
         let listener = UnixListener::from_std(listener).context("serving the target socket")?;
-        let (tx, records) = mpsc::unbounded_channel();
+        let (tx, records) = mpsc::channel(RECORDS_QUEUE);
         let (stop, stop_rx) = watch::channel(false);
+        let tasks = Tasks::default();
         let shared = Arc::new(Shared {
             run_as,
             records: tx,
             stop: stop_rx,
             targets: Mutex::new(HashMap::new()),
             binary: Mutex::new(None),
+            tasks: tasks.clone(),
         });
+        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let acceptor = tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve(conn, shared.clone()));
+            loop {
+                match listener.accept().await {
+                    Ok((conn, _)) => match connections.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let shared2 = shared.clone();
+                            shared.tasks.spawn(async move {
+                                serve(conn, shared2).await;
+                                drop(permit);
+                            })
+                        }
+                        Err(_) => {
+                            log::debug!("target socket: {MAX_CONNECTIONS} requests at once, one refused")
+                        }
+                    },
+                    // e.g. out of file descriptors for a moment: not a reason to stop serving
+                    Err(e) => {
+                        log::warn!("target socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
         });
-        Ok(Self { records, stop, acceptor })
+        Ok(Self { records, stop, acceptor, tasks })
     }
 
     /// The next record to write into the trace (pending until one comes).
@@ -138,10 +213,11 @@ impl TargetRecording {
     }
 
     /// Stops every recorder and hands each record still to come to `write`, until all have
-    /// ended (at most [`STOP_TIMEOUT`] after their stop).
+    /// ended (at most [`STOP_TIMEOUT`] after their stop; what is still running then is ended).
     pub async fn finish(mut self, mut write: impl FnMut(TargetRecord) -> Result<()>) -> Result<()> {
+        // no new request; the requests under way and the recorders end on their own
         self.acceptor.abort();
-        let _ = self.acceptor.await;
+        let _ = (&mut self.acceptor).await;
         let _ = self.stop.send(true);
         let deadline = tokio::time::Instant::now() + STOP_TIMEOUT + Duration::from_secs(5);
         loop {
@@ -151,6 +227,11 @@ impl TargetRecording {
                 Ok(None) => return Ok(()),
                 Err(_) => {
                     log::warn!("target recorders did not end in time");
+                    self.tasks.abort();
+                    // what they had queued is still the run's
+                    while let Ok(record) = self.records.try_recv() {
+                        write(record)?;
+                    }
                     return Ok(());
                 }
             }
@@ -166,36 +247,44 @@ async fn serve(conn: UnixStream, shared: Arc<Shared>) {
         Ok(Ok(Some(line))) => serde_json::from_str::<Request>(&line).ok(),
         _ => None,
     };
-    let Some(request) =
-        request.filter(|r| r.argv.as_ref().is_none_or(|a| a.len() <= MAX_ARGS && !a.is_empty()))
-    else {
-        return; // not a request of the protocol: no answer
-    };
-    let target = request.target.clone();
-    let _ = shared.records.send(TargetRecord::TargetUser {
-        target: target.clone(),
-        worker_pid,
-        ts: monotonic_ns(),
-    });
-    let mut answer_rx = {
-        let mut targets = shared.targets.lock().expect("not poisoned");
-        match targets.get(&target) {
-            Some(rx) => rx.clone(),
-            None => {
-                let (tx, rx) = watch::channel(None);
-                targets.insert(target.clone(), rx.clone());
-                tokio::spawn(record_target(request, shared.clone(), tx));
-                rx
-            }
+    let answer = match request {
+        Some(r) if r.target.len() > MAX_TARGET_NAME => Answer::unavailable("the target's name is too long"),
+        Some(r) if r.argv.as_ref().is_some_and(|a| a.is_empty() || a.len() > MAX_ARGS) => {
+            Answer::unavailable("the ssh command is empty or too long")
         }
-    };
-    let answer = match tokio::time::timeout(START_TIMEOUT, answer_rx.wait_for(Option::is_some)).await {
-        Ok(Ok(answer)) => (*answer).clone().expect("waited for"),
-        _ => Answer::unavailable("the recorder did not start in time"),
+        Some(r) => ask(r, worker_pid, &shared).await,
+        None => Answer::unavailable("not a request of the protocol"),
     };
     let mut line = serde_json::to_vec(&answer).expect("serializable");
     line.push(b'\n');
     let _ = write.write_all(&line).await;
+}
+
+/// The worker's request: the record of its reaching the target, the target's recorder started
+/// if this is the first ask, its answer.
+async fn ask(request: Request, worker_pid: u32, shared: &Arc<Shared>) -> Answer {
+    let target = request.target.clone();
+    let mut answer_rx = {
+        let mut targets = shared.targets.lock().expect("not poisoned");
+        match targets.get(&target) {
+            Some(rx) => rx.clone(),
+            None if targets.len() >= MAX_TARGETS => {
+                return Answer::unavailable(format!("more than {MAX_TARGETS} targets: not recorded"));
+            }
+            None => {
+                let (tx, rx) = watch::channel(None);
+                targets.insert(target.clone(), rx.clone());
+                shared.tasks.spawn(record_target(request, shared.clone(), tx));
+                rx
+            }
+        }
+    };
+    let user = TargetRecord::TargetUser { target, worker_pid, ts: monotonic_ns() };
+    let _ = shared.records.send(user).await;
+    match tokio::time::timeout(START_TIMEOUT, answer_rx.wait_for(Option::is_some)).await {
+        Ok(Ok(answer)) => (*answer).clone().expect("waited for"),
+        _ => Answer::unavailable("the recorder did not start in time"),
+    }
 }
 
 /// Starts the recorder on the request's target, answers through `answer`, and streams its
@@ -222,13 +311,13 @@ async fn record_target(request: Request, shared: Arc<Shared>, answer: watch::Sen
         Ok(recorder) => recorder,
         Err(e) => {
             let a = Answer::unavailable(format!("{e:#}"));
-            let _ = shared.records.send(state(&a));
+            let _ = shared.records.send(state(&a)).await;
             let _ = answer.send(Some(a));
             return;
         }
     };
     let a = Answer { recording: true, reason: None };
-    let _ = shared.records.send(state(&a));
+    let _ = shared.records.send(state(&a)).await;
     let _ = answer.send(Some(a));
     recorder.stream(&target, &shared).await;
 }
@@ -241,80 +330,104 @@ struct Recorder {
     header: TargetLine,
 }
 
-type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
-
-/// What the first line of the bootstrap says.
+/// What the root script on the target says first.
 enum Bootstrap {
     Started(Box<Recorder>),
-    /// The binary is missing (or not the right one); `root`: how to become root there.
-    NeedsBinary {
-        root: String,
-    },
+    /// The binary is missing (or not the right one).
+    NeedsBinary,
 }
 
 async fn start(request: &Request, shared: &Shared) -> Result<Box<Recorder>> {
     let binary = own_binary(shared)?;
     match bootstrap(request, shared, &binary).await? {
         Bootstrap::Started(r) => Ok(r),
-        Bootstrap::NeedsBinary { root } => {
-            upload(request, shared, &binary, &root).await?;
+        Bootstrap::NeedsBinary => {
+            upload(request, shared, &binary).await?;
             match bootstrap(request, shared, &binary).await? {
                 Bootstrap::Started(r) => Ok(r),
-                Bootstrap::NeedsBinary { .. } => bail!("the binary shipped to the target did not check out"),
+                Bootstrap::NeedsBinary => bail!("the binary shipped to the target did not check out"),
             }
         }
     }
 }
 
+/// spawntrace's binary, read as the user: what a target receives is what they could read.
 fn own_binary(shared: &Shared) -> Result<Arc<Binary>> {
     let mut slot = shared.binary.lock().expect("not poisoned");
     if let Some(b) = slot.as_ref() {
         return Ok(b.clone());
     }
-    let bytes = std::fs::read("/proc/self/exe").context("reading spawntrace's own binary")?;
+    let bytes = crate::output::as_user(shared.run_as.as_ref(), || Ok(std::fs::read("/proc/self/exe")?))
+        .context("spawntrace's own binary is not readable by the user: not shipped")?;
     let sha256 = format!("{:x}", Sha256::digest(&bytes));
     let b = Arc::new(Binary { bytes, sha256 });
     *slot = Some(b.clone());
     Ok(b)
 }
 
-/// The machine name of this build's architecture, as `uname -m` says it.
-fn machine() -> &'static str {
-    std::env::consts::ARCH
-}
+/// What runs as root on the target (`sh -c SCRIPT spawntrace SHA start|upload`): the cache
+/// directory checked (root's alone, no link), then either the binary checked against its hash
+/// and run — in this one shell, so nothing can change it between the two — or the binary read
+/// from stdin into a temporary file, checked, and renamed into place.
+const ROOT_SCRIPT: &str = r#"
+ok() { [ -n "$(find "$1" -maxdepth 0 -user 0 ! -perm /022 ! -type l 2>/dev/null)" ]; }
+umask 077
+d=/var/cache/spawntrace; b=$d/bin; bin=$b/$1
+for p in / /var /var/cache; do ok $p || { echo "spawntrace-unavailable: $p is not root's alone"; exit 3; }; done
+[ -e $d ] || mkdir $d; [ -e $b ] || mkdir $b
+for p in $d $b; do ok $p || { echo "spawntrace-unavailable: $p is not root's alone"; exit 3; }; done
+case $2 in
+upload)
+  t=$(mktemp $b/.upload.XXXXXX) || exit 1
+  trap 'rm -f "$t"' EXIT HUP INT TERM PIPE
+  cat > "$t" && echo "$1  $t" | sha256sum -c --status && chmod 700 "$t" && mv -f "$t" "$bin" || exit 1
+  trap - EXIT
+  exit 0;;
+start)
+  { ok "$bin" && echo "$1  $bin" | sha256sum -c --status; } 2>/dev/null || { echo spawntrace-needs-binary; exit 4; }
+  exec "$bin" target-record;;
+esac
+exit 2
+"#;
 
-/// Runs the recorder on the target if its binary is there and checks out; the script prints one
-/// line when it cannot, else the recorder speaks.
-async fn bootstrap(request: &Request, shared: &Shared, binary: &Binary) -> Result<Bootstrap> {
-    // No single quote inside: it travels in one.
-    let script = format!(
-        "m=$(uname -m); [ \"$m\" = {arch} ] || {{ echo \"spawntrace-unavailable: another architecture ($m)\"; exit 3; }}; \
+/// The remote command: as the login user, the architecture and a way to root checked, then
+/// [`ROOT_SCRIPT`] as root (`sudo -n` unless the login is root). The root script travels in
+/// base64, so that no quoting can go wrong; this part has no single quote.
+fn remote_command(sha256: &str, mode: &str) -> String {
+    let root_script = base64::engine::general_purpose::STANDARD.encode(ROOT_SCRIPT);
+    format!(
+        "sh -c 'm=$(uname -m); [ \"$m\" = {arch} ] || {{ echo \"spawntrace-unavailable: another architecture ($m)\"; exit 3; }}; \
          if [ \"$(id -u)\" = 0 ]; then root=; else root=\"sudo -n\"; fi; \
          $root true 2>/dev/null </dev/null || {{ echo \"spawntrace-unavailable: no root there (sudo -n refused)\"; exit 3; }}; \
-         bin={dir}/{sha}; \
-         $root sh -c \"echo {sha}\\ \\ $bin | sha256sum -c --status\" 2>/dev/null </dev/null || {{ echo \"spawntrace-needs-binary ${{root:-root}}\"; exit 4; }}; \
-         exec $root $bin target-record",
-        arch = machine(),
-        dir = REMOTE_DIR,
-        sha = binary.sha256,
-    );
-    let mut child = ssh(request, shared, &format!("sh -c '{script}'"))?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next_line().await.context("reading the target recorder")?;
-    let Some(first) = first else {
-        let status = child.wait().await?;
-        bail!("ssh to the target failed ({status}): {}", stderr_of(&mut child).await);
+         exec $root sh -c \"$(echo {root_script} | base64 -d)\" spawntrace {sha256} {mode}'",
+        arch = std::env::consts::ARCH,
+    )
+}
+
+/// Runs the recorder on the target if its binary is there and checks out; the scripts print one
+/// line when they cannot, else the recorder speaks.
+async fn bootstrap(request: &Request, shared: &Shared, binary: &Binary) -> Result<Bootstrap> {
+    let (mut child, stderr) = ssh(request, shared, &remote_command(&binary.sha256, "start"))?;
+    let mut lines = Lines::new(child.stdout.take().expect("piped"));
+    let first = match lines.next(MAX_TARGET_LINE).await {
+        Ok(Some(Ok(first))) => first,
+        Ok(Some(Err(TooLong))) => {
+            let _ = child.kill().await;
+            bail!("the target recorder's first line is too long");
+        }
+        Ok(None) | Err(_) => {
+            let status = child.wait().await?;
+            bail!("ssh to the target failed ({status}): {}", stderr.last_line());
+        }
     };
     if let Some(reason) = first.strip_prefix("spawntrace-unavailable: ") {
         let _ = child.wait().await;
         bail!("{reason}");
     }
-    if let Some(root) = first.strip_prefix("spawntrace-needs-binary ") {
+    if first == "spawntrace-needs-binary" {
         let _ = child.wait().await;
-        return Ok(Bootstrap::NeedsBinary { root: root.to_owned() });
+        return Ok(Bootstrap::NeedsBinary);
     }
-    anyhow::ensure!(first.len() <= MAX_LINE, "the target recorder's first line is too long");
     match serde_json::from_str::<TargetLine>(&first) {
         Ok(header @ TargetLine::Bookend(crate::trace::Bookend::Header(_))) => {
             let stdin = child.stdin.take();
@@ -330,79 +443,84 @@ async fn bootstrap(request: &Request, shared: &Shared, binary: &Binary) -> Resul
     }
 }
 
-/// Ships the binary to the target (as root there: `root` is `root` or how to become it).
-async fn upload(request: &Request, shared: &Shared, binary: &Binary, root: &str) -> Result<()> {
-    let root = match root {
-        "root" => "",
-        "sudo -n" => "sudo -n ",
-        other => bail!("the target asked for the binary oddly ({other:?})"),
-    };
-    let script = format!(
-        "umask 077; d={dir}; mkdir -p $d && t=$(mktemp $d/.upload.XXXXXX) || exit 1; \
-         if cat > $t && echo {sha}\\ \\ $t | sha256sum -c --status && chmod 700 $t; then mv -f $t $d/{sha}; \
-         else rm -f $t; exit 1; fi",
-        dir = REMOTE_DIR,
-        sha = binary.sha256,
-    );
-    let mut child = ssh(request, shared, &format!("{root}sh -c '{script}'"))?;
+/// Ships the binary to the target, into root's cache there.
+async fn upload(request: &Request, shared: &Shared, binary: &Arc<Binary>) -> Result<()> {
+    let (mut child, stderr) = ssh(request, shared, &remote_command(&binary.sha256, "upload"))?;
     let mut stdin = child.stdin.take().expect("piped");
-    let bytes = binary.bytes.clone();
+    let bytes = binary.clone();
     let writing = tokio::spawn(async move {
-        let written = stdin.write_all(&bytes).await;
+        let written = stdin.write_all(&bytes.bytes).await;
         drop(stdin);
         written
     });
+    let mut stdout = String::new();
+    let _ = child.stdout.take().expect("piped").take(MAX_REASON as u64).read_to_string(&mut stdout).await;
     let status = child.wait().await?;
     let _ = writing.await;
+    if let Some(reason) = stdout.lines().find_map(|l| l.strip_prefix("spawntrace-unavailable: ")) {
+        bail!("{reason}");
+    }
     if !status.success() {
-        bail!("shipping spawntrace to the target failed ({status}): {}", stderr_of(&mut child).await);
+        bail!("shipping spawntrace to the target failed ({status}): {}", stderr.last_line());
     }
     Ok(())
 }
 
-/// The request's ssh command with `remote` as its remote command, run as the run's user with
-/// the plugin's ssh environment; stdin and stdout piped (stderr kept for errors).
-fn ssh(request: &Request, shared: &Shared, remote: &str) -> Result<Child> {
+/// The request's ssh command with `remote` as its remote command, as the run's user's helper
+/// ([`users_helper`]) with the worker's environment, from `/`, no tty requested; stdin and
+/// stdout piped, stderr's tail kept.
+fn ssh(request: &Request, shared: &Shared, remote: &str) -> Result<(Child, StderrTail)> {
     let argv = request.argv.as_ref().expect("checked");
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
+    let mut cmd = std::process::Command::new(&argv[0]);
+    // ssh takes an option's first value: this one wins over the user's configuration
+    cmd.args(["-o", "RequestTTY=no"])
+        .args(&argv[1..])
         .arg(remote)
         .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+        .envs(&request.env)
+        .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .current_dir("/")
-        .kill_on_drop(true);
-    for (k, v) in request.env.iter().filter(|(k, _)| k.as_str() == "SSH_AUTH_SOCK") {
-        cmd.env(k, v);
+        .stderr(Stdio::piped());
+    if !request.env.contains_key("PATH") {
+        cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
     }
-    if let Some(user) = &shared.run_as {
-        cmd.env("HOME", &user.home).env("USER", &user.name).env("LOGNAME", &user.name);
-        user.apply(cmd.as_std_mut());
-    } else if let Some(home) = std::env::var_os("HOME") {
-        cmd.env("HOME", home);
-    }
-    cmd.spawn().with_context(|| format!("starting {}", argv[0]))
+    users_helper(&mut cmd, shared.run_as.as_ref());
+    let mut child =
+        Command::from(cmd).kill_on_drop(true).spawn().with_context(|| format!("starting {}", argv[0]))?;
+    let tail = StderrTail::default();
+    let stderr = child.stderr.take().expect("piped");
+    shared.tasks.spawn(tail.clone().drain(stderr));
+    Ok((child, tail))
 }
 
-/// The last line of a finished child's stderr (ssh's own error), bounded.
-async fn stderr_of(child: &mut Child) -> String {
-    let Some(stderr) = child.stderr.take() else { return String::new() };
-    let text = read_line_all(stderr, 4096).await;
-    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned()
-}
+/// The last bytes an ssh wrote on its stderr, drained as they come (a ControlMaster keeps the
+/// stderr of the ssh that opened it: a pipe nobody read would end up stopping it).
+#[derive(Clone, Default)]
+struct StderrTail(Arc<Mutex<VecDeque<u8>>>);
 
-async fn read_line_all(r: impl AsyncRead + Unpin, max: usize) -> String {
-    use tokio::io::AsyncReadExt as _;
-    let mut buf = Vec::new();
-    let _ = r.take(max as u64).read_to_end(&mut buf).await;
-    String::from_utf8_lossy(&buf).into_owned()
+impl StderrTail {
+    async fn drain(self, mut stderr: impl AsyncRead + Unpin) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut buf).await {
+            let mut tail = self.0.lock().expect("not poisoned");
+            tail.extend(&buf[..n]);
+            let excess = tail.len().saturating_sub(STDERR_TAIL);
+            tail.drain(..excess);
+        }
+    }
+
+    /// Its last non-empty line, escaped for a terminal.
+    fn last_line(&self) -> String {
+        let bytes: Vec<u8> = self.0.lock().expect("not poisoned").iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        printable(line).chars().take(MAX_REASON).collect()
+    }
 }
 
 /// One line of at most `max` bytes (None at EOF before a newline).
 async fn read_line(r: impl AsyncRead + Unpin, max: usize) -> Result<Option<String>> {
-    use tokio::io::AsyncReadExt as _;
     let mut line = Vec::new();
     let mut r = BufReader::new(r).take(max as u64 + 1);
     r.read_until(b'\n', &mut line).await?;
@@ -413,40 +531,85 @@ async fn read_line(r: impl AsyncRead + Unpin, max: usize) -> Result<Option<Strin
     Ok(Some(String::from_utf8(line)?))
 }
 
+/// A line longer than its bound.
+struct TooLong;
+
+/// A recorder's stdout, line by line, each line bounded before it is read into memory.
+struct Lines(BufReader<ChildStdout>);
+
+impl Lines {
+    fn new(stdout: ChildStdout) -> Self {
+        Self(BufReader::new(stdout))
+    }
+
+    /// The next line (without its newline), or TooLong past `max` bytes; None at the end.
+    async fn next(&mut self, max: usize) -> std::io::Result<Option<Result<String, TooLong>>> {
+        let mut line = Vec::new();
+        let n = (&mut self.0).take(max as u64 + 1).read_until(b'\n', &mut line).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if line.last() != Some(&b'\n') {
+            // cut short by the bound (or by the end: an unfinished last line)
+            return Ok(if line.len() > max { Some(Err(TooLong)) } else { None });
+        }
+        line.pop();
+        Ok(Some(Ok(String::from_utf8_lossy(&line).into_owned())))
+    }
+}
+
 impl Recorder {
     /// Maps the target's clock, then forwards every line of its trace until it ends (told to
     /// stop: its stdin closed, then what it still sends, for at most [`STOP_TIMEOUT`]).
     async fn stream(mut self, target: &str, shared: &Shared) {
-        let send = |line: TargetLine| {
-            let _ = shared.records.send(TargetRecord::TargetLine { target: target.to_owned(), line });
-        };
-        send(self.header.clone());
-        if let Some((offset_ns, error_ns)) = self.clock(&send).await {
-            let _ = shared.records.send(TargetRecord::TargetClock {
-                target: target.to_owned(),
-                offset_ns,
-                error_ns,
-            });
+        let records = shared.records.clone();
+        let record = |line: TargetLine| TargetRecord::TargetLine { target: target.to_owned(), line };
+        if records.send(record(self.header.clone())).await.is_err() {
+            return;
         }
         let mut stop = shared.stop.clone();
+        let mut early = Vec::new();
+        let clock = tokio::select! {
+            clock = tokio::time::timeout(CLOCK_TIMEOUT, self.clock(&mut early)) => clock.ok().flatten(),
+            () = async { drop(stop.wait_for(|s| *s).await) } => None,
+        };
+        if let Some((offset_ns, error_ns)) = clock {
+            let _ = records
+                .send(TargetRecord::TargetClock { target: target.to_owned(), offset_ns, error_ns })
+                .await;
+        }
+        for line in early {
+            let _ = records.send(record(line)).await;
+        }
         let mut deadline = None;
         loop {
             let next = async {
                 match deadline {
-                    Some(d) => tokio::time::timeout_at(d, self.lines.next_line()).await.unwrap_or(Ok(None)),
-                    None => self.lines.next_line().await,
+                    Some(d) => {
+                        tokio::time::timeout_at(d, self.lines.next(MAX_TARGET_LINE)).await.unwrap_or(Ok(None))
+                    }
+                    None => self.lines.next(MAX_TARGET_LINE).await,
                 }
             };
             tokio::select! {
                 line = next => match line {
-                    Ok(Some(line)) => match parse(&line) {
-                        Some(Parsed::Line(l)) => send(l),
+                    Ok(Some(Ok(line))) => match parse(&line) {
+                        Some(Parsed::Line(l)) => {
+                            if records.send(record(l)).await.is_err() {
+                                break;
+                            }
+                        }
                         Some(Parsed::Pong(_)) => {}
-                        None => log::debug!("target {target}: a line that is not a trace line"),
+                        None => log::debug!("target {}: a line that is not a trace line", printable(target)),
                     },
+                    Ok(Some(Err(TooLong))) => {
+                        log::warn!("target {}: a line over {MAX_TARGET_LINE} bytes: recording ended", printable(target));
+                        break;
+                    }
                     _ => break,
                 },
-                _ = stop.wait_for(|s| *s), if deadline.is_none() => {
+                // (the watch's guard dropped at once: it must not live across the awaits above)
+                () = async { drop(stop.wait_for(|s| *s).await) }, if deadline.is_none() => {
                     // the end of its stdin ends the recording
                     self.stdin = None;
                     deadline = Some(tokio::time::Instant::now() + STOP_TIMEOUT);
@@ -458,30 +621,28 @@ impl Recorder {
 
     /// Pings the recorder [`PINGS`] times; the offset of the target's clock from ours and its
     /// error bound, from the ping with the shortest round trip. Trace lines that come meanwhile
-    /// go to `send`.
-    async fn clock(&mut self, send: &impl Fn(TargetLine)) -> Option<(i64, u64)> {
+    /// are kept in `early`.
+    async fn clock(&mut self, early: &mut Vec<TargetLine>) -> Option<(i64, u64)> {
         let mut best: Option<(u64, i64)> = None;
         for seq in 0..PINGS {
             let stdin = self.stdin.as_mut()?;
             let sent = monotonic_ns();
             stdin.write_all(format!("{{\"ping\":{seq}}}\n").as_bytes()).await.ok()?;
             loop {
-                let line = tokio::time::timeout(Duration::from_secs(5), self.lines.next_line())
-                    .await
-                    .ok()?
-                    .ok()??;
+                let line = self.lines.next(MAX_TARGET_LINE).await.ok()??.ok()?;
                 match parse(&line)? {
                     Parsed::Pong(p) if p.seq == seq => {
                         let received = monotonic_ns();
                         let rtt = received.saturating_sub(sent);
-                        let offset = p.ts as i64 - (sent / 2 + received / 2) as i64;
+                        let middle = (sent / 2 + received / 2) as i128;
+                        let offset = i64::try_from(p.ts as i128 - middle).ok()?;
                         if best.is_none_or(|(r, _)| rtt < r) {
                             best = Some((rtt, offset));
                         }
                         break;
                     }
                     Parsed::Pong(_) => {}
-                    Parsed::Line(l) => send(l),
+                    Parsed::Line(l) => early.push(l),
                 }
             }
         }
@@ -494,11 +655,8 @@ enum Parsed {
     Pong(Pong),
 }
 
-/// A line from a recorder: bounded, and one of a trace's or a pong.
+/// A line from a recorder: one of a trace's, or a pong.
 fn parse(line: &str) -> Option<Parsed> {
-    if line.len() > MAX_LINE {
-        return None;
-    }
     if line.starts_with("{\"type\":\"pong\"") {
         return serde_json::from_str(line).ok().map(Parsed::Pong);
     }

@@ -91,6 +91,25 @@ impl SpawnError {
     }
 }
 
+/// Makes `cmd` a helper spawntrace runs for the user (not the traced command): their
+/// credentials (`run_as`), a session of its own (no terminal to stop it on, no signal sent to
+/// spawntrace's process group), and none of spawntrace's ambient capabilities.
+pub fn users_helper(cmd: &mut std::process::Command, run_as: Option<&RunAs>) {
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    if let Some(r) = run_as {
+        r.apply(cmd);
+    }
+}
+
 /// The terminal the command may take over: stdin, when it is a terminal whose foreground
 /// process group is ours (we were started in the foreground of an interactive shell).
 pub fn foreground_terminal() -> Option<std::os::fd::BorrowedFd<'static>> {

@@ -162,17 +162,13 @@ async fn record_into(
     let callback = opts.inject_callback.enabled(&opts.command);
     let inject =
         ansible::Plugins { callback, persistent: opts.persistent, targets: callback && opts.record_targets };
-    let (_session, mut channel, mut targets, mut env) = match inject.callback || inject.persistent {
+    let (_session, mut channel, target_socket, mut env) = match inject.callback || inject.persistent {
         true => {
             let (session, sockets) = ansible::Session::start(run_as, inject)?;
             let env = session.env.clone();
             let channel =
                 sockets.channel.map(readable).transpose().context("polling the attribution socket")?;
-            let targets = sockets
-                .targets
-                .map(|l| ansible::targets::TargetRecording::start(l, run_as.cloned()))
-                .transpose()?;
-            (Some(session), channel, targets, env)
+            (Some(session), channel, sockets.targets, env)
         }
         false => (None, None, None, Vec::new()),
     };
@@ -193,6 +189,9 @@ async fn record_into(
     })?;
     let root_pid = child.id().unwrap_or(0);
     signals.set_child(root_pid, terminal);
+    // Served from now on: what spawntrace starts for a target must not be taken for the command.
+    let mut targets =
+        target_socket.map(|l| ansible::targets::TargetRecording::start(l, run_as.cloned())).transpose()?;
 
     let header =
         Header { callback_injected: inject.callback, ..make_header(opts, run_as, root_pid, start_ns) };

@@ -16,11 +16,16 @@ SOCKET_ENV = "SPAWNTRACE_TARGET_SOCKET"
 ANSWER_TIMEOUT = 120
 # Longest answer read.
 MAX_ANSWER = 64 * 1024
-# Environment the ssh command needs from the worker (an ssh agent, Ansible's own included).
-SSH_ENV = ("SSH_AUTH_SOCK",)
 
 # targets this process has asked about: a worker asks once per target
 _asked = {"pid": None, "targets": {}}
+
+
+def asked(target):
+    """This process's answer for `target`, if it asked already."""
+    if _asked["pid"] != os.getpid():
+        _asked.update(pid=os.getpid(), targets={})
+    return _asked["targets"].get(target)
 
 
 def request(target, argv, control_master):
@@ -30,16 +35,12 @@ def request(target, argv, control_master):
     path = os.environ.get(SOCKET_ENV)
     if not path:
         return None
-    if _asked["pid"] != os.getpid():
-        _asked.update(pid=os.getpid(), targets={})
-    if target in _asked["targets"]:
-        return _asked["targets"][target]
-    req = {
-        "target": target,
-        "argv": argv,
-        "control_master": bool(control_master),
-        "env": dict((k, os.environ[k]) for k in SSH_ENV if k in os.environ),
-    }
+    known = asked(target)
+    if known is not None:
+        return known
+    # the worker's environment: what its ssh needs (an ssh agent, a Kerberos cache, PATH…);
+    # spawntrace runs the command as this user
+    req = {"target": target, "argv": argv, "control_master": bool(control_master), "env": dict(os.environ)}
     answer = {"recording": False, "reason": "spawntrace did not answer"}
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -53,7 +54,9 @@ def request(target, argv, control_master):
                 break
             data += chunk
         if data.endswith(b"\n"):
-            answer = json.loads(data.decode("utf-8"))
+            decoded = json.loads(data.decode("utf-8"))
+            if isinstance(decoded, dict):
+                answer = decoded
     except (OSError, ValueError) as e:
         answer = {"recording": False, "reason": "asking spawntrace: %s" % e}
     finally:
@@ -67,19 +70,18 @@ class RecordTargetMixin:
     connection's first command (see the module's comment). Never fails the task."""
 
     def _connect(self):
-        if not self._connected:
-            self._st_record_target()
+        self._st_record_target()
         return super()._connect()
 
     def _st_record_target(self):
-        from ansible.utils.display import Display
-
-        display = Display()
         if not os.environ.get(SOCKET_ENV):
             return
-        host = self.get_option("host") or self._play_context.remote_addr
+        host = None
         try:
+            host = self.get_option("host") or self._play_context.remote_addr
             target = "%s@%s:%s" % (self.get_option("remote_user") or "", host, self.get_option("port") or 22)
+            if asked(target) is not None:
+                return  # (ansible-core's ssh calls _connect before every command)
             if self.get_option("password") or self._play_context.password:
                 # sshpass feeds the password through a pipe of this process: not a command
                 # spawntrace could run
@@ -88,8 +90,16 @@ class RecordTargetMixin:
                 argv = self._build_command(self.get_option("ssh_executable"), "ssh", host)
                 text = [a.decode("utf-8") if isinstance(a, bytes) else a for a in argv]
                 answer = request(target, text, getattr(self, "_persistent", False))
+            if answer is not None and not answer.get("recording"):
+                _display().vvv("spawntrace: not recording %s: %s" % (host, answer.get("reason")), host=host)
         except Exception as e:  # recording is never worth a failed task
-            display.vvv("spawntrace: not recording %s: %s" % (host, e), host=host)
-            return
-        if answer is not None and not answer.get("recording"):
-            display.vvv("spawntrace: not recording %s: %s" % (host, answer.get("reason")), host=host)
+            try:
+                _display().vvv("spawntrace: not recording %s: %s" % (host, e), host=host)
+            except Exception:
+                pass
+
+
+def _display():
+    from ansible.utils.display import Display
+
+    return Display()

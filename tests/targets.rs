@@ -89,7 +89,7 @@ fn target_processes_land_on_their_task_host_and_item_and_nothing_else_is_recorde
         assert_eq!(summary.targets.len(), 2, "{what}: {:?}", summary.targets);
         for (t, s) in a.targets.iter().zip(&summary.targets) {
             assert!(s.recorded && s.complete, "{what}: {s:?}");
-            assert_eq!(s.unattributed, 0, "{what}: {s:?}");
+            assert_eq!((s.unattributed, s.unconfirmed), (0, 0), "{what}: {s:?}");
             // the persistent agent there (and its zygote, spare runners) is classified
             assert_eq!(s.agent > 0, mode == "persistent", "{what}: {s:?}");
             let [host] = s.hosts.as_slice() else { panic!("{what}: one host per target: {s:?}") };
@@ -301,7 +301,26 @@ fn target_execs_match_strace_on_the_hosts_sshd() {
                 &["-e", &format!("run={mode}-{name}-traced-{}", std::process::id())],
             );
             let [target] = run.run.analysis.targets.as_slice() else { panic!("one target") };
-            assert_eq!(target.unattributed(), 0, "{mode} {name}");
+            // what was lost, with what led to it, for the failure message
+            let lost: Vec<String> = (0..target.model.processes.len())
+                .filter(|&i| target.owners[i] == Owner::Unattributed)
+                .map(|i| {
+                    let mut chain = Vec::new();
+                    let mut cur = Some(i);
+                    while let Some(q) = cur {
+                        let p = &target.model.processes[q];
+                        let exe = p.execs.last().map_or("(fork)", |e| basename(&e.filename));
+                        chain.push(format!(
+                            "{exe} {:?} at {}",
+                            target.owners[q],
+                            target.local_ns(p.start_ns)
+                        ));
+                        cur = p.parent;
+                    }
+                    chain.join(" <- ")
+                })
+                .collect();
+            assert!(lost.is_empty(), "{mode} {name}: unattributed {lost:#?}");
             let mut recorded: BTreeMap<String, u64> = BTreeMap::new();
             for p in &target.model.processes {
                 for e in &p.execs {

@@ -249,15 +249,41 @@ exec "$@""#,
         cmd.env("ANSIBLE_CONNECTION_PLUGINS", plugins).env("SPAWNTRACE_AGENT_TIMING", &timing);
     }
     let log = std::fs::File::create(dir.join("run.log"))?;
-    let (users, groups) = (names("/etc/passwd")?, names("/etc/group")?);
+    let (users, groups) = (entries("/etc/passwd")?, entries("/etc/group")?);
     let status = cmd.stdout(log.try_clone()?).stderr(log).status().context("running ansible-playbook");
-    // targets create users and groups they do not all remove (file's test2, made for
-    // ansible-test's throw-away hosts): the next run must not find them
-    for user in names("/etc/passwd")?.difference(&users) {
+    // Every run starts from the accounts the first one found: targets create users and groups
+    // they do not all remove (file's test2, made for ansible-test's throw-away hosts), and remove
+    // fixtures they find left over (copy's test_ansible_test_group from an interrupted run).
+    let (users_after, groups_after) = (entries("/etc/passwd")?, entries("/etc/group")?);
+    for user in users_after.keys().filter(|u| !users.contains_key(*u)) {
         let _ = Command::new("userdel").args(["--remove", "--force", user]).output();
     }
-    for group in names("/etc/group")?.difference(&groups) {
+    for group in groups_after.keys().filter(|g| !groups.contains_key(*g)) {
         let _ = Command::new("groupdel").arg(group).output();
+    }
+    for (group, fields) in groups.iter().filter(|(g, _)| !groups_after.contains_key(*g)) {
+        let gid = fields.get(1).context("/etc/group entry without a gid")?;
+        run(Command::new("groupadd").args(["--gid", gid, group]))?;
+    }
+    for (user, fields) in users.iter().filter(|(u, _)| !users_after.contains_key(*u)) {
+        let [_, uid, gid, gecos, home, shell] = fields.as_slice() else {
+            bail!("/etc/passwd entry for {user} is not name:x:uid:gid:gecos:home:shell")
+        };
+        run(Command::new("useradd").args([
+            "--no-create-home",
+            "--no-user-group",
+            "--uid",
+            uid,
+            "--gid",
+            gid,
+            "--comment",
+            gecos,
+            "--home-dir",
+            home,
+            "--shell",
+            shell,
+            user,
+        ]))?;
     }
     let status = status?;
     let text = std::fs::read_to_string(dir.join("run.log"))?;
@@ -291,14 +317,16 @@ exec "$@""#,
     Ok(Outcome { rc: status.code().unwrap_or(-1), recap, results, agent_runs })
 }
 
-/// The names (first fields) of /etc/passwd or /etc/group.
-fn names(path: &str) -> Result<std::collections::BTreeSet<String>> {
+/// The entries of /etc/passwd or /etc/group: name → the fields after it.
+fn entries(path: &str) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     Ok(text
         .lines()
-        .filter_map(|l| l.split(':').next())
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
+        .filter_map(|l| {
+            let mut fields = l.split(':').map(str::to_owned);
+            let name = fields.next().filter(|n| !n.is_empty())?;
+            Some((name, fields.collect()))
+        })
         .collect())
 }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use crate::{
     analysis::Analysis,
     ansible::attribution::{Attribution, Owner},
-    model::Model,
+    model::{Model, basename},
     trace::{Bookend, Footer, Header, TargetLine, TargetRecord},
 };
 
@@ -45,6 +45,9 @@ pub struct Target {
     pub owners: Vec<Owner>,
     /// The processes the agent there reported as module runners.
     pub runners: Vec<usize>,
+    /// Processes given to a worker by time that started while none of that worker's ssh clients
+    /// ran (where no agent reports its runners): the attribution's doubt, normally 0.
+    pub unconfirmed: u64,
 }
 
 impl Target {
@@ -60,6 +63,7 @@ impl Target {
             users: Vec::new(),
             owners: Vec::new(),
             runners: Vec::new(),
+            unconfirmed: 0,
         }
     }
 
@@ -126,6 +130,7 @@ pub fn targets(records: &[TargetRecord]) -> Vec<Target> {
 ///   and item it named, and so does what it starts (a runner that ran several modules: the one
 ///   of the time);
 /// - the recorded sshd session is the connection's;
+/// - what led from it to a reported runner (the agent, its zygote, their launchers) is the agent;
 /// - a process that lives on while another of the target's workers starts is an agent (Mitogen's
 ///   context, our persistent agent, its zygote), and so are the processes that only led to it
 ///   (its launchers);
@@ -157,10 +162,29 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
         }
     }
     let reported = !runs.is_empty();
+    // Each worker's ssh clients (when they ran, on our clock): a command the worker sent to the
+    // target runs while one of them is alive.
+    let mut ssh_of: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
+    for (i, p) in controller.processes.iter().enumerate() {
+        let is_ssh = p.execs.last().is_some_and(|e| matches!(basename(&e.filename), "ssh" | "sftp" | "scp"));
+        if let (true, Some(Owner::Task { worker, .. })) = (is_ssh, a.owners.get(i)) {
+            ssh_of.entry(*worker).or_default().push((p.start_ns, p.end_ns.unwrap_or(u64::MAX)));
+        }
+    }
+    let mut unconfirmed = 0;
     let session = target.session();
     let n = model.processes.len();
     let mut owners = vec![Owner::Unattributed; n];
-    // Long-lived processes first: agents, and the launchers that only led to them.
+    // Where runners are reported, what led to them (the agent, its zygote, their launchers) is
+    // the agent's, whatever the workers' times: one task's agent outlives no other worker.
+    for &r in runs.keys() {
+        let mut cur = model.processes[r].parent;
+        while let Some(q) = cur.filter(|&q| Some(q) != session && !runs.contains_key(&q)) {
+            owners[q] = Owner::Agent;
+            cur = model.processes[q].parent;
+        }
+    }
+    // Long-lived processes: agents, and the launchers that only led to them.
     for i in 0..n {
         let p = &model.processes[i];
         let (start, end) = (target.local_ns(p.start_ns), p.end_ns.map_or(u64::MAX, |e| target.local_ns(e)));
@@ -215,6 +239,12 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
                     .iter()
                     .find(|win| win.start_ns <= start && win.end_ns.is_none_or(|e| start <= e))
                     .map(|win| win.index);
+                // the check of time against cause: one of the worker's ssh clients was there
+                let under_ssh =
+                    ssh_of.get(&w).is_some_and(|s| s.iter().any(|&(b, e)| b <= start && start <= e));
+                if !reported && !under_ssh {
+                    unconfirmed += 1;
+                }
                 Owner::Task { worker: w, item }
             }
             // none, or several workers at once (delegate_to from several hosts): unknown
@@ -223,6 +253,7 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
     }
     target.owners = owners;
     target.runners = runs.into_keys().collect();
+    target.unconfirmed = unconfirmed;
 }
 
 /// The live process of `model` with this tgid at `ts`.

@@ -383,6 +383,15 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
 }
 
 fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: u64) -> Header {
+    let command = opts.command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let uid = run_as.map(|r| r.uid.as_raw()).unwrap_or_else(|| nix::unistd::getuid().as_raw());
+    let gid = run_as.map(|r| r.gid.as_raw()).unwrap_or_else(|| nix::unistd::getgid().as_raw());
+    header(command, root_pid, (uid, gid), start_ns)
+}
+
+/// The header of a trace recorded on this machine (a command's, or a target's session's): what
+/// the machine and this build are, with the recording's own facts.
+fn header(command: Vec<String>, root_pid: u32, (uid, gid): (u32, u32), start_ns: u64) -> Header {
     let uname = nix::sys::utsname::uname().ok();
     let field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
         uname.as_ref().map(|u| f(u).to_string_lossy().into_owned()).unwrap_or_default()
@@ -400,10 +409,10 @@ fn make_header(opts: &Options, run_as: Option<&RunAs>, root_pid: u32, start_ns: 
         clock: "CLOCK_MONOTONIC".into(),
         realtime_offset_ns: realtime - monotonic_ns() as i64,
         boot_time_s: procfs::boot_time_secs().unwrap_or(0),
-        command: opts.command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        command,
         root_pid,
-        uid: run_as.map(|r| r.uid.as_raw()).unwrap_or_else(|| nix::unistd::getuid().as_raw()),
-        gid: run_as.map(|r| r.gid.as_raw()).unwrap_or_else(|| nix::unistd::getgid().as_raw()),
+        uid,
+        gid,
         start_ns,
         argv_cap: tracer_common::ARGV_CAP,
         path_cap: tracer_common::PATH_CAP,

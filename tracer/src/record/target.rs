@@ -13,14 +13,14 @@ use std::io::Write as _;
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 
 use super::{
     AbortOnDrop, POLL_INTERVAL, Sink, btf, monotonic_ns, own_cpu_ns, preflight, probes::Probes, readable,
 };
 use crate::{
     analysis::Analysis,
-    trace::{self, Footer, Header, Status, TraceWriter},
+    trace::{Footer, Header, Status, TraceWriter},
 };
 
 /// The exit status of a recorder that could not record (its [`Unavailable`] line says why).
@@ -91,6 +91,29 @@ pub async fn record() -> i32 {
     }
 }
 
+/// The next line from the controller (bounded before it is read: a longer one is skipped),
+/// None at the end.
+async fn ping_line(stdin: &mut BufReader<tokio::io::Stdin>) -> std::io::Result<Option<Vec<u8>>> {
+    loop {
+        let mut line = Vec::new();
+        let n = (&mut *stdin).take(MAX_PING_LINE as u64).read_until(b'\n', &mut line).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if line.last() == Some(&b'\n') {
+            return Ok(Some(line));
+        }
+        // longer than a ping: skip to its end
+        let mut rest = Vec::new();
+        while !rest.ends_with(b"\n") {
+            rest.clear();
+            if (&mut *stdin).take(MAX_PING_LINE as u64).read_until(b'\n', &mut rest).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
 /// What a recorder needs before it can record: root, the kernel's BTF, and the sshd session
 /// it runs in.
 fn ready() -> Result<u32> {
@@ -136,14 +159,14 @@ async fn record_session(session: u32) -> Result<()> {
         decode_failures: 0,
         progress: None,
     };
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin = BufReader::new(tokio::io::stdin());
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            line = stdin.next_line() => match line {
-                Ok(Some(line)) if line.len() <= MAX_PING_LINE => {
-                    if let Ok(Ping { ping }) = serde_json::from_str(&line) {
+            line = ping_line(&mut stdin) => match line {
+                Ok(Some(line)) => {
+                    if let Ok(Ping { ping }) = serde_json::from_slice(&line) {
                         let pong = Pong { ty: PongTag::Pong, seq: ping, ts: monotonic_ns() };
                         if let Some(w) = sink.writer.as_deref_mut() {
                             w.line(&pong)?;
@@ -190,35 +213,10 @@ async fn record_session(session: u32) -> Result<()> {
 }
 
 fn header(session: u32, start_ns: u64) -> Header {
-    let uname = nix::sys::utsname::uname().ok();
-    let field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
-        uname.as_ref().map(|u| f(u).to_string_lossy().into_owned()).unwrap_or_default()
-    };
-    let realtime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
-        .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
-        .unwrap_or(0);
     // the session runs as the login user: its /proc directory is theirs
     let owner = std::fs::metadata(format!("/proc/{session}")).ok();
-    let (uid, gid) = owner.map_or((0, 0), |m| {
+    let ids = owner.map_or((0, 0), |m| {
         (std::os::unix::fs::MetadataExt::uid(&m), std::os::unix::fs::MetadataExt::gid(&m))
     });
-    Header {
-        format: trace::FORMAT.into(),
-        version: trace::VERSION,
-        minor_version: trace::MINOR_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        kernel: field(|u| u.release()),
-        hostname: field(|u| u.nodename()),
-        clock: "CLOCK_MONOTONIC".into(),
-        realtime_offset_ns: realtime - monotonic_ns() as i64,
-        boot_time_s: procfs::boot_time_secs().unwrap_or(0),
-        command: vec!["(sshd session)".into()],
-        root_pid: session,
-        uid,
-        gid,
-        start_ns,
-        argv_cap: tracer_common::ARGV_CAP,
-        path_cap: tracer_common::PATH_CAP,
-        callback_injected: false,
-    }
+    super::header(vec!["(sshd session)".into()], session, ids, start_ns)
 }

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::{
     analysis::Analysis,
     ansible::{attribution::Owner, processes::Kind},
+    model::Process,
 };
 
 /// What a worker's time went to. Declared most specific first: when several of a worker's
@@ -128,25 +129,37 @@ fn target_segments(target: &crate::ansible::target_attribution::Target, segments
         let Some(Owner::Task { worker, .. }) = owner else { continue };
         let Some(spans) = segments.get_mut(worker) else { continue };
         let (start, end) = (p.start_ns, p.end_ns.unwrap_or(end_of_trace).max(p.start_ns));
-        let mut push = |from: u64, to: u64, category: Category| {
+        let push = |from: u64, to: u64, category: Category| {
             let (from, to) = (target.local_ns(from), target.local_ns(to));
             if from < to {
                 spans.push(Segment { start: from, end: to, category, on_target: true });
             }
         };
-        let Some(exec) = p.execs.last().map(|e| e.ts.clamp(start, end)) else {
-            push(start, end, image[i]);
-            continue;
-        };
-        push(start, exec, inherited);
-        match (image[i], p.first_marked_open_ns) {
-            (Category::Module, Some(open)) => {
-                let open = open.clamp(exec, end);
-                push(exec, open, Category::InterpreterStartup);
-                push(open, end, Category::Module);
-            }
-            (category, _) => push(exec, end, category),
+        split(p, (start, end), inherited, image[i], push);
+    }
+}
+
+/// A process's time between `start` and `end` in categories: before its last exec what it
+/// `inherited`, then its `image`'s (a module's Python split at its first payload open).
+fn split(
+    p: &Process,
+    (start, end): (u64, u64),
+    inherited: Category,
+    image: Category,
+    mut push: impl FnMut(u64, u64, Category),
+) {
+    let Some(exec) = p.execs.last().map(|e| e.ts.clamp(start, end)) else {
+        push(start, end, image);
+        return;
+    };
+    push(start, exec, inherited);
+    match (image, p.first_marked_open_ns) {
+        (Category::Module, Some(open)) => {
+            let open = open.clamp(exec, end);
+            push(exec, open, Category::InterpreterStartup);
+            push(open, end, Category::Module);
         }
+        (category, _) => push(exec, end, category),
     }
 }
 
@@ -258,24 +271,12 @@ impl Categories {
             }
             let p = &model.processes[i];
             let (start, end) = (p.start_ns, end_of(i));
-            let mut push = |start: u64, end: u64, category: Category| {
+            let push = |start: u64, end: u64, category: Category| {
                 if start < end && category != Category::Worker {
                     segments[w].push(Segment { start, end, category, on_target: false });
                 }
             };
-            let Some(exec) = p.execs.last().map(|e| e.ts.clamp(start, end)) else {
-                push(start, end, image[i]);
-                continue;
-            };
-            push(start, exec, inherited[i]);
-            match (image[i], p.first_marked_open_ns) {
-                (Category::Module, Some(open)) => {
-                    let open = open.clamp(exec, end);
-                    push(exec, open, Category::InterpreterStartup);
-                    push(open, end, Category::Module);
-                }
-                (category, _) => push(exec, end, category),
-            }
+            split(p, (start, end), inherited[i], image[i], push);
         }
         // What the workers' processes did on the SSH targets, on the controller's clock: it runs
         // while the worker's ssh waits, and being more specific, takes that time over.

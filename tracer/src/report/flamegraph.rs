@@ -5,7 +5,12 @@ use std::io::Write;
 
 use anyhow::{Context as _, Result};
 
-use crate::{analysis::Analysis, ansible::attribution::Owner, model::basename, report::labels};
+use crate::{
+    analysis::Analysis,
+    ansible::attribution::{Attribution, Owner},
+    model::basename,
+    report::labels,
+};
 
 /// What a frame's width measures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -54,99 +59,95 @@ fn frame(s: &str) -> String {
 /// Folded stacks (`frame;frame;frame N`), merged and sorted.
 pub fn folded(analysis: &Analysis, weight: Weight, by: FlameBy) -> Vec<String> {
     let mut stacks: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut add = |frames: Vec<String>, w: u64| {
+        let key = frames.iter().map(|f| frame(f)).collect::<Vec<_>>().join(";");
+        *stacks.entry(key).or_insert(0) += w;
+    };
     let (model, attribution) = (&analysis.model, analysis.attribution.as_ref());
     let playbook = attribution
         .and_then(|a| a.playbook.as_deref())
         .map(|p| basename(p).to_owned())
         .unwrap_or_else(|| "playbook".into());
+    // `playbook;play;task;host` (or `…;host;task`) of a worker
+    let task_frames = |a: &Attribution, worker: usize| {
+        let wk = &a.workers[worker];
+        let task = &a.tasks[wk.task];
+        let play = if task.play.is_empty() { "(play)".into() } else { task.play.clone() };
+        let (t, h) = (task.name.clone(), wk.host.clone());
+        match by {
+            FlameBy::Task => vec![playbook.clone(), play, t, h],
+            FlameBy::Host => vec![playbook.clone(), play, h, t],
+        }
+    };
     for (i, p) in model.processes.iter().enumerate() {
-        let w = match weight {
-            Weight::Count => 1,
-            Weight::Wall => {
-                p.wall_ns().unwrap_or_else(|| model.totals.last_ns.saturating_sub(p.start_ns)) / 1000
-            }
-            Weight::Cpu => p.cpu_ns / 1000,
-        };
+        let w = weight.of(model, p);
         if w == 0 {
             continue;
         }
         let chain = model.ancestry(i);
-        let mut frames: Vec<String> = Vec::new();
         let below =
             |from: usize| -> Vec<String> { chain[from..].iter().map(|&c| labels::label(model, c)).collect() };
-        match attribution.map(|a| (a, a.owners[i])) {
-            None => frames.extend(below(0)),
+        let frames = match attribution.map(|a| (a, a.owners[i])) {
+            None => below(0),
             Some((a, Owner::Task { worker, .. })) => {
-                let wk = &a.workers[worker];
-                let task = &a.tasks[wk.task];
-                frames.push(playbook.clone());
-                frames.push(if task.play.is_empty() { "(play)".into() } else { task.play.clone() });
-                let (t, h) = (task.name.clone(), wk.host.clone());
-                match by {
-                    FlameBy::Task => frames.extend([t, h]),
-                    FlameBy::Host => frames.extend([h, t]),
-                }
-                match chain.iter().position(|&c| c == wk.proc) {
+                let mut frames = task_frames(a, worker);
+                match chain.iter().position(|&c| c == a.workers[worker].proc) {
                     Some(d) => frames.extend(below(d + 1)),
                     // Work done for this task by a persistent agent's runner.
                     None => frames.extend(["(agent runner)".to_owned(), labels::label(model, i)]),
                 }
+                frames
             }
             Some((_, owner)) => {
-                frames.push(playbook.clone());
-                frames.push(format!("({})", owner.category()));
+                let mut frames = vec![playbook.clone(), format!("({})", owner.category())];
                 frames.extend(below(0));
+                frames
             }
-        }
-        let key = frames.iter().map(|f| frame(f)).collect::<Vec<_>>().join(";");
-        *stacks.entry(key).or_insert(0) += w;
+        };
+        add(frames, w);
     }
     // The targets' processes go on from their task and host's `ssh` frame:
     // `…;task;host;ssh;[target] sh -c …;python3 AnsiballZ_copy`.
     for (target, a) in analysis.targets.iter().filter_map(|t| Some((t, attribution?))) {
         let model = &target.model;
+        let session = target.session();
         for (i, p) in model.processes.iter().enumerate() {
-            let w = match weight {
-                Weight::Count => 1,
-                Weight::Wall => {
-                    p.wall_ns().unwrap_or_else(|| model.totals.last_ns.saturating_sub(p.start_ns)) / 1000
-                }
-                Weight::Cpu => p.cpu_ns / 1000,
-            };
+            let w = weight.of(model, p);
             if w == 0 {
                 continue;
             }
-            let mut frames = vec![playbook.clone()];
-            match target.owners.get(i).copied().unwrap_or(Owner::Unattributed) {
+            let mut frames = match target.owners.get(i).copied().unwrap_or(Owner::Unattributed) {
                 Owner::Task { worker, .. } => {
-                    let wk = &a.workers[worker];
-                    let task = &a.tasks[wk.task];
-                    frames.push(if task.play.is_empty() { "(play)".into() } else { task.play.clone() });
-                    let (t, h) = (task.name.clone(), wk.host.clone());
-                    match by {
-                        FlameBy::Task => frames.extend([t, h]),
-                        FlameBy::Host => frames.extend([h, t]),
-                    }
+                    let mut frames = task_frames(a, worker);
                     frames.push("ssh".into());
+                    frames
                 }
-                owner => frames.push(format!("({})", owner.category())),
-            }
+                owner => vec![playbook.clone(), format!("({})", owner.category())],
+            };
             // below the recorded sshd session, the first frame marked as the target's
-            let session = target.session();
-            let chain: Vec<String> = model
-                .ancestry(i)
-                .into_iter()
-                .filter(|&c| Some(c) != session || c == i)
-                .map(|c| labels::target_label(model, c, session))
-                .collect();
-            for (n, label) in chain.into_iter().enumerate() {
+            let chain = model.ancestry(i).into_iter().filter(|&c| Some(c) != session || c == i);
+            for (n, c) in chain.enumerate() {
+                let label = labels::target_label(model, c, session);
                 frames.push(if n == 0 { format!("[target] {label}") } else { label });
             }
-            let key = frames.iter().map(|f| frame(f)).collect::<Vec<_>>().join(";");
-            *stacks.entry(key).or_insert(0) += w;
+            add(frames, w);
         }
     }
     stacks.into_iter().map(|(k, v)| format!("{k} {v}")).collect()
+}
+
+impl Weight {
+    /// A process's width: 1, its lifetime (µs; still running: until the model's last event),
+    /// or its CPU time (µs).
+    fn of(self, model: &crate::model::Model, p: &crate::model::Process) -> u64 {
+        match self {
+            Weight::Count => 1,
+            Weight::Wall => {
+                p.wall_ns().unwrap_or_else(|| model.totals.last_ns.saturating_sub(p.start_ns)) / 1000
+            }
+            Weight::Cpu => p.cpu_ns / 1000,
+        }
+    }
 }
 
 fn options(title: String, subtitle: String, count_name: &str) -> inferno::flamegraph::Options<'static> {

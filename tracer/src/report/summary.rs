@@ -46,6 +46,7 @@ fn target_summary(analysis: &Analysis, t: &Target) -> TargetSummary {
         agent: t.owners.iter().filter(|o| **o == Owner::Agent).count() as u64,
         connection: t.owners.iter().filter(|o| **o == Owner::Connection).count() as u64,
         unattributed: t.unattributed(),
+        unconfirmed: t.unconfirmed,
         complete: t.footer.is_some(),
         dropped_events: t.footer.as_ref().map(|f| f.counters.dropped_events()),
         clock_error_ms: t.clock.map(|(_, e)| (e as f64 / 1e4).round() / 100.0),
@@ -125,6 +126,8 @@ pub struct TargetSummary {
     pub connection: u64,
     /// Processes given to no task, agent or connection.
     pub unattributed: u64,
+    /// Processes given to a worker by time while none of its ssh clients ran (normally 0).
+    pub unconfirmed: u64,
     /// The target recorder's trace ended with its footer.
     pub complete: bool,
     /// Events lost on the target; None when unknown (its trace is incomplete).
@@ -229,10 +232,14 @@ impl Summary {
                 let what = match (&t.reason, t.complete) {
                     (Some(reason), _) => format!("not recorded: {reason}"),
                     (None, complete) => format!(
-                        "{} processes ({} agent, {} unattributed), {} execs{}, recorder started in {:.3} s{}",
+                        "{} processes ({} agent, {} unattributed{}), {} execs{}, recorder started in {:.3} s{}",
                         t.processes,
                         t.agent,
                         t.unattributed,
+                        match t.unconfirmed {
+                            0 => String::new(),
+                            n => format!(", {n} while no ssh of their worker ran"),
+                        },
                         t.execs,
                         t.clock_error_ms.map(|e| format!(", clock ±{e:.3} ms")).unwrap_or_default(),
                         t.recorder_start_ms / 1000.0,

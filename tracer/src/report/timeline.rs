@@ -95,27 +95,7 @@ pub fn write_timeline(analysis: &Analysis, w: &mut impl std::io::Write) -> anyho
             is_worker[w.proc] = true;
             let (group, _) = place[w.proc];
             let (ws, we) = (p.start_ns, p.end_ns.unwrap_or(trace_end).max(p.start_ns));
-            let task = a.tasks.get(w.task);
-            let name = task.map_or("", |t| if t.name.is_empty() { &t.action } else { &t.name });
-            slices.push(Slice {
-                group,
-                level: 0,
-                ts: us(ws),
-                end: us(we),
-                rank: 0,
-                name: name.to_owned(),
-                cat: "task",
-                args: Args::Task {
-                    action: task.map(|t| t.action.clone()),
-                    play: task.map(|t| t.play.clone()),
-                    host: w.host.clone(),
-                    status: w.status.map(|s| s.name()),
-                    worker_pid: w.pid,
-                    items: w.items.len(),
-                    cpu_ms: cpu_ms(p.cpu_ns),
-                },
-                proc: Some(w.proc),
-            });
+            slices.push(task_slice(a, w, p.cpu_ns, group, (us(ws), us(we)), Some(w.proc)));
             for win in &w.items {
                 let s = win.start_ns.clamp(ws, we);
                 let e = win.end_ns.unwrap_or(we).clamp(s, we);
@@ -184,28 +164,8 @@ pub fn write_timeline(analysis: &Analysis, w: &mut impl std::io::Write) -> anyho
             workers.dedup();
             for w in workers.into_iter().map(|w| &a.workers[w]) {
                 let Some(p) = analysis.model.processes.get(w.proc) else { continue };
-                let task = a.tasks.get(w.task);
-                slices.push(Slice {
-                    group,
-                    level: 0,
-                    ts: us(p.start_ns),
-                    end: us(p.end_ns.unwrap_or(trace_end).max(p.start_ns)),
-                    rank: 0,
-                    name: task.map_or(String::new(), |t| {
-                        if t.name.is_empty() { t.action.clone() } else { t.name.clone() }
-                    }),
-                    cat: "task",
-                    args: Args::Task {
-                        action: task.map(|t| t.action.clone()),
-                        play: task.map(|t| t.play.clone()),
-                        host: w.host.clone(),
-                        status: w.status.map(|s| s.name()),
-                        worker_pid: w.pid,
-                        items: w.items.len(),
-                        cpu_ms: cpu_ms(p.cpu_ns),
-                    },
-                    proc: None,
-                });
+                let span = (us(p.start_ns), us(p.end_ns.unwrap_or(trace_end).max(p.start_ns)));
+                slices.push(task_slice(a, w, p.cpu_ns, group, span, None));
             }
             let session = target.session();
             let mut depth = vec![0usize; model.processes.len()];
@@ -354,6 +314,39 @@ pub fn write_timeline(analysis: &Analysis, w: &mut impl std::io::Write) -> anyho
     }
     w.write_all(b"]}")?;
     Ok(())
+}
+
+/// Worker `w`'s task as a slice on lane 0 of `group`, `span` in µs; `proc`: the worker's
+/// process, when the slice stands for it.
+fn task_slice(
+    a: &Attribution,
+    w: &crate::ansible::attribution::Worker,
+    cpu_ns: u64,
+    group: usize,
+    (ts, end): (u64, u64),
+    proc: Option<usize>,
+) -> Slice {
+    let task = a.tasks.get(w.task);
+    Slice {
+        group,
+        level: 0,
+        ts,
+        end,
+        rank: 0,
+        name: task
+            .map_or(String::new(), |t| if t.name.is_empty() { t.action.clone() } else { t.name.clone() }),
+        cat: "task",
+        args: Args::Task {
+            action: task.map(|t| t.action.clone()),
+            play: task.map(|t| t.play.clone()),
+            host: w.host.clone(),
+            status: w.status.map(|s| s.name()),
+            worker_pid: w.pid,
+            items: w.items.len(),
+            cpu_ms: cpu_ms(cpu_ns),
+        },
+        proc,
+    }
 }
 
 /// Serializes any event through one `&dyn` (the writer closure takes events of several types).

@@ -43,14 +43,39 @@ fn newest_env() -> std::path::PathBuf {
     envs().into_iter().next_back().expect("an environment")
 }
 
+/// The environment with Mitogen, and its strategy plugins' directory.
+fn mitogen_env() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    envs().into_iter().find_map(|env| {
+        let out = Command::new(env.join(".venv/bin/python"))
+            .args(["-c", "import os, ansible_mitogen; print(os.path.dirname(ansible_mitogen.__file__))"])
+            .output()
+            .ok()?;
+        let dir =
+            std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("plugins/strategy");
+        (out.status.success() && dir.is_dir()).then_some((env, dir))
+    })
+}
+
 #[test]
 #[file_serial(ebpf)]
 fn target_processes_land_on_their_task_host_and_item_and_nothing_else_is_recorded() {
     require_root!();
     let lab = sshlab::Lab::start_with_sudo(2, "targets").expect("the ssh test hosts");
     let cp = tempfile::tempdir().unwrap();
-    for (strategy, mode) in [("linear", "classic"), ("free", "classic"), ("linear", "persistent")] {
+    let mitogen = mitogen_env();
+    for (strategy, mode) in
+        [("linear", "classic"), ("free", "classic"), ("linear", "persistent"), ("mitogen_linear", "mitogen")]
+    {
         let what = format!("{strategy} {mode}");
+        let (env, strategy_plugins) = match (mode, &mitogen) {
+            ("mitogen", Some((env, plugins))) => (env.clone(), plugins.to_str().unwrap().to_owned()),
+            ("mitogen", None) if std::env::var_os("CI").is_some() => panic!("no environment with Mitogen"),
+            ("mitogen", None) => {
+                eprintln!("skipped: no environment with Mitogen");
+                continue;
+            }
+            _ => (newest_env(), String::new()),
+        };
         // An unrelated ssh session to h1 while the run goes on: its own sshd session, not the
         // run's, so none of it may appear.
         let stop = Arc::new(AtomicBool::new(false));
@@ -72,12 +97,13 @@ fn target_processes_land_on_their_task_host_and_item_and_nothing_else_is_recorde
         };
         let pb = common::ansible::playbook_with(
             if mode == "persistent" { &["--persistent"] } else { &[] },
-            &newest_env(),
+            &env,
             MARKS,
             lab.inventory.to_str().unwrap(),
             &[
                 ("ANSIBLE_FORKS", "2"),
                 ("ANSIBLE_STRATEGY", strategy),
+                ("ANSIBLE_STRATEGY_PLUGINS", &strategy_plugins),
                 ("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path().to_str().unwrap()),
             ],
             &[],
@@ -90,8 +116,8 @@ fn target_processes_land_on_their_task_host_and_item_and_nothing_else_is_recorde
         for (t, s) in a.targets.iter().zip(&summary.targets) {
             assert!(s.recorded && s.complete, "{what}: {s:?}");
             assert_eq!((s.unattributed, s.unconfirmed), (0, 0), "{what}: {s:?}");
-            // the persistent agent there (and its zygote, spare runners) is classified
-            assert_eq!(s.agent > 0, mode == "persistent", "{what}: {s:?}");
+            // the persistent agent there (and its zygote, spare runners), Mitogen's context
+            assert_eq!(s.agent > 0, mode != "classic", "{what}: {s:?}");
             let [host] = s.hosts.as_slice() else { panic!("{what}: one host per target: {s:?}") };
             // every printf there is this host's, none is the unrelated session's
             let printfs: Vec<&Vec<String>> = t
@@ -121,15 +147,17 @@ fn target_processes_land_on_their_task_host_and_item_and_nothing_else_is_recorde
         }
         assert_eq!(seen.len(), 2 * 3, "{what}: {seen:?}");
         // copy's work on each target is in its task: a module Python each (classic), the
-        // agent's runner and the programs the module runs (persistent)
+        // agent's runner and the programs the module runs (persistent); Mitogen runs it in its
+        // context: no interpreter
         let copy = TaskReport::new(a, By::Task).tasks.into_iter().find(|r| r.name == "copy").unwrap();
-        let on_targets = copy.target.unwrap();
+        let on_targets = copy.target.unwrap_or_default();
         match mode {
             "classic" => assert!(on_targets.execs_by_exe.get("python3").copied().unwrap_or(0) >= 2, "{what}"),
-            _ => assert!(
+            "persistent" => assert!(
                 on_targets.processes >= 2 && !on_targets.execs_by_exe.contains_key("python3"),
                 "{what}"
             ),
+            _ => assert!(!on_targets.execs_by_exe.contains_key("python3"), "{what}: {on_targets:?}"),
         }
         // where the time went: the target's shell helpers and module take over from the ssh
         // that waits for them; the first task waited for the recorders
@@ -138,7 +166,9 @@ fn target_processes_land_on_their_task_host_and_item_and_nothing_else_is_recorde
             let t = categories.tasks.iter().find(|t| t.name == task).unwrap();
             t.categories.get(&c).map_or(0.0, |s| s.share)
         };
-        assert!(share("copy", Category::Module) > 0.0, "{what}: {categories:?}");
+        if mode != "mitogen" {
+            assert!(share("copy", Category::Module) > 0.0, "{what}: {categories:?}");
+        }
         assert!(share("copy", Category::Other) < 0.05, "{what}: {categories:?}");
         if mode == "classic" {
             assert!(share("marks", Category::Shell) > 0.0 && share("copy", Category::Shell) > 0.0, "{what}");
@@ -362,4 +392,68 @@ fn strace_execs(log: &str) -> BTreeMap<String, u64> {
         }
     }
     counts
+}
+
+/// `compare` against a network-namespace host: each mode's target side, in report.json and
+/// report.md, with every target process attributed and the agents there (ours, Mitogen's
+/// context) counted.
+#[test]
+#[file_serial(ebpf)]
+fn compare_over_ssh_reports_each_modes_target_side() {
+    require_root!();
+    let Some((env, _)) = mitogen_env() else {
+        assert!(std::env::var_os("CI").is_none(), "no environment with Mitogen");
+        eprintln!("skipped: no environment with Mitogen");
+        return;
+    };
+    let lab = sshlab::Lab::start_with_sudo(1, "targets").expect("the ssh test hosts");
+    let dir = tempfile::tempdir().unwrap();
+    let cp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pb.yml"),
+        "- hosts: targets\n  gather_facts: false\n  tasks:\n    - name: copy\n      ansible.builtin.copy: {content: \"{{ item }}\\n\", dest: \"/tmp/spawntrace-compare-{{ item }}\"}\n      loop: [a, b, c]\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let result = common::spawntrace()
+        .current_dir(dir.path())
+        .args(["compare", "--runs", "1", "--warmup", "0", "--modes", "classic,persistent,mitogen", "-o"])
+        .arg(&out)
+        .arg("--")
+        .arg(env.join(".venv/bin/ansible-playbook"))
+        .args(["-i", lab.inventory.to_str().unwrap(), "pb.yml"])
+        .env("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path())
+        // (Mitogen's own host key option comes before the inventory's)
+        .env("ANSIBLE_HOST_KEY_CHECKING", "False")
+        .output()
+        .unwrap();
+    let logs: String = std::fs::read_dir(out.join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            format!("{}:\n{}", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default())
+        })
+        .collect();
+    assert!(result.status.success(), "{}\n{logs}", String::from_utf8_lossy(&result.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let modes = report["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 3, "{report:#}");
+    let target_execs = |m: &serde_json::Value| m["tasks"][0]["target_execs"].as_f64().unwrap();
+    for m in modes {
+        let t = &m["target"];
+        assert!(t["execs"]["mean"].as_f64().unwrap() > 0.0, "{m:#}");
+        assert_eq!(t["unattributed"], 0, "{m:#}");
+        let agents = t["agent_processes"]["mean"].as_f64().unwrap();
+        assert_eq!(agents > 0.0, m["mode"] != "classic", "{m:#}");
+    }
+    // classic starts a Python per item there; the agents do not
+    assert!(target_execs(&modes[0]) > target_execs(&modes[1]), "{report:#}");
+    assert!(target_execs(&modes[0]) > target_execs(&modes[2]), "{report:#}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## On the SSH targets") && md.contains("| copy |"), "{md}");
+    for item in ["a", "b", "c"] {
+        let _ = std::fs::remove_file(format!("/tmp/spawntrace-compare-{item}"));
+    }
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     analysis::Analysis,
-    ansible,
+    ansible::{self, attribution::Owner, target_attribution::TargetState},
     output::write_file,
     record::{self, Progress, launch},
     report::{
@@ -109,6 +109,8 @@ pub struct ModeReport {
     pub unattributed: u64,
     /// Per task (in playbook order): mean wall ms and mean execs over the runs.
     pub tasks: Vec<TaskMean>,
+    /// On the recorded SSH targets, all together (None when no run recorded one).
+    pub target: Option<TargetMeans>,
     /// Where the first run's wall time went.
     pub categories: crate::report::categories::Categories,
     pub traces: Vec<PathBuf>,
@@ -121,6 +123,19 @@ pub struct TaskMean {
     pub wall_ms: f64,
     pub execs: f64,
     pub processes: f64,
+    /// Mean execs on the SSH targets (None when no target was recorded).
+    pub target_execs: Option<f64>,
+}
+
+/// One mode's work on its recorded SSH targets, per run.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetMeans {
+    pub processes: Stats,
+    pub execs: Stats,
+    /// Processes of the agents there (our agent, Mitogen's context).
+    pub agent_processes: Stats,
+    /// Summed over the runs.
+    pub unattributed: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -339,6 +354,28 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
             dropped_events: runs.numbers.iter().map(|n| n.dropped_events).sum(),
             unattributed: runs.numbers.iter().map(|n| n.unattributed).sum(),
             tasks: task_means(&runs.numbers),
+            target: runs.numbers.iter().any(|n| n.target.is_some()).then(|| {
+                let stat = |f: &dyn Fn(&TargetNumbers) -> u64| {
+                    Stats::of(
+                        &runs
+                            .numbers
+                            .iter()
+                            .map(|n| n.target.as_ref().map_or(0, f) as f64)
+                            .collect::<Vec<_>>(),
+                    )
+                };
+                TargetMeans {
+                    processes: stat(&|t| t.processes),
+                    execs: stat(&|t| t.execs),
+                    agent_processes: stat(&|t| t.agent),
+                    unattributed: runs
+                        .numbers
+                        .iter()
+                        .filter_map(|n| n.target.as_ref())
+                        .map(|t| t.unattributed)
+                        .sum(),
+                }
+            }),
             categories: Categories::new(first),
             traces: runs.traces.clone(),
             wall_s: wall,
@@ -371,6 +408,32 @@ struct RunNumbers {
     unattributed: u64,
     /// Per task, in playbook order.
     tasks: Vec<TaskRow>,
+    /// On the recorded SSH targets (None: none was).
+    target: Option<TargetNumbers>,
+}
+
+/// A run's processes on its recorded SSH targets, all together.
+struct TargetNumbers {
+    processes: u64,
+    execs: u64,
+    agent: u64,
+    unattributed: u64,
+}
+
+impl TargetNumbers {
+    fn of(analysis: &Analysis) -> Option<Self> {
+        let recorded: Vec<_> =
+            analysis.targets.iter().filter(|t| t.state == TargetState::Recording).collect();
+        (!recorded.is_empty()).then(|| Self {
+            processes: recorded.iter().map(|t| t.model.processes.len() as u64).sum(),
+            execs: recorded.iter().map(|t| t.model.totals.execs).sum(),
+            agent: recorded
+                .iter()
+                .map(|t| t.owners.iter().filter(|o| **o == Owner::Agent).count() as u64)
+                .sum(),
+            unattributed: recorded.iter().map(|t| t.unattributed()).sum(),
+        })
+    }
 }
 
 /// One mode's traced runs: every run's numbers, the first run whole (for its pictures and the
@@ -396,6 +459,7 @@ impl ModeRuns {
             dropped_events: analysis.dropped_events().unwrap_or(0),
             unattributed: analysis.unattributed(),
             tasks: TaskReport::new(&analysis, By::Task).tasks,
+            target: TargetNumbers::of(&analysis),
         });
         self.traces.push(trace);
         if self.first.is_none() {
@@ -436,6 +500,10 @@ fn task_means(runs: &[RunNumbers]) -> Vec<TaskMean> {
                 wall_ms: mean(&|x| x.wall_ms),
                 execs: mean(&|x| x.execs as f64),
                 processes: mean(&|x| x.processes as f64),
+                target_execs: runs
+                    .iter()
+                    .any(|r| r.target.is_some())
+                    .then(|| mean(&|x| x.target.as_ref().map_or(0.0, |t| t.execs as f64))),
             }
         })
         .collect()
@@ -553,6 +621,53 @@ fn markdown_raw(r: &CompareReport) -> String {
                 }
             }
             o.push('\n');
+        }
+    }
+    if r.modes.iter().any(|m| m.target.is_some()) {
+        let _ = writeln!(
+            o,
+            "\n## On the SSH targets (mean per run)\n\n| mode | processes | execs | agent processes | unattributed |\n|---|---:|---:|---:|---:|"
+        );
+        for m in &r.modes {
+            match &m.target {
+                Some(t) => {
+                    let _ = writeln!(
+                        o,
+                        "| {} | {:.0} | {:.0} | {:.0} | {} |",
+                        m.mode.name(),
+                        t.processes.mean,
+                        t.execs.mean,
+                        t.agent_processes.mean,
+                        t.unattributed
+                    );
+                }
+                None => {
+                    let _ = writeln!(o, "| {} | – | – | – | – |", m.mode.name());
+                }
+            }
+        }
+        let _ = write!(o, "\n| task |");
+        for m in &r.modes {
+            let _ = write!(o, " {} target execs |", m.mode.name());
+        }
+        let _ = write!(o, "\n|---|");
+        for _ in &r.modes {
+            o.push_str("---:|");
+        }
+        o.push('\n');
+        if let Some(first) = r.modes.first() {
+            for (i, t) in first.tasks.iter().enumerate() {
+                let _ = write!(o, "| {} |", t.name.replace('|', "\\|"));
+                for m in &r.modes {
+                    match m.tasks.get(i).filter(|x| x.name == t.name).and_then(|x| x.target_execs) {
+                        Some(e) => {
+                            let _ = write!(o, " {e:.1} |");
+                        }
+                        None => o.push_str(" – |"),
+                    }
+                }
+                o.push('\n');
+            }
         }
     }
     let _ = writeln!(o, "\n## Where the wall time went (first run)\n");

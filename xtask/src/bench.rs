@@ -337,6 +337,26 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
                 t["items"]
             );
         }
+        // where each module task's worker time went (over ssh, the target's processes take over
+        // from the ssh that carried them): the share in named categories, and the largest
+        for t in v["categories"]["tasks"].as_array().into_iter().flatten() {
+            let mut shares: Vec<(&str, f64)> = t["categories"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(c, s)| (c.as_str(), s["share"].as_f64().unwrap_or(0.0)))
+                .collect();
+            shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let other = shares.iter().find(|(c, _)| *c == "other").map_or(0.0, |(_, s)| *s);
+            let top: Vec<String> =
+                shares.iter().take(4).map(|(c, s)| format!("{c} {:.0}%", s * 100.0)).collect();
+            println!(
+                "  {name} wall time of {:?}: {:.1}% in named categories ({})",
+                t["name"].as_str().unwrap_or(""),
+                (1.0 - other) * 100.0,
+                top.join(", ")
+            );
+        }
         println!("  {name} unattributed processes: {}", v["outside_tasks"]["unattributed"]);
         for t in v["targets"].as_array().into_iter().flatten() {
             match t["reason"].as_str() {

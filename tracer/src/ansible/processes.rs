@@ -21,6 +21,9 @@ pub enum Kind {
     Shell,
     /// ssh, sftp, scp.
     Ssh,
+    /// A long-lived interpreter that runs modules in itself: Mitogen's context, whose argv[0]
+    /// Mitogen sets to `python3(mitogen:user@host:pid)`.
+    Agent,
     /// Anything else (python without a module, other programs, forks without exec).
     Other,
 }
@@ -44,6 +47,9 @@ pub fn kind(model: &Model, i: usize) -> Kind {
 
 fn kind_of(filename: &str, argv: &[String]) -> Kind {
     let exe = basename(filename);
+    if argv.first().is_some_and(|a| a.contains("(mitogen:")) {
+        return Kind::Agent;
+    }
     if argv.iter().any(|a| a.contains("AnsiballZ_")) && exe.starts_with("python") {
         return Kind::Module;
     }

@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 
 use crate::{
     analysis::Analysis,
-    ansible::attribution::{Attribution, Owner},
+    ansible::{
+        attribution::{Attribution, Owner},
+        processes::{self, Kind},
+    },
     model::{Model, basename},
     trace::{Bookend, Footer, Header, TargetLine, TargetRecord},
 };
@@ -130,7 +133,8 @@ pub fn targets(records: &[TargetRecord]) -> Vec<Target> {
 ///   and item it named, and so does what it starts (a runner that ran several modules: the one
 ///   of the time);
 /// - the recorded sshd session is the connection's;
-/// - what led from it to a reported runner (the agent, its zygote, their launchers) is the agent;
+/// - what led from it to a reported runner (the agent, its zygote, their launchers) is the agent,
+///   and so are a Mitogen context (known by the name Mitogen gives it) and its launchers;
 /// - a process that lives on while another of the target's workers starts is an agent (Mitogen's
 ///   context, our persistent agent, its zygote), and so are the processes that only led to it
 ///   (its launchers);
@@ -175,13 +179,23 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
     let session = target.session();
     let n = model.processes.len();
     let mut owners = vec![Owner::Unattributed; n];
-    // Where runners are reported, what led to them (the agent, its zygote, their launchers) is
-    // the agent's, whatever the workers' times: one task's agent outlives no other worker.
-    for &r in runs.keys() {
-        let mut cur = model.processes[r].parent;
+    // `from` and what led to it from the session, up to a reported runner, are an agent's.
+    let agent_from = |owners: &mut Vec<Owner>, from: Option<usize>| {
+        let mut cur = from;
         while let Some(q) = cur.filter(|&q| Some(q) != session && !runs.contains_key(&q)) {
             owners[q] = Owner::Agent;
             cur = model.processes[q].parent;
+        }
+    };
+    // Where runners are reported, what led to them (the agent, its zygote, their launchers) is
+    // the agent's, whatever the workers' times: one task's agent outlives no other worker. So
+    // is a Mitogen context (known by its name).
+    for &r in runs.keys() {
+        agent_from(&mut owners, model.processes[r].parent);
+    }
+    for i in 0..n {
+        if model.processes[i].execs.last().is_some() && processes::kind(model, i) == Kind::Agent {
+            agent_from(&mut owners, Some(i));
         }
     }
     // Long-lived processes: agents, and the launchers that only led to them.
@@ -191,12 +205,7 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
         let alive_at_start = workers.iter().filter(|(_, ws, we)| *ws <= start && start <= *we).count();
         let outlives = workers.iter().any(|(_, ws, _)| start < *ws && *ws < end);
         if outlives && alive_at_start <= 1 && !runs.contains_key(&i) && Some(i) != session {
-            owners[i] = Owner::Agent;
-            let mut cur = p.parent;
-            while let Some(q) = cur.filter(|&q| Some(q) != session && !runs.contains_key(&q)) {
-                owners[q] = Owner::Agent;
-                cur = model.processes[q].parent;
-            }
+            agent_from(&mut owners, Some(i));
         }
     }
     // Parents come before their children: an owner decided for a parent is final here.
@@ -240,8 +249,10 @@ pub fn attribute(target: &mut Target, controller: &Model, a: &Attribution) {
                     .find(|win| win.start_ns <= start && win.end_ns.is_none_or(|e| start <= e))
                     .map(|win| win.index);
                 // the check of time against cause: one of the worker's ssh clients was there
+                // (a worker with none of its own reaches the target through another process's
+                // connection, Mitogen's: nothing to check against)
                 let under_ssh =
-                    ssh_of.get(&w).is_some_and(|s| s.iter().any(|&(b, e)| b <= start && start <= e));
+                    ssh_of.get(&w).is_none_or(|s| s.iter().any(|&(b, e)| b <= start && start <= e));
                 if !reported && !under_ssh {
                     unconfirmed += 1;
                 }

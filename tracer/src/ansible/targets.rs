@@ -17,7 +17,10 @@ use std::{
     collections::{HashMap, VecDeque},
     os::unix::net::UnixListener as StdListener,
     process::Stdio,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -67,6 +70,11 @@ const RECORDS_QUEUE: usize = 4096;
 /// Longest line taken from a recorder: with its envelope and the target's name it stays within
 /// a trace's own line limit.
 const MAX_TARGET_LINE: usize = MAX_LINE - 2 * MAX_TARGET_NAME - 256;
+/// Bytes of trace lines kept from one target, and from all of a run's targets together: past
+/// either, that target's recording ends there (its trace is incomplete). A target's trace is
+/// held in memory until the run ends.
+const MAX_TARGET_BYTES: u64 = 256 << 20;
+const MAX_TARGETS_BYTES: u64 = 1 << 30;
 /// Longest reason (a target's or ssh's own words) kept.
 const MAX_REASON: usize = 512;
 /// Bytes of an ssh's stderr kept (its last error).
@@ -154,6 +162,8 @@ struct Shared {
     targets: Mutex<HashMap<String, watch::Receiver<Option<Answer>>>>,
     binary: Mutex<Option<Arc<Binary>>>,
     tasks: Tasks,
+    /// Bytes of trace lines taken from every target so far.
+    kept: Arc<AtomicU64>,
 }
 
 /// spawntrace's own executable, as shipped to targets.
@@ -179,6 +189,7 @@ impl TargetRecording {
             targets: Mutex::new(HashMap::new()),
             binary: Mutex::new(None),
             tasks: tasks.clone(),
+            kept: Arc::new(AtomicU64::new(0)),
         });
         let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let acceptor = tokio::spawn(async move {
@@ -408,12 +419,13 @@ fn remote_command(sha256: &str, mode: &str) -> String {
 /// line when they cannot, else the recorder speaks.
 async fn bootstrap(request: &Request, shared: &Shared, binary: &Binary) -> Result<Bootstrap> {
     let (mut child, stderr) = ssh(request, shared, &remote_command(&binary.sha256, "start"))?;
-    let mut lines = Lines::new(child.stdout.take().expect("piped"));
+    let budget = Budget { own: MAX_TARGET_BYTES, all: MAX_TARGETS_BYTES, kept: shared.kept.clone() };
+    let mut lines = Lines::new(child.stdout.take().expect("piped"), budget);
     let first = match lines.next(MAX_TARGET_LINE).await {
         Ok(Some(Ok(first))) => first,
-        Ok(Some(Err(TooLong))) => {
+        Ok(Some(Err(refused))) => {
             let _ = child.kill().await;
-            bail!("the target recorder's first line is too long");
+            bail!("the target recorder's first line: {refused}");
         }
         Ok(None) | Err(_) => {
             let status = child.wait().await?;
@@ -531,28 +543,65 @@ async fn read_line(r: impl AsyncRead + Unpin, max: usize) -> Result<Option<Strin
     Ok(Some(String::from_utf8(line)?))
 }
 
-/// A line longer than its bound.
-struct TooLong;
+/// A line a recorder sent that is not taken.
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum Refused {
+    #[error("a line over {MAX_TARGET_LINE} bytes")]
+    TooLong,
+    #[error("over {} MiB of trace from this target", MAX_TARGET_BYTES >> 20)]
+    OverOwnBudget,
+    #[error("over {} MiB of trace from the run's targets", MAX_TARGETS_BYTES >> 20)]
+    OverRunBudget,
+}
 
-/// A recorder's stdout, line by line, each line bounded before it is read into memory.
-struct Lines(BufReader<ChildStdout>);
+/// How many bytes of lines a recorder's [`Lines`] may take: `own` from it, `all` counted in
+/// `kept` with every other target's.
+struct Budget {
+    own: u64,
+    all: u64,
+    kept: Arc<AtomicU64>,
+}
 
-impl Lines {
-    fn new(stdout: ChildStdout) -> Self {
-        Self(BufReader::new(stdout))
+/// A recorder's stdout, line by line, each line bounded before it is read into memory and
+/// charged to its [`Budget`].
+struct Lines<R = ChildStdout> {
+    reader: BufReader<R>,
+    budget: Budget,
+    kept: u64,
+}
+
+impl<R: AsyncRead + Unpin> Lines<R> {
+    fn new(stdout: R, budget: Budget) -> Self {
+        Self { reader: BufReader::new(stdout), budget, kept: 0 }
     }
 
-    /// The next line (without its newline), or TooLong past `max` bytes; None at the end.
-    async fn next(&mut self, max: usize) -> std::io::Result<Option<Result<String, TooLong>>> {
+    /// The next line (without its newline), or why it is refused (past `max` bytes, or past
+    /// the budget: then every later one is too); None at the end.
+    async fn next(&mut self, max: usize) -> std::io::Result<Option<Result<String, Refused>>> {
         let mut line = Vec::new();
-        let n = (&mut self.0).take(max as u64 + 1).read_until(b'\n', &mut line).await?;
+        let n = (&mut self.reader).take(max as u64 + 1).read_until(b'\n', &mut line).await?;
         if n == 0 {
             return Ok(None);
         }
         if line.last() != Some(&b'\n') {
             // cut short by the bound (or by the end: an unfinished last line)
-            return Ok(if line.len() > max { Some(Err(TooLong)) } else { None });
+            return Ok(if line.len() > max { Some(Err(Refused::TooLong)) } else { None });
         }
+        let n = n as u64;
+        if self.kept + n > self.budget.own {
+            self.kept = self.budget.own;
+            return Ok(Some(Err(Refused::OverOwnBudget)));
+        }
+        let all = self.budget.all;
+        if self
+            .budget
+            .kept
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| (k + n <= all).then_some(k + n))
+            .is_err()
+        {
+            return Ok(Some(Err(Refused::OverRunBudget)));
+        }
+        self.kept += n;
         line.pop();
         Ok(Some(Ok(String::from_utf8_lossy(&line).into_owned())))
     }
@@ -602,8 +651,8 @@ impl Recorder {
                         Some(Parsed::Pong(_)) => {}
                         None => log::debug!("target {}: a line that is not a trace line", printable(target)),
                     },
-                    Ok(Some(Err(TooLong))) => {
-                        log::warn!("target {}: a line over {MAX_TARGET_LINE} bytes: recording ended", printable(target));
+                    Ok(Some(Err(refused))) => {
+                        log::warn!("target {}: {refused}: its recording ends here (incomplete)", printable(target));
                         break;
                     }
                     _ => break,
@@ -661,4 +710,50 @@ fn parse(line: &str) -> Option<Parsed> {
         return serde_json::from_str(line).ok().map(Parsed::Pong);
     }
     serde_json::from_str(line).ok().map(Parsed::Line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recorder that sends `count` lines of 100 bytes (newline included).
+    fn sender(count: u32) -> Child {
+        Command::new("sh")
+            .args(["-c", &format!("for i in $(seq {count}); do printf '%099d\\n' $i; done")])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sh")
+    }
+
+    async fn taken(lines: &mut Lines) -> (usize, Option<Refused>) {
+        let mut n = 0;
+        loop {
+            match lines.next(MAX_TARGET_LINE).await.expect("read") {
+                Some(Ok(_)) => n += 1,
+                Some(Err(refused)) => return (n, Some(refused)),
+                None => return (n, None),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_target_is_cut_at_its_budget_and_the_run_at_its_own() {
+        let kept = Arc::new(AtomicU64::new(0));
+        let budget = || Budget { own: 1000, all: 1500, kept: kept.clone() };
+        let mut a = sender(20);
+        let mut lines = Lines::new(a.stdout.take().unwrap(), budget());
+        assert_eq!(taken(&mut lines).await, (10, Some(Refused::OverOwnBudget)));
+        // and so is every later line
+        assert_eq!(lines.next(MAX_TARGET_LINE).await.unwrap(), Some(Err(Refused::OverOwnBudget)));
+        let mut b = sender(20);
+        let mut lines = Lines::new(b.stdout.take().unwrap(), budget());
+        assert_eq!(taken(&mut lines).await, (5, Some(Refused::OverRunBudget)));
+        assert_eq!(kept.load(Ordering::Relaxed), 1500);
+        // within both: every line, then the end
+        let kept = Arc::new(AtomicU64::new(0));
+        let mut c = sender(3);
+        let mut lines = Lines::new(c.stdout.take().unwrap(), Budget { own: 1000, all: 1000, kept });
+        assert_eq!(taken(&mut lines).await, (3, None));
+    }
 }

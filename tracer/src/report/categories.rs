@@ -101,7 +101,10 @@ pub struct Categories {
 /// The segments of an SSH target's processes, added to the segments of the workers they worked
 /// for. A program's category comes from what it runs (a module's Python split at its payload
 /// open); a fork that has not exec'd yet is still its parent's (the sshd session's forks are the
-/// session's: `ssh`); a runner the agent there reported runs its module itself: `module`.
+/// session's: `ssh`); a runner the agent there reported runs its module itself: `module`, and
+/// so do an agent's fork working for a task and a program a module's Python or an agent starts
+/// directly (copy's `lsattr` from a module, or from Mitogen's context, which runs modules in
+/// itself or in a fork).
 fn target_segments(target: &crate::ansible::target_attribution::Target, segments: &mut [Vec<Segment>]) {
     let model = &target.model;
     let session = target.session();
@@ -115,15 +118,21 @@ fn target_segments(target: &crate::ansible::target_attribution::Target, segments
             None => Category::Ssh,
         };
         let owner = target.owners.get(i).copied();
+        let under_module = matches!(inherited, Category::Module | Category::Agent)
+            || parent.is_some_and(|q| target.owners.get(q) == Some(&Owner::Agent));
         image[i] = match (p.execs.last(), owner) {
             (Some(_), _) => match crate::ansible::processes::kind(model, i) {
                 Kind::Module => Category::Module,
                 Kind::Shell => Category::Shell,
                 Kind::Ssh => Category::Ssh,
+                Kind::Agent => Category::Agent,
+                Kind::Other if under_module => Category::Module,
                 Kind::Other => Category::Other,
             },
             (None, Some(Owner::Agent)) => Category::Agent,
             (None, _) if target.runner(i) => Category::Module,
+            // an agent's fork working for a task: the module run Mitogen forks
+            (None, Some(Owner::Task { .. })) if inherited == Category::Agent => Category::Module,
             (None, _) => inherited,
         };
         let Some(Owner::Task { worker, .. }) = owner else { continue };
@@ -257,6 +266,7 @@ impl Categories {
                     Kind::Module => Category::Module,
                     Kind::Shell => Category::Shell,
                     Kind::Ssh => Category::Ssh,
+                    Kind::Agent => Category::Agent,
                     Kind::Other if agentish => Category::Agent,
                     Kind::Other => Category::Other,
                 }

@@ -216,7 +216,7 @@ impl Summary {
                 .as_ref()
                 .filter(|a| analysis.targets.is_empty() && a.strategies.iter().any(|s| s.contains("mitogen")))
                 .filter(|_| over_ssh)
-                .map(|_| "Mitogen's connections do not go through spawntrace's ssh plugin: its SSH targets are not recorded".into()),
+                .map(|_| "Mitogen ran over ssh, yet no target was asked for: spawntrace could not reach its connections (its version's `CONNECTION_METHOD`)".into()),
         }
     }
 

@@ -422,6 +422,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Module => "module",
         Kind::Shell => "shell",
         Kind::Ssh => "ssh",
+        Kind::Agent => "agent",
         Kind::Other => "other",
     }
 }

@@ -5,11 +5,23 @@
 # the run shares, and answers once the recorder records (or why it cannot): the worker's first
 # command to the host runs only then, so nothing it starts there is missed. PROTOCOL.md,
 # "Recording the targets".
+#
+# Mitogen's connections (ansible_mitogen's strategies) bypass Ansible's ssh plugin: its mux
+# process runs one ssh per target. With ansible_mitogen loaded, record_mitogen() wraps its ssh
+# connection arguments in the controller before the workers fork: a worker asks spawntrace to
+# record the target through an ssh command made of the same settings, and both that ssh and
+# Mitogen's share a ControlPath of the user's own (~/.ansible/cp/st-%C, ~ from the password
+# database), so Mitogen's session on
+# the target is the one the recorder records.
 from __future__ import absolute_import
 
 import json
 import os
+import pwd
+import re
 import socket
+import stat
+import sys
 
 SOCKET_ENV = "SPAWNTRACE_TARGET_SOCKET"
 # The first recorder on a machine may have to receive spawntrace's binary first.
@@ -97,6 +109,90 @@ class RecordTargetMixin:
                 _display().vvv("spawntrace: not recording %s: %s" % (host, e), host=host)
             except Exception:
                 pass
+
+
+# ssh options that turn connection sharing off: the recorder would not see Mitogen's session
+_NO_SHARING = re.compile(r"^(controlmaster[= ]\s*no|controlpath[= ]\s*none|controlpersist[= ]\s*no)$", re.I)
+
+
+def record_mitogen():
+    """Wraps ansible_mitogen's ssh connection arguments (once; a no-op without Mitogen or without
+    spawntrace). Called in the controller before workers fork (at each play and task start)."""
+    module = sys.modules.get("ansible_mitogen.connection")
+    methods = getattr(module, "CONNECTION_METHOD", None)
+    if not isinstance(methods, dict) or not os.environ.get(SOCKET_ENV):
+        return
+    for name in ("ssh", "smart"):
+        connect = methods.get(name)
+        if connect is not None and not getattr(connect, "_spawntrace_recorded", False):
+            methods[name] = _recorded(connect)
+
+
+def _recorded(connect):
+    def connect_ssh(spec):
+        args = connect(spec)
+        try:
+            _record_mitogen_target(args["kwargs"])
+        except Exception as e:  # recording is never worth a failed task
+            try:
+                _display().vvv("spawntrace: not recording through Mitogen: %s" % e)
+            except Exception:
+                pass
+        return args
+
+    connect_ssh._spawntrace_recorded = True
+    return connect_ssh
+
+
+def _record_mitogen_target(kw):
+    """Asks spawntrace to record the target of Mitogen's ssh `kw` (mitogen.ssh.Options' arguments)
+    and, when it records, makes Mitogen's ssh share the recorder's ControlPath (in place)."""
+    host, user, port = kw.get("hostname"), kw.get("username") or "", kw.get("port") or 22
+    target = "%s@%s:%s" % (user, host, port)
+    user_args = [str(a) for a in kw.get("ssh_args") or []]
+    answer = asked(target)
+    if answer is None:
+        # each -o option's value, given as `-o X` or `-oX`
+        opts = [a for i, a in enumerate(user_args) if i > 0 and user_args[i - 1] == "-o"]
+        opts += [a[2:] for a in user_args if a.startswith("-o") and len(a) > 2]
+        if kw.get("password"):
+            # Mitogen types it on a terminal: not a command spawntrace could run
+            answer = request(target, None, False)
+        elif any(_NO_SHARING.match(o.strip()) for o in opts):
+            answer = request(target, ["ssh"], False)
+        else:
+            answer = request(target, _mitogen_argv(kw, user_args), True)
+    if answer is not None and answer.get("recording"):
+        kw["ssh_args"] = _sharing() + user_args
+    elif answer is not None:
+        _display().vvv("spawntrace: not recording %s: %s" % (host, answer.get("reason")), host=host)
+
+
+def _mitogen_argv(kw, user_args):
+    """The ssh command (without a remote command) Mitogen's settings make, sharing the ControlPath."""
+    argv = [kw.get("ssh_path") or "ssh", "-o", "LogLevel ERROR", "-o", "BatchMode yes"]
+    if kw.get("username"):
+        argv += ["-l", kw["username"]]
+    if kw.get("port") is not None:
+        argv += ["-p", str(kw["port"])]
+    if kw.get("identity_file"):
+        argv += ["-i", kw["identity_file"]]
+    check = kw.get("check_host_keys")
+    if check == "ignore":
+        argv += ["-o", "StrictHostKeyChecking no", "-o", "UserKnownHostsFile /dev/null", "-o", "GlobalKnownHostsFile /dev/null"]
+    elif check == "enforce":
+        argv += ["-o", "StrictHostKeyChecking yes"]
+    return argv + _sharing() + user_args + [kw["hostname"]]
+
+
+def _sharing():
+    """ssh options for a ControlMaster in the user's ~/.ansible/cp (made theirs alone if new)."""
+    cp = os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".ansible", "cp")
+    os.makedirs(cp, mode=0o700, exist_ok=True)
+    st = os.lstat(cp)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError("%s is not a directory of this user's alone" % cp)
+    return ["-o", "ControlMaster=auto", "-o", "ControlPersist=60s", "-o", "ControlPath=%s/st-%%C" % cp]
 
 
 def _display():

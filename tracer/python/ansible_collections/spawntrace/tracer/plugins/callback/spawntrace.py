@@ -26,7 +26,7 @@ _AGENT = os.path.normpath(os.path.join(os.path.dirname(os.path.realpath(__file__
 if _AGENT not in sys.path:
     sys.path.append(_AGENT)
 
-from spawntrace_agent import messages  # noqa: E402
+from spawntrace_agent import messages, target_recording  # noqa: E402
 
 try:
     from ansible.release import __version__ as _ANSIBLE_VERSION
@@ -179,6 +179,9 @@ class CallbackModule(CallbackBase):
         self._task_start(task, handler=True)
 
     def _task_start(self, task, handler):
+        # before this task's workers fork: Mitogen's connections recorded too (its strategy is
+        # loaded by now)
+        target_recording.record_mitogen()
         # The free strategy announces a task once per host: report it once.
         if task._uuid in self._tasks_sent:
             return

@@ -123,13 +123,15 @@ pub struct TaskMean {
     pub wall_ms: f64,
     pub execs: f64,
     pub processes: f64,
-    /// Mean execs on the SSH targets (None when no target was recorded).
+    /// Mean execs on the SSH targets over the runs that recorded one (None when none did).
     pub target_execs: Option<f64>,
 }
 
-/// One mode's work on its recorded SSH targets, per run.
+/// One mode's work on its recorded SSH targets, per run that recorded one.
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetMeans {
+    /// Runs that recorded a target (the means are over these).
+    pub runs: usize,
     pub processes: Stats,
     pub execs: Stats,
     /// Processes of the agents there (our agent, Mitogen's context).
@@ -354,28 +356,21 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
             dropped_events: runs.numbers.iter().map(|n| n.dropped_events).sum(),
             unattributed: runs.numbers.iter().map(|n| n.unattributed).sum(),
             tasks: task_means(&runs.numbers),
-            target: runs.numbers.iter().any(|n| n.target.is_some()).then(|| {
+            target: {
+                // over the runs that recorded a target
+                let recorded: Vec<&TargetNumbers> =
+                    runs.numbers.iter().filter_map(|n| n.target.as_ref()).collect();
                 let stat = |f: &dyn Fn(&TargetNumbers) -> u64| {
-                    Stats::of(
-                        &runs
-                            .numbers
-                            .iter()
-                            .map(|n| n.target.as_ref().map_or(0, f) as f64)
-                            .collect::<Vec<_>>(),
-                    )
+                    Stats::of(&recorded.iter().map(|t| f(t) as f64).collect::<Vec<_>>())
                 };
-                TargetMeans {
+                (!recorded.is_empty()).then(|| TargetMeans {
+                    runs: recorded.len(),
                     processes: stat(&|t| t.processes),
                     execs: stat(&|t| t.execs),
                     agent_processes: stat(&|t| t.agent),
-                    unattributed: runs
-                        .numbers
-                        .iter()
-                        .filter_map(|n| n.target.as_ref())
-                        .map(|t| t.unattributed)
-                        .sum(),
-                }
-            }),
+                    unattributed: recorded.iter().map(|t| t.unattributed).sum(),
+                })
+            },
             categories: Categories::new(first),
             traces: runs.traces.clone(),
             wall_s: wall,
@@ -500,10 +495,17 @@ fn task_means(runs: &[RunNumbers]) -> Vec<TaskMean> {
                 wall_ms: mean(&|x| x.wall_ms),
                 execs: mean(&|x| x.execs as f64),
                 processes: mean(&|x| x.processes as f64),
-                target_execs: runs
-                    .iter()
-                    .any(|r| r.target.is_some())
-                    .then(|| mean(&|x| x.target.as_ref().map_or(0.0, |t| t.execs as f64))),
+                target_execs: {
+                    // over the runs that recorded a target
+                    let recorded: Vec<u64> = runs
+                        .iter()
+                        .filter(|r| r.target.is_some())
+                        .filter_map(|r| r.tasks.iter().find(|x| x.uuid == t.uuid))
+                        .map(|x| x.target.as_ref().map_or(0, |w| w.execs))
+                        .collect();
+                    (!recorded.is_empty())
+                        .then(|| recorded.iter().sum::<u64>() as f64 / recorded.len() as f64)
+                },
             }
         })
         .collect()

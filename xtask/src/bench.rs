@@ -183,6 +183,10 @@ fn top_execs(by_exe: &serde_json::Value) -> String {
 /// localhost, or with `ssh` against sshd in a network namespace.
 pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
     run(Command::new("cargo").args(["build", "--release", "-p", "tracer"]).current_dir(root()))?;
+    if ssh {
+        // what the traced runs ship to the target
+        crate::install::install_static_build(&crate::install::dev_static_build()?)?;
+    }
     let spawntrace = root().join("target/release/spawntrace");
     let env = crate::setup::default_env()?;
     let playbook = env.join(".venv/bin/ansible-playbook");

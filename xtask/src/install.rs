@@ -1,5 +1,6 @@
-//! `cargo xtask install`: the release binary where `sudo` finds it, with the shell completions
-//! and man pages it generates itself (`spawntrace generate`), so they match its CLI.
+//! `cargo xtask install`: the release binary where `sudo` finds it, its static build (shipped to
+//! SSH targets), and the shell completions and man pages it generates itself (`spawntrace
+//! generate`), so they match its CLI.
 use std::{
     fs::File,
     io::Write as _,
@@ -19,6 +20,8 @@ use crate::{
 #[derive(Debug, PartialEq)]
 pub struct Layout {
     pub bin: PathBuf,
+    /// The static build shipped to SSH targets (spawntrace's `STATIC_BUILD`, from `bin`'s dir).
+    pub static_build: PathBuf,
     pub bash: PathBuf,
     pub zsh: PathBuf,
     pub fish: PathBuf,
@@ -43,6 +46,7 @@ impl Layout {
         let share = base.join("share");
         Ok(Layout {
             bin: base.join("bin/spawntrace"),
+            static_build: base.join("lib/spawntrace/spawntrace-static"),
             bash: share.join("bash-completion/completions/spawntrace"),
             zsh: share.join("zsh/site-functions/_spawntrace"),
             fish: share.join("fish/vendor_completions.d/spawntrace.fish"),
@@ -59,6 +63,7 @@ pub fn install(prefix: &Path, destdir: Option<&Path>) -> Result<()> {
 
     let mut binary = File::open(&built).with_context(|| format!("opening {}", built.display()))?;
     install_file(&layout.bin, 0o755, |f| Ok(std::io::copy(&mut binary, f).map(drop)?))?;
+    install_static_build(&layout.static_build)?;
     for (shell, dest) in [("bash", &layout.bash), ("zsh", &layout.zsh), ("fish", &layout.fish)] {
         let script = generated(Command::new(&built).args(["generate", "completions", shell]))?;
         install_file(dest, 0o644, |f| Ok(f.write_all(&script)?))?;
@@ -74,6 +79,24 @@ pub fn install(prefix: &Path, destdir: Option<&Path>) -> Result<()> {
     }
     check_sudo_path(&prefix.join("bin"));
     Ok(())
+}
+
+/// The static (musl) build of spawntrace, installed at `dest`: what spawntrace ships to SSH
+/// targets, whose C library may be older than this machine's.
+pub fn install_static_build(dest: &Path) -> Result<()> {
+    let target = setup::static_target();
+    run(Command::new("cargo")
+        .args(["build", "--release", "-p", "tracer", "--bin", "spawntrace", "--target", &target])
+        .current_dir(root()))?;
+    let built = target_dir()?.join(&target).join("release/spawntrace");
+    let mut binary = File::open(&built).with_context(|| format!("opening {}", built.display()))?;
+    install_file(dest, 0o755, |f| Ok(std::io::copy(&mut binary, f).map(drop)?))
+}
+
+/// Where the tests' and benchmarks' binaries (`target/debug`, `target/release`) find their
+/// static build.
+pub fn dev_static_build() -> Result<PathBuf> {
+    Ok(target_dir()?.join("lib/spawntrace/spawntrace-static"))
 }
 
 /// Cargo's target directory, wherever CARGO_TARGET_DIR or a config file puts it.
@@ -186,6 +209,7 @@ mod tests {
             l,
             Layout {
                 bin: "/tmp/stage/usr/local/bin/spawntrace".into(),
+                static_build: "/tmp/stage/usr/local/lib/spawntrace/spawntrace-static".into(),
                 bash: "/tmp/stage/usr/local/share/bash-completion/completions/spawntrace".into(),
                 zsh: "/tmp/stage/usr/local/share/zsh/site-functions/_spawntrace".into(),
                 fish: "/tmp/stage/usr/local/share/fish/vendor_completions.d/spawntrace.fish".into(),

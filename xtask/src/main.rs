@@ -152,6 +152,8 @@ fn lint() -> Result<()> {
 fn test() -> Result<()> {
     setup::setup()?;
     lint()?;
+    // what the tests' spawntrace ships to their SSH targets
+    install::install_static_build(&install::dev_static_build()?)?;
     run(Command::new("cargo").arg("test").current_dir(root()))?;
     for env in setup::envs()? {
         run(Command::new(env.join(".venv/bin/python"))

@@ -6,7 +6,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{self, output, run};
+use crate::util::{self, output, root, run};
 
 /// Debian packages the tests and benchmarks use (chromium renders the flamegraphs in a test).
 const APT_PACKAGES: &[&str] =
@@ -16,7 +16,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const UV_VERSION: &str = "0.13.9";
 
 pub fn setup() -> Result<()> {
-    apt_packages()?;
+    apt_packages(APT_PACKAGES)?;
     build_tools()?;
     tracefs()?;
     python_envs()?;
@@ -24,15 +24,34 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-/// What building the eBPF probes needs (nightly rust-src, bpf-linker): all that `cargo xtask
+/// What building the eBPF probes (nightly rust-src, bpf-linker) and the static build (the musl
+/// target's standard library, musl-gcc for the C in signal-hook) needs: all that `cargo xtask
 /// install` needs, without the packages and Python environments of the tests.
 pub fn build_tools() -> Result<()> {
     nightly_rust_src()?;
+    apt_packages(&["musl-tools"])?;
+    static_target_std()?;
     bpf_linker()
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// The target of spawntrace's static build (what is shipped to SSH targets).
+pub fn static_target() -> String {
+    format!("{}-unknown-linux-musl", std::env::consts::ARCH)
+}
+
+/// The standard library for [`static_target`], for the toolchain that builds spawntrace.
+fn static_target_std() -> Result<()> {
+    let target = static_target();
+    let installed =
+        output(Command::new("rustup").args(["target", "list", "--installed"]).current_dir(root()));
+    if installed.is_some_and(|t| t.lines().any(|l| l.trim() == target)) {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["target", "add", &target]).current_dir(root()))
+}
+
+fn apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

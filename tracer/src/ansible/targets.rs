@@ -7,7 +7,8 @@
 //! that sshd session and what it starts. The answer (recording, or why not) goes back once the
 //! recorder records, so nothing the worker's first command starts is missed.
 //!
-//! spawntrace's own binary is shipped to the target the first time (content-addressed under
+//! spawntrace's own binary (its static build when one is installed, [`STATIC_BUILD`]) is
+//! shipped to the target the first time (content-addressed under
 //! `/var/cache/spawntrace/bin/<sha256>`, root's alone, checked against its hash before every
 //! start, in the root shell that starts it). What comes back is a trace of the target, read line
 //! by line within a bound, written into the run's trace as [`TargetRecord`]s, with the target's
@@ -15,7 +16,7 @@
 //! constant here.
 use std::{
     collections::{HashMap, VecDeque},
-    os::unix::net::UnixListener as StdListener,
+    os::unix::{fs::OpenOptionsExt as _, net::UnixListener as StdListener},
     process::Stdio,
     sync::{
         Arc, Mutex,
@@ -70,9 +71,9 @@ const RECORDS_QUEUE: usize = 4096;
 /// Longest line taken from a recorder: with its envelope and the target's name it stays within
 /// a trace's own line limit.
 const MAX_TARGET_LINE: usize = MAX_LINE - 2 * MAX_TARGET_NAME - 256;
-/// Bytes of trace lines kept from one target, and from all of a run's targets together: past
-/// either, that target's recording ends there (its trace is incomplete). A target's trace is
-/// held in memory until the run ends.
+/// Bytes of trace kept from one target, and from all of a run's targets together, as charged by
+/// [`Budget`]: past either, that target's recording ends there (its trace is incomplete). A
+/// target's trace is held in memory until the run ends.
 const MAX_TARGET_BYTES: u64 = 256 << 20;
 const MAX_TARGETS_BYTES: u64 = 1 << 30;
 /// Longest reason (a target's or ssh's own words) kept.
@@ -94,7 +95,8 @@ const PINGS: u64 = 8;
 #[derive(Debug, Deserialize)]
 struct Request {
     target: String,
-    /// None when Ansible's ssh command cannot be run by anyone else (a password through sshpass).
+    /// None when the connection's ssh command cannot be run by anyone else (password
+    /// authentication: sshpass, or Mitogen typing it).
     argv: Option<Vec<String>>,
     /// Whether the ssh command shares a ControlMaster: without one every command of the run is
     /// a session of its own, which the recorder (recording its own session) would not see.
@@ -310,9 +312,9 @@ async fn record_target(request: Request, shared: Arc<Shared>, answer: watch::Sen
         start_ns: monotonic_ns().saturating_sub(asked),
     };
     let started = match (&request.argv, request.control_master) {
-        (None, _) => Err(anyhow::anyhow!("password authentication (sshpass): no ssh command to share")),
+        (None, _) => Err(anyhow::anyhow!("password authentication: no ssh command spawntrace could run")),
         (Some(_), false) => Err(anyhow::anyhow!(
-            "no ControlMaster (ControlPersist off): each command of the run is an ssh session of its own"
+            "no shared connection (ControlMaster or ControlPersist off): each command of the run is an ssh session of its own"
         )),
         (Some(_), true) => tokio::time::timeout(START_TIMEOUT, start(&request, &shared))
             .await
@@ -362,18 +364,61 @@ async fn start(request: &Request, shared: &Shared) -> Result<Box<Recorder>> {
     }
 }
 
-/// spawntrace's binary, read as the user: what a target receives is what they could read.
+/// Where a static build of spawntrace is installed, from this executable's directory: it runs
+/// on any Linux of this architecture, where this build needs the controller's glibc or newer.
+pub const STATIC_BUILD: &str = "../lib/spawntrace/spawntrace-static";
+
+/// The binary shipped to targets: the static build when one is installed ([`STATIC_BUILD`]),
+/// else this executable; read as the user (what a target receives is what they could read).
 fn own_binary(shared: &Shared) -> Result<Arc<Binary>> {
     let mut slot = shared.binary.lock().expect("not poisoned");
     if let Some(b) = slot.as_ref() {
         return Ok(b.clone());
     }
-    let bytes = crate::output::as_user(shared.run_as.as_ref(), || Ok(std::fs::read("/proc/self/exe")?))
-        .context("spawntrace's own binary is not readable by the user: not shipped")?;
+    let exe = std::fs::read_link("/proc/self/exe").context("locating spawntrace's own binary")?;
+    let path = static_build(&exe)?.unwrap_or_else(|| "/proc/self/exe".into());
+    let bytes = crate::output::as_user(shared.run_as.as_ref(), || {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes)?;
+        Ok(bytes)
+    })
+    .context("spawntrace's binary is not readable by the user: not shipped")?;
     let sha256 = format!("{:x}", Sha256::digest(&bytes));
     let b = Arc::new(Binary { bytes, sha256 });
     *slot = Some(b.clone());
     Ok(b)
+}
+
+/// The static build installed with `exe`, if any. What root ships to run as root on every
+/// target must be no one else's to change: it, and the two directories it is in, must be owned
+/// by `exe`'s owner, writable by no one else, and no symbolic links.
+pub fn static_build(exe: &std::path::Path) -> Result<Option<std::path::PathBuf>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(dir) = exe.parent() else { return Ok(None) };
+    // (replaced since it started: `… (deleted)`; then it is shipped itself)
+    let owner = match std::fs::metadata(exe) {
+        Ok(m) => m.uid(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("{}", exe.display())),
+    };
+    let path = dir.join(STATIC_BUILD);
+    let lib = path.parent().expect("a file in a directory");
+    for p in [lib.parent().expect("a directory in a directory"), lib, &path] {
+        match std::fs::symlink_metadata(p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("{}", p.display())),
+            Ok(m) if m.file_type().is_symlink() || m.uid() != owner || m.mode() & 0o022 != 0 => {
+                bail!("{} is a link, or not uid {owner}'s alone: not shipped to targets", p.display())
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(Some(path))
 }
 
 /// What runs as root on the target (`sh -c SCRIPT spawntrace SHA start|upload`): the cache
@@ -419,7 +464,9 @@ fn remote_command(sha256: &str, mode: &str) -> String {
 /// line when they cannot, else the recorder speaks.
 async fn bootstrap(request: &Request, shared: &Shared, binary: &Binary) -> Result<Bootstrap> {
     let (mut child, stderr) = ssh(request, shared, &remote_command(&binary.sha256, "start"))?;
-    let budget = Budget { own: MAX_TARGET_BYTES, all: MAX_TARGETS_BYTES, kept: shared.kept.clone() };
+    let overhead = (request.target.len() + std::mem::size_of::<TargetRecord>()) as u64;
+    let budget =
+        Budget { own: MAX_TARGET_BYTES, all: MAX_TARGETS_BYTES, kept: shared.kept.clone(), overhead };
     let mut lines = Lines::new(child.stdout.take().expect("piped"), budget);
     let first = match lines.next(MAX_TARGET_LINE).await {
         Ok(Some(Ok(first))) => first,
@@ -554,12 +601,14 @@ enum Refused {
     OverRunBudget,
 }
 
-/// How many bytes of lines a recorder's [`Lines`] may take: `own` from it, `all` counted in
-/// `kept` with every other target's.
+/// How many bytes a recorder's [`Lines`] may take: `own` from it, `all` counted in `kept` with
+/// every other target's. A line is charged what it costs once kept: twice its size (the line,
+/// then what it is parsed into) plus `overhead` (its record, with the target's name).
 struct Budget {
     own: u64,
     all: u64,
     kept: Arc<AtomicU64>,
+    overhead: u64,
 }
 
 /// A recorder's stdout, line by line, each line bounded before it is read into memory and
@@ -587,7 +636,7 @@ impl<R: AsyncRead + Unpin> Lines<R> {
             // cut short by the bound (or by the end: an unfinished last line)
             return Ok(if line.len() > max { Some(Err(Refused::TooLong)) } else { None });
         }
-        let n = n as u64;
+        let n = 2 * n as u64 + self.budget.overhead;
         if self.kept + n > self.budget.own {
             self.kept = self.budget.own;
             return Ok(Some(Err(Refused::OverOwnBudget)));
@@ -737,10 +786,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_static_build_is_shipped_only_when_no_one_else_can_change_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let (bin, lib) = (root.path().join("bin"), root.path().join("lib/spawntrace"));
+        std::fs::create_dir_all(&bin).unwrap();
+        let exe = bin.join("spawntrace");
+        std::fs::write(&exe, b"exe").unwrap();
+        let mode = |p: &std::path::Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        mode(root.path(), 0o755);
+        // none installed: the binary itself
+        assert_eq!(static_build(&exe).unwrap(), None);
+        std::fs::create_dir_all(&lib).unwrap();
+        let built = lib.join("spawntrace-static");
+        std::fs::write(&built, b"static").unwrap();
+        for p in [root.path().join("lib").as_path(), &lib] {
+            mode(p, 0o755);
+        }
+        mode(&built, 0o755);
+        assert_eq!(static_build(&exe).unwrap().map(|p| std::fs::read(p).unwrap()), Some(b"static".to_vec()));
+        // writable by others, at any of the three levels: refused
+        for p in [root.path().join("lib").as_path(), &lib, &built] {
+            mode(p, 0o777);
+            assert!(static_build(&exe).is_err(), "{}", p.display());
+            mode(p, 0o755);
+        }
+        // someone else's (when we can give it away), or a link: refused
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::lchown(&built, Some(65534), None).unwrap();
+            assert!(static_build(&exe).is_err());
+            std::os::unix::fs::lchown(&built, Some(0), None).unwrap();
+        }
+        std::fs::rename(&built, lib.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(lib.join("elsewhere"), &built).unwrap();
+        assert!(static_build(&exe).is_err());
+    }
+
     #[tokio::test]
     async fn a_target_is_cut_at_its_budget_and_the_run_at_its_own() {
         let kept = Arc::new(AtomicU64::new(0));
-        let budget = || Budget { own: 1000, all: 1500, kept: kept.clone() };
+        // 100-byte lines, charged 2 × 100 + 50
+        let budget = || Budget { own: 2500, all: 3750, kept: kept.clone(), overhead: 50 };
         let mut a = sender(20);
         let mut lines = Lines::new(a.stdout.take().unwrap(), budget());
         assert_eq!(taken(&mut lines).await, (10, Some(Refused::OverOwnBudget)));
@@ -749,11 +838,12 @@ mod tests {
         let mut b = sender(20);
         let mut lines = Lines::new(b.stdout.take().unwrap(), budget());
         assert_eq!(taken(&mut lines).await, (5, Some(Refused::OverRunBudget)));
-        assert_eq!(kept.load(Ordering::Relaxed), 1500);
+        assert_eq!(kept.load(Ordering::Relaxed), 3750);
         // within both: every line, then the end
         let kept = Arc::new(AtomicU64::new(0));
         let mut c = sender(3);
-        let mut lines = Lines::new(c.stdout.take().unwrap(), Budget { own: 1000, all: 1000, kept });
+        let mut lines =
+            Lines::new(c.stdout.take().unwrap(), Budget { own: 600, all: 600, kept, overhead: 0 });
         assert_eq!(taken(&mut lines).await, (3, None));
     }
 }

@@ -268,6 +268,8 @@ impl Categories {
                     Kind::Ssh => Category::Ssh,
                     Kind::Agent => Category::Agent,
                     Kind::Other if agentish => Category::Agent,
+                    // what a module's Python runs itself is that module's work
+                    Kind::Other if inherited[i] == Category::Module => Category::Module,
                     Kind::Other => Category::Other,
                 }
             };

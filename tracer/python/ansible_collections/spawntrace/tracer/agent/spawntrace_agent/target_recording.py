@@ -18,7 +18,6 @@ from __future__ import absolute_import
 import json
 import os
 import pwd
-import re
 import socket
 import stat
 import sys
@@ -111,13 +110,9 @@ class RecordTargetMixin:
                 pass
 
 
-# ssh options that turn connection sharing off: the recorder would not see Mitogen's session
-_NO_SHARING = re.compile(r"^(controlmaster[= ]\s*no|controlpath[= ]\s*none|controlpersist[= ]\s*no)$", re.I)
-
-
 def record_mitogen():
     """Wraps ansible_mitogen's ssh connection arguments (once; a no-op without Mitogen or without
-    spawntrace). Called in the controller before workers fork (at each play and task start)."""
+    spawntrace). Called in the controller at each task start, before that task's workers fork."""
     module = sys.modules.get("ansible_mitogen.connection")
     methods = getattr(module, "CONNECTION_METHOD", None)
     if not isinstance(methods, dict) or not os.environ.get(SOCKET_ENV):
@@ -132,7 +127,10 @@ def _recorded(connect):
     def connect_ssh(spec):
         args = connect(spec)
         try:
-            _record_mitogen_target(args["kwargs"])
+            # a hop past a `mitogen_via` host: its ssh runs there, not here (a ControlPath of
+            # this machine means nothing there, and spawntrace could not reach the host itself)
+            if not spec.mitogen_via():
+                _record_mitogen_target(args["kwargs"])
         except Exception as e:  # recording is never worth a failed task
             try:
                 _display().vvv("spawntrace: not recording through Mitogen: %s" % e)
@@ -152,24 +150,61 @@ def _record_mitogen_target(kw):
     user_args = [str(a) for a in kw.get("ssh_args") or []]
     answer = asked(target)
     if answer is None:
-        # each -o option's value, given as `-o X` or `-oX`
-        opts = [a for i, a in enumerate(user_args) if i > 0 and user_args[i - 1] == "-o"]
-        opts += [a[2:] for a in user_args if a.startswith("-o") and len(a) > 2]
         if kw.get("password"):
             # Mitogen types it on a terminal: not a command spawntrace could run
             answer = request(target, None, False)
-        elif any(_NO_SHARING.match(o.strip()) for o in opts):
+        elif not shares(user_args):
             answer = request(target, ["ssh"], False)
         else:
-            answer = request(target, _mitogen_argv(kw, user_args), True)
+            answer = request(target, mitogen_argv(kw, user_args, _sharing()), True)
     if answer is not None and answer.get("recording"):
         kw["ssh_args"] = _sharing() + user_args
     elif answer is not None:
         _display().vvv("spawntrace: not recording %s: %s" % (host, answer.get("reason")), host=host)
 
 
-def _mitogen_argv(kw, user_args):
-    """The ssh command (without a remote command) Mitogen's settings make, sharing the ControlPath."""
+def shares(ssh_args):
+    """Whether the user's ssh arguments leave connection sharing on: not when they say (first)
+    ControlMaster no, ControlPath none (`-o` or `-S`), or master mode (`-M`: each ssh its own)."""
+    options = []
+    for i, a in enumerate(ssh_args):
+        if _has_flag(a, "M"):
+            return False
+        if a == "-S" and i + 1 < len(ssh_args):
+            options.append("controlpath " + ssh_args[i + 1])
+        elif a.startswith("-S") and len(a) > 2:
+            options.append("controlpath " + a[2:])
+        elif a == "-o" and i + 1 < len(ssh_args):
+            options.append(ssh_args[i + 1])
+        elif a.startswith("-o") and len(a) > 2:
+            options.append(a[2:])
+    first = {}  # ssh takes an option's first value
+    for option in options:
+        key, _, value = option.strip().replace("=", " ", 1).partition(" ")
+        first.setdefault(key.lower(), value.strip().lower())
+    return first.get("controlmaster") not in ("no", "false") and first.get("controlpath") != "none"
+
+
+# ssh's options that take a value (the rest of their argument, or the next one)
+_VALUED = "BbcDEeFIiJLlmOopQRSWw"
+
+
+def _has_flag(arg, flag):
+    """Whether the ssh argument `arg` (`-CM`, `-o…`) sets the value-less option `flag`."""
+    if not arg.startswith("-") or arg.startswith("--"):
+        return False
+    for c in arg[1:]:
+        if c == flag:
+            return True
+        if c in _VALUED:
+            return False
+    return False
+
+
+def mitogen_argv(kw, ssh_args, sharing):
+    """The ssh command (without a remote command) that Mitogen's settings `kw` make, as
+    mitogen.ssh builds it, with the `sharing` options before the user's `ssh_args` (ssh takes an
+    option's first value)."""
     argv = [kw.get("ssh_path") or "ssh", "-o", "LogLevel ERROR", "-o", "BatchMode yes"]
     if kw.get("username"):
         argv += ["-l", kw["username"]]
@@ -177,12 +212,18 @@ def _mitogen_argv(kw, user_args):
         argv += ["-p", str(kw["port"])]
     if kw.get("identity_file"):
         argv += ["-i", kw["identity_file"]]
+    if kw.get("compression", True):
+        argv += ["-o", "Compression yes"]
+    if kw.get("keepalive_enabled", True):
+        # the connection Mitogen's ssh will share is this one: its hang detection too
+        argv += ["-o", "ServerAliveInterval %s" % kw.get("keepalive_interval", 15)]
+        argv += ["-o", "ServerAliveCountMax %s" % kw.get("keepalive_count", 3)]
     check = kw.get("check_host_keys")
     if check == "ignore":
         argv += ["-o", "StrictHostKeyChecking no", "-o", "UserKnownHostsFile /dev/null", "-o", "GlobalKnownHostsFile /dev/null"]
     elif check == "enforce":
         argv += ["-o", "StrictHostKeyChecking yes"]
-    return argv + _sharing() + user_args + [kw["hostname"]]
+    return argv + sharing + ssh_args + ["--", kw["hostname"]]
 
 
 def _sharing():

@@ -369,35 +369,44 @@ async fn start(request: &Request, shared: &Shared) -> Result<Box<Recorder>> {
 pub const STATIC_BUILD: &str = "../lib/spawntrace/spawntrace-static";
 
 /// The binary shipped to targets: the static build when one is installed ([`STATIC_BUILD`]),
-/// else this executable; read as the user (what a target receives is what they could read).
+/// read as root once it is checked to be as much root's (the installer's) as this executable;
+/// else this executable, read as the user (what a target receives is what they could read).
 fn own_binary(shared: &Shared) -> Result<Arc<Binary>> {
+    use std::os::unix::fs::MetadataExt as _;
     let mut slot = shared.binary.lock().expect("not poisoned");
     if let Some(b) = slot.as_ref() {
         return Ok(b.clone());
     }
     let exe = std::fs::read_link("/proc/self/exe").context("locating spawntrace's own binary")?;
-    let path = static_build(&exe)?.unwrap_or_else(|| "/proc/self/exe".into());
-    let bytes = crate::output::as_user(shared.run_as.as_ref(), || {
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut bytes)?;
-        Ok(bytes)
-    })
-    .context("spawntrace's binary is not readable by the user: not shipped")?;
+    let bytes = match static_build(&exe)? {
+        Some((path, owner)) => {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // what was opened is what was checked
+            let m = file.metadata()?;
+            if !m.is_file() || m.uid() != owner || m.mode() & 0o022 != 0 {
+                bail!("{} changed while it was opened: not shipped to targets", path.display());
+            }
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes)?;
+            bytes
+        }
+        None => crate::output::as_user(shared.run_as.as_ref(), || Ok(std::fs::read("/proc/self/exe")?))
+            .context("spawntrace's own binary is not readable by the user: not shipped")?,
+    };
     let sha256 = format!("{:x}", Sha256::digest(&bytes));
     let b = Arc::new(Binary { bytes, sha256 });
     *slot = Some(b.clone());
     Ok(b)
 }
 
-/// The static build installed with `exe`, if any. What root ships to run as root on every
-/// target must be no one else's to change: it, and the two directories it is in, must be owned
-/// by `exe`'s owner, writable by no one else, and no symbolic links.
-pub fn static_build(exe: &std::path::Path) -> Result<Option<std::path::PathBuf>> {
+/// The static build installed with `exe`, if any, and `exe`'s owner. What root ships to run as
+/// root on every target must be no one else's to change: it, and the two directories it is in,
+/// must be owned by `exe`'s owner, writable by no one else, and no symbolic links.
+pub fn static_build(exe: &std::path::Path) -> Result<Option<(std::path::PathBuf, u32)>> {
     use std::os::unix::fs::MetadataExt as _;
     let Some(dir) = exe.parent() else { return Ok(None) };
     // (replaced since it started: `… (deleted)`; then it is shipped itself)
@@ -418,7 +427,7 @@ pub fn static_build(exe: &std::path::Path) -> Result<Option<std::path::PathBuf>>
             Ok(_) => {}
         }
     }
-    Ok(Some(path))
+    Ok(Some((path, owner)))
 }
 
 /// What runs as root on the target (`sh -c SCRIPT spawntrace SHA start|upload`): the cache
@@ -807,7 +816,10 @@ mod tests {
             mode(p, 0o755);
         }
         mode(&built, 0o755);
-        assert_eq!(static_build(&exe).unwrap().map(|p| std::fs::read(p).unwrap()), Some(b"static".to_vec()));
+        assert_eq!(
+            static_build(&exe).unwrap().map(|(p, _)| std::fs::read(p).unwrap()),
+            Some(b"static".to_vec())
+        );
         // writable by others, at any of the three levels: refused
         for p in [root.path().join("lib").as_path(), &lib, &built] {
             mode(p, 0o777);

@@ -602,29 +602,9 @@ fn markdown_raw(r: &CompareReport) -> String {
         );
     }
     let _ = writeln!(o, "\n## Per task (mean wall ms / execs)\n");
-    let _ = write!(o, "| task |");
-    for m in &r.modes {
-        let _ = write!(o, " {} wall ms | {} execs |", m.mode.name(), m.mode.name());
-    }
-    let _ = write!(o, "\n|---|");
-    for _ in &r.modes {
-        let _ = write!(o, "---:|---:|");
-    }
-    o.push('\n');
-    if let Some(first) = r.modes.first() {
-        for (i, t) in first.tasks.iter().enumerate() {
-            let _ = write!(o, "| {} |", t.name.replace('|', "\\|"));
-            for m in &r.modes {
-                match m.tasks.get(i).filter(|x| x.name == t.name) {
-                    Some(x) => {
-                        let _ = write!(o, " {:.1} | {:.1} |", x.wall_ms, x.execs);
-                    }
-                    None => o.push_str(" – | – |"),
-                }
-            }
-            o.push('\n');
-        }
-    }
+    per_task_table(&mut o, r, &["wall ms", "execs"], |x| {
+        vec![Some(format!("{:.1}", x.wall_ms)), Some(format!("{:.1}", x.execs))]
+    });
     if r.modes.iter().any(|m| m.target.is_some()) {
         let _ = writeln!(
             o,
@@ -648,29 +628,8 @@ fn markdown_raw(r: &CompareReport) -> String {
                 }
             }
         }
-        let _ = write!(o, "\n| task |");
-        for m in &r.modes {
-            let _ = write!(o, " {} target execs |", m.mode.name());
-        }
-        let _ = write!(o, "\n|---|");
-        for _ in &r.modes {
-            o.push_str("---:|");
-        }
         o.push('\n');
-        if let Some(first) = r.modes.first() {
-            for (i, t) in first.tasks.iter().enumerate() {
-                let _ = write!(o, "| {} |", t.name.replace('|', "\\|"));
-                for m in &r.modes {
-                    match m.tasks.get(i).filter(|x| x.name == t.name).and_then(|x| x.target_execs) {
-                        Some(e) => {
-                            let _ = write!(o, " {e:.1} |");
-                        }
-                        None => o.push_str(" – |"),
-                    }
-                }
-                o.push('\n');
-            }
-        }
+        per_task_table(&mut o, r, &["target execs"], |x| vec![x.target_execs.map(|e| format!("{e:.1}"))]);
     }
     let _ = writeln!(o, "\n## Where the wall time went (first run)\n");
     for m in &r.modes {
@@ -690,6 +649,37 @@ fn markdown_raw(r: &CompareReport) -> String {
         v.join(", ")
     });
     o
+}
+
+/// A table with a row per task (the first mode's) and, for each mode, `columns` (headed `MODE
+/// COLUMN`) filled by `cells`; `–` where a mode lacks the task or a value.
+fn per_task_table(
+    o: &mut String,
+    r: &CompareReport,
+    columns: &[&str],
+    cells: impl Fn(&TaskMean) -> Vec<Option<String>>,
+) {
+    use std::fmt::Write as _;
+    let _ = write!(o, "| task |");
+    for m in &r.modes {
+        for c in columns {
+            let _ = write!(o, " {} {c} |", m.mode.name());
+        }
+    }
+    o.push_str("\n|---|");
+    o.push_str(&"---:|".repeat(r.modes.len() * columns.len()));
+    o.push('\n');
+    let Some(first) = r.modes.first() else { return };
+    for (i, t) in first.tasks.iter().enumerate() {
+        let _ = write!(o, "| {} |", t.name.replace('|', "\\|"));
+        for m in &r.modes {
+            let values = m.tasks.get(i).filter(|x| x.name == t.name).map(&cells).unwrap_or_default();
+            for k in 0..columns.len() {
+                let _ = write!(o, " {} |", values.get(k).cloned().flatten().as_deref().unwrap_or("–"));
+            }
+        }
+        o.push('\n');
+    }
 }
 
 /// Exec-count regression gate: compares `trace` with `baseline`, total and per task.

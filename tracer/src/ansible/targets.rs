@@ -802,7 +802,7 @@ mod tests {
         let (bin, lib) = (root.path().join("bin"), root.path().join("lib/spawntrace"));
         std::fs::create_dir_all(&bin).unwrap();
         let exe = bin.join("spawntrace");
-        std::fs::write(&exe, b"exe").unwrap();
+        std::fs::write(&exe, b"exe").unwrap(); // safe: a test's own private temporary directory
         let mode = |p: &std::path::Path, m: u32| {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
         };
@@ -811,7 +811,7 @@ mod tests {
         assert_eq!(static_build(&exe).unwrap(), None);
         std::fs::create_dir_all(&lib).unwrap();
         let built = lib.join("spawntrace-static");
-        std::fs::write(&built, b"static").unwrap();
+        std::fs::write(&built, b"static").unwrap(); // safe: a test's own private temporary directory
         for p in [root.path().join("lib").as_path(), &lib] {
             mode(p, 0o755);
         }

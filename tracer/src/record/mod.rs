@@ -227,17 +227,8 @@ async fn record_into(
                 }
                 linger_until = Some(tokio::time::Instant::now() + opts.linger);
             }
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("polling the ring buffer")?;
-                sink.drain(guard.get_inner_mut())?;
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                sink.drain(ring.get_mut())?;
-                if let Some(w) = sink.writer.as_deref_mut() {
-                    w.flush_if_due()?;
-                }
-            }
+            guard = ring.readable_mut() => sink.drain_ready(guard)?,
+            _ = tick.tick() => sink.tick(ring.get_mut())?,
             guard = async { channel.as_mut().expect("guarded").readable_mut().await }, if channel.is_some() => {
                 let mut guard = guard.context("polling the attribution socket")?;
                 sink.drain_channel(guard.get_inner_mut())?;
@@ -301,6 +292,26 @@ struct Sink<'w> {
 }
 
 impl Sink<'_> {
+    /// Drains the ring buffer its wake-up said was readable.
+    fn drain_ready(
+        &mut self,
+        guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
+    ) -> Result<()> {
+        let mut guard = guard.context("polling the ring buffer")?;
+        self.drain(guard.get_inner_mut())?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// The periodic drain (records below the wake-up threshold) and the trace's timed flush.
+    fn tick(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
+        self.drain(ring)?;
+        if let Some(w) = self.writer.as_deref_mut() {
+            w.flush_if_due()?;
+        }
+        Ok(())
+    }
+
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
         while let Some(item) = ring.next() {
             match reader::decode(&item) {

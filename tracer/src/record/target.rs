@@ -177,16 +177,9 @@ async fn record_session(session: u32) -> Result<()> {
                 // the controller is done (or gone): end the recording
                 Ok(_) | Err(_) => break,
             },
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("polling the ring buffer")?;
-                sink.drain(guard.get_inner_mut())?;
-                guard.clear_ready();
-            }
+            guard = ring.readable_mut() => sink.drain_ready(guard)?,
             _ = tick.tick() => {
-                sink.drain(ring.get_mut())?;
-                if let Some(w) = sink.writer.as_deref_mut() {
-                    w.flush_if_due()?;
-                }
+                sink.tick(ring.get_mut())?;
                 // the connection is gone: nothing more can come
                 if nix::sys::signal::kill(nix::unistd::Pid::from_raw(session as i32), None).is_err() {
                     break;

@@ -3,7 +3,7 @@ mod common;
 
 use std::path::Path;
 
-use common::ansible::{envs, playbook};
+use common::ansible::{default_env, playbook};
 use serial_test::file_serial;
 
 fn small_playbook(n: usize) -> String {
@@ -34,7 +34,7 @@ fn compare(
     runs: usize,
     modes: &str,
 ) -> Option<(tempfile::TempDir, std::path::PathBuf, serde_json::Value)> {
-    let env = envs().into_iter().next()?;
+    let env = default_env()?;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pb.yml"), small_playbook(items)).unwrap();
     std::fs::write(dir.path().join("inv.ini"), inventory(&env)).unwrap();
@@ -116,7 +116,7 @@ fn compare_persistent_modes_without_classic() {
 #[file_serial(ebpf)]
 fn check_flags_exec_regressions() {
     require_root!();
-    let Some(env) = envs().into_iter().next() else { return };
+    let Some(env) = default_env() else { return };
     let two = playbook(&env, &small_playbook(2), &inventory(&env), &[], &[]);
     let four = playbook(&env, &small_playbook(4), &inventory(&env), &[], &[]);
     let check = |trace: &Path, base: &Path, pct: &str| {

@@ -5,7 +5,7 @@ mod common;
 
 use std::{path::Path, process::Command};
 
-use common::ansible::{envs, playbook};
+use common::ansible::{default_env, playbook};
 use serial_test::file_serial;
 
 const PLAYBOOK: &str = r#"
@@ -37,7 +37,7 @@ fn chromium(args: &[&str], url: &str) -> std::process::Output {
 #[file_serial(ebpf)]
 fn flamegraph_renders_with_task_frames_search_and_zoom() {
     require_root!();
-    let Some(env) = envs().into_iter().next() else { return };
+    let Some(env) = default_env() else { return };
     let python = env.join(".venv/bin/python");
     let pb = playbook(
         &env,

@@ -20,6 +20,29 @@ pub fn envs() -> Vec<PathBuf> {
     envs
 }
 
+/// The default environment, named in `tracer/python/envs/default-env` (the one the demo and
+/// the benchmarks use), when it has been made (under CI it must have been).
+pub fn default_env() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tracer/python/envs");
+    let name = std::fs::read_to_string(root.join("default-env")).expect("tracer/python/envs/default-env");
+    let env = root.join(name.trim());
+    let made = envs().contains(&env);
+    assert!(
+        made || std::env::var_os("CI").is_none(),
+        "{} was not made: `cargo xtask setup` makes it",
+        env.display()
+    );
+    made.then_some(env)
+}
+
+/// The ansible-core line of an environment, from its name (`core-2.16` → (2, 16)).
+pub fn core_version(env: &Path) -> (u32, u32) {
+    let name = env_name(env);
+    let version = name.strip_prefix("core-").unwrap_or_else(|| panic!("{name} is not core-X.Y"));
+    let (major, minor) = version.split_once('.').unwrap_or_else(|| panic!("{name} is not core-X.Y"));
+    (major.parse().expect("major version"), minor.parse().expect("minor version"))
+}
+
 pub fn env_name(env: &Path) -> String {
     env.file_name().unwrap().to_string_lossy().into_owned()
 }

@@ -3,10 +3,11 @@
 //!
 //! Each target is a role; it runs as `roles: [target]` against `testhost` (connection local, the
 //! system Python), with `output_dir` set, in a fresh working directory with a fresh copy of the
-//! targets per run (targets write relative paths, and into their own roles), and a private, empty
-//! `/tmp` per run (targets leave files there that change a later run's results). A target that
-//! ends otherwise persistent than classic is a regression. Each run's log is kept in
-//! `target/integration/`.
+//! targets per run (targets write relative paths, and into their own roles), on a throw-away
+//! root: an overlay over `/` discarded after the run, with an empty `/tmp` (targets create users,
+//! sudoers files and files in /tmp that would change a later run's results). A target that ends
+//! otherwise persistent than classic is a regression. Results are compared by position; random
+//! temporary paths in task names are masked. Each run's log is kept in `target/integration/`.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -19,8 +20,10 @@ use crate::{
     util::{output, root, run},
 };
 
-/// The targets for the modules the runner's benchmark and tests centre on.
-pub const TARGETS: &[&str] = &["copy", "lineinfile", "file", "stat", "command_shell"];
+/// The targets for the modules the runner's benchmark and tests centre on, and those that run
+/// modules as an unprivileged user made for the run (setup_test_user: a become password).
+pub const TARGETS: &[&str] =
+    &["copy", "lineinfile", "file", "stat", "command_shell", "unarchive", "find", "slurp"];
 
 /// Results whose value depends on the wall clock, not on how modules run: not compared.
 /// (target, task line, occurrence of that task line in the run, result line within the task, why)
@@ -73,7 +76,7 @@ struct Outcome {
     agent_runs: usize,
 }
 
-pub fn integration(targets: &[String]) -> Result<()> {
+pub fn integration(env_names: &[String], targets: &[String]) -> Result<()> {
     setup::setup()?;
     let targets: Vec<String> =
         if targets.is_empty() { TARGETS.iter().map(|t| t.to_string()).collect() } else { targets.to_vec() };
@@ -83,69 +86,47 @@ pub fn integration(targets: &[String]) -> Result<()> {
     let logs = root().join("target/integration");
     std::fs::create_dir_all(&logs)?;
     let _cleanup = RemoveOnDrop(work.clone());
-    // the copy target duplicates ~/.ssh/authorized_keys (ansible-test's hosts have one)
-    let keys = PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-        .join(".ssh/authorized_keys");
-    let _keys = (!keys.exists()).then(|| TempFile::create(&keys)).transpose()?;
-    let mut regressions = Vec::new();
     println!("{:<10} {:<14} {:<11} {:>4}  {:<54} agent runs", "env", "target", "mode", "rc", "recap");
-    for env in setup::envs()? {
+    // the oldest and the newest ansible-core unless told (the others run the runner's e2e tests)
+    let mut envs = setup::envs()?;
+    if !env_names.is_empty() {
+        for name in env_names {
+            anyhow::ensure!(
+                envs.iter().any(|e| e.file_name().is_some_and(|n| n == name.as_str())),
+                "no environment {name:?} under tracer/python/envs"
+            );
+        }
+        envs.retain(|e| env_names.iter().any(|n| e.file_name().is_some_and(|f| f == n.as_str())));
+    } else if envs.len() > 2 {
+        envs.drain(1..envs.len() - 1);
+    }
+    // The environments run side by side: each run has a root of its own (see run_target), so
+    // they share nothing but the CPUs, and each is one ansible-playbook after another.
+    let mut prepared = Vec::new();
+    for env in envs {
         let python = env.join(".venv/bin/python");
         let version =
             output(Command::new(&python).args(["-c", "import ansible.release as r; print(r.__version__)"]))
                 .context("ansible-core is not installed in the environment")?;
-        let sdist = sdist(&version)?;
-        let name = env.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let roles = sdist(&version)?.join("test/integration/targets");
         for target in &targets {
-            let roles = sdist.join("test/integration/targets");
             anyhow::ensure!(
                 roles.join(target).is_dir(),
                 "ansible-core {version} has no integration target {target:?}"
             );
-            let classic =
-                run_target(&work.join(format!("{name}-{target}-classic")), &env, &roles, target, false)?;
-            let persistent =
-                run_target(&work.join(format!("{name}-{target}-persistent")), &env, &roles, target, true)?;
-            for (mode, o) in [("classic", &classic), ("persistent", &persistent)] {
-                println!("{name:<10} {target:<14} {mode:<11} {:>4}  {:<54} {}", o.rc, o.recap, o.agent_runs);
-                let run = format!("{name}-{target}-{mode}");
-                std::fs::copy(work.join(&run).join("run.log"), logs.join(format!("{run}.log")))?;
-            }
-            for (mode, o) in [("classic", &classic), ("persistent", &persistent)] {
-                if o.results.is_empty() {
-                    regressions.push(format!("{name} {target}: the {mode} run ran no task (rc {})", o.rc));
-                }
-            }
-            if persistent.agent_runs == 0 {
-                regressions.push(format!("{name} {target}: no module ran through the agent"));
-            }
-            if (classic.rc, &classic.recap) != (persistent.rc, &persistent.recap) {
-                regressions.push(format!(
-                    "{name} {target}: classic rc {} [{}], persistent rc {} [{}]",
-                    classic.rc, classic.recap, persistent.rc, persistent.recap
-                ));
-            }
-            if classic.results.len() != persistent.results.len() {
-                regressions.push(format!(
-                    "{name} {target}: {} results classic, {} persistent",
-                    classic.results.len(),
-                    persistent.results.len()
-                ));
-            }
-            for (i, (c, p)) in classic.results.iter().zip(&persistent.results).enumerate() {
-                if c == p {
-                    continue;
-                }
-                if (&c.task, c.occurrence, c.index) == (&p.task, p.occurrence, p.index)
-                    && let Some(why) = clock_dependent(target, c)
-                {
-                    println!("{name:<10} {target:<14} not compared: `{c}` vs `{}`: {why}", p.status);
-                    continue;
-                }
-                regressions.push(format!("{name} {target}: result {i} classic `{c}`, persistent `{p}`"));
-                break;
-            }
         }
+        prepared.push((env, roles));
+    }
+    let results: Vec<Result<Vec<String>>> = std::thread::scope(|scope| {
+        let runs: Vec<_> = prepared
+            .iter()
+            .map(|(env, roles)| scope.spawn(|| run_env(env, roles, &targets, &work, &logs)))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))).collect()
+    });
+    let mut regressions = Vec::new();
+    for r in results {
+        regressions.extend(r?);
     }
     if !regressions.is_empty() {
         bail!(
@@ -156,6 +137,57 @@ pub fn integration(targets: &[String]) -> Result<()> {
     }
     println!("integration: persistent ended every target exactly as classic did");
     Ok(())
+}
+
+/// Runs `targets` of one environment classic then persistent; returns how they differ.
+fn run_env(env: &Path, roles: &Path, targets: &[String], work: &Path, logs: &Path) -> Result<Vec<String>> {
+    let name = env.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let mut regressions = Vec::new();
+    for target in targets {
+        let classic = run_target(&work.join(format!("{name}-{target}-classic")), env, roles, target, false)?;
+        let persistent =
+            run_target(&work.join(format!("{name}-{target}-persistent")), env, roles, target, true)?;
+        for (mode, o) in [("classic", &classic), ("persistent", &persistent)] {
+            println!("{name:<10} {target:<14} {mode:<11} {:>4}  {:<54} {}", o.rc, o.recap, o.agent_runs);
+            let run = format!("{name}-{target}-{mode}");
+            std::fs::copy(work.join(&run).join("run.log"), logs.join(format!("{run}.log")))?;
+        }
+        for (mode, o) in [("classic", &classic), ("persistent", &persistent)] {
+            if o.results.is_empty() {
+                regressions.push(format!("{name} {target}: the {mode} run ran no task (rc {})", o.rc));
+            }
+        }
+        if persistent.agent_runs == 0 {
+            regressions.push(format!("{name} {target}: no module ran through the agent"));
+        }
+        if (classic.rc, &classic.recap) != (persistent.rc, &persistent.recap) {
+            regressions.push(format!(
+                "{name} {target}: classic rc {} [{}], persistent rc {} [{}]",
+                classic.rc, classic.recap, persistent.rc, persistent.recap
+            ));
+        }
+        if classic.results.len() != persistent.results.len() {
+            regressions.push(format!(
+                "{name} {target}: {} results classic, {} persistent",
+                classic.results.len(),
+                persistent.results.len()
+            ));
+        }
+        for (i, (c, p)) in classic.results.iter().zip(&persistent.results).enumerate() {
+            if c == p {
+                continue;
+            }
+            if (&c.task, c.occurrence, c.index) == (&p.task, p.occurrence, p.index)
+                && let Some(why) = clock_dependent(target, c)
+            {
+                println!("{name:<10} {target:<14} not compared: `{c}` vs `{}`: {why}", p.status);
+                continue;
+            }
+            regressions.push(format!("{name} {target}: result {i} classic `{c}`, persistent `{p}`"));
+            break;
+        }
+    }
+    Ok(regressions)
 }
 
 /// The extracted sdist of ansible-core `version` (downloaded once into the cache).
@@ -203,14 +235,16 @@ fn run_target(dir: &Path, env: &Path, targets: &Path, target: &str, persistent: 
     )?;
     std::fs::write(dir.join("ansible.cfg"), "")?;
     let timing = dir.join("timing.jsonl");
-    // a mount namespace of its own with an empty /tmp: copy's link targets, /tmp/worldwritable, …
-    // must not be there from the run before. The checkout (environments, plugins) stays where it
-    // is when it lives under /tmp (a CI clone): the old /tmp is bound aside first, and the
-    // checkout bound back from there (read-only, like the old /tmp in there).
-    let old = PathBuf::from(format!("{}-old-tmp", dir.display()));
-    std::fs::create_dir_all(&old)?;
-    let _old = RemoveEmptyDirOnDrop(old.clone());
-    let keep = root().strip_prefix("/tmp").map(|rel| rel.to_owned()).unwrap_or_default();
+    // A throw-away root per run, in a mount namespace of its own: an overlay over `/` whose
+    // upper layer is a tmpfs that goes with the namespace, so nothing a target does to the
+    // machine (users, groups, /etc/sudoers.d, packages, files) reaches the next run. /proc, /sys
+    // and /dev are the kernel's own; /tmp starts empty (copy's link targets, /tmp/worldwritable);
+    // the run's directory is bound in writable (its log and outputs are kept), the checkout
+    // (environments, plugins) read-only, also when it lives under /tmp (a CI clone).
+    let stage = PathBuf::from(format!("{}-root", dir.display()));
+    std::fs::create_dir_all(&stage)?;
+    let _stage = RemoveEmptyDirOnDrop(stage.clone());
+    let home = PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()));
     let mut cmd = Command::new("unshare");
     cmd.args([
         "--mount",
@@ -218,16 +252,28 @@ fn run_target(dir: &Path, env: &Path, targets: &Path, target: &str, persistent: 
         "private",
         "sh",
         "-ec",
-        r#"mount --bind /tmp "$ST_OLD_TMP"
-mount -o remount,bind,ro "$ST_OLD_TMP"
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-if [ -n "$ST_KEEP" ]; then mkdir -p "/tmp/$ST_KEEP"; mount --bind "$ST_OLD_TMP/$ST_KEEP" "/tmp/$ST_KEEP"; fi
-unset ST_OLD_TMP ST_KEEP
-exec "$@""#,
+        r#"mount -t tmpfs -o mode=0700 spawntrace-integration "$ST_STAGE"
+mkdir "$ST_STAGE/upper" "$ST_STAGE/work" "$ST_STAGE/root"
+r="$ST_STAGE/root"
+mount -t overlay spawntrace-integration -o "lowerdir=/,upperdir=$ST_STAGE/upper,workdir=$ST_STAGE/work" "$r"
+for m in /proc /sys /dev; do mount --rbind "$m" "$r$m"; done
+mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
+mkdir -p "$r$ST_DIR" "$r$ST_CHECKOUT"
+mount --bind "$ST_CHECKOUT" "$r$ST_CHECKOUT"
+mount -o remount,bind,ro "$r$ST_CHECKOUT"
+mount --bind "$ST_DIR" "$r$ST_DIR"
+# the copy target duplicates ~/.ssh/authorized_keys (ansible-test's hosts have one)
+mkdir -p "$r$ST_HOME/.ssh"
+[ -e "$r$ST_HOME/.ssh/authorized_keys" ] || : > "$r$ST_HOME/.ssh/authorized_keys"
+dir=$ST_DIR
+unset ST_STAGE ST_DIR ST_CHECKOUT ST_HOME
+exec chroot "$r" sh -ec 'cd "$1"; shift; exec "$@"' sh "$dir" "$@""#,
         "sh",
     ])
-    .env("ST_OLD_TMP", &old)
-    .env("ST_KEEP", &keep)
+    .env("ST_STAGE", &stage)
+    .env("ST_DIR", dir)
+    .env("ST_CHECKOUT", root())
+    .env("ST_HOME", &home)
     .arg(env.join(".venv/bin/ansible-playbook"))
     .args(["-i", "inventory.ini", "play.yml", "-e"])
     .arg(format!("output_dir={}", dir.join("out").display()))
@@ -249,43 +295,7 @@ exec "$@""#,
         cmd.env("ANSIBLE_CONNECTION_PLUGINS", plugins).env("SPAWNTRACE_AGENT_TIMING", &timing);
     }
     let log = std::fs::File::create(dir.join("run.log"))?;
-    let (users, groups) = (entries("/etc/passwd")?, entries("/etc/group")?);
-    let status = cmd.stdout(log.try_clone()?).stderr(log).status().context("running ansible-playbook");
-    // Every run starts from the accounts the first one found: targets create users and groups
-    // they do not all remove (file's test2, made for ansible-test's throw-away hosts), and remove
-    // fixtures they find left over (copy's test_ansible_test_group from an interrupted run).
-    let (users_after, groups_after) = (entries("/etc/passwd")?, entries("/etc/group")?);
-    for user in users_after.keys().filter(|u| !users.contains_key(*u)) {
-        let _ = Command::new("userdel").args(["--remove", "--force", user]).output();
-    }
-    for group in groups_after.keys().filter(|g| !groups.contains_key(*g)) {
-        let _ = Command::new("groupdel").arg(group).output();
-    }
-    for (group, fields) in groups.iter().filter(|(g, _)| !groups_after.contains_key(*g)) {
-        let gid = fields.get(1).context("/etc/group entry without a gid")?;
-        run(Command::new("groupadd").args(["--gid", gid, group]))?;
-    }
-    for (user, fields) in users.iter().filter(|(u, _)| !users_after.contains_key(*u)) {
-        let [_, uid, gid, gecos, home, shell] = fields.as_slice() else {
-            bail!("/etc/passwd entry for {user} is not name:x:uid:gid:gecos:home:shell")
-        };
-        run(Command::new("useradd").args([
-            "--no-create-home",
-            "--no-user-group",
-            "--uid",
-            uid,
-            "--gid",
-            gid,
-            "--comment",
-            gecos,
-            "--home-dir",
-            home,
-            "--shell",
-            shell,
-            user,
-        ]))?;
-    }
-    let status = status?;
+    let status = cmd.stdout(log.try_clone()?).stderr(log).status().context("running ansible-playbook")?;
     let text = std::fs::read_to_string(dir.join("run.log"))?;
     let recap = text
         .lines()
@@ -297,19 +307,19 @@ exec "$@""#,
         })
         .unwrap_or_else(|| "(no recap)".into());
     let mut results = Vec::new();
-    let mut seen = std::collections::HashMap::<&str, usize>::new();
-    let (mut task, mut occurrence, mut index) = ("", 0, 0);
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    let (mut task, mut occurrence, mut index) = (String::new(), 0, 0);
     for line in text.lines() {
         if line.starts_with("TASK [") {
-            task = line.trim_end_matches(['*', ' ']);
-            let n = seen.entry(task).or_default();
+            task = mask_temporary_paths(line.trim_end_matches(['*', ' ']));
+            let n = seen.entry(task.clone()).or_default();
             (occurrence, index) = (*n, 0);
             *n += 1;
         } else if let Some(status) =
             ["ok:", "changed:", "failed:", "fatal:", "skipping:"].iter().find(|s| line.starts_with(*s))
         {
             let status = status.trim_end_matches(':').to_owned();
-            results.push(TaskResult { task: task.to_owned(), occurrence, index, status });
+            results.push(TaskResult { task: task.clone(), occurrence, index, status });
             index += 1;
         }
     }
@@ -317,17 +327,22 @@ exec "$@""#,
     Ok(Outcome { rc: status.code().unwrap_or(-1), recap, results, agent_runs })
 }
 
-/// The entries of /etc/passwd or /etc/group: name → the fields after it.
-fn entries(path: &str) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let mut fields = l.split(':').map(str::to_owned);
-            let name = fields.next().filter(|n| !n.is_empty())?;
-            Some((name, fields.collect()))
-        })
-        .collect())
+/// `name` with each path component right under `/tmp/` replaced by `*`: task names that embed a
+/// directory made by mkdtemp (unarchive's `/tmp/ansible.XXXX.test`) differ in every run.
+fn mask_temporary_paths(name: &str) -> String {
+    let mut masked = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(at) = rest.find("/tmp/") {
+        let (before, after) = rest.split_at(at + "/tmp/".len());
+        masked.push_str(before);
+        let end = after.find(|c: char| c == '/' || c == ']' || c.is_whitespace()).unwrap_or(after.len());
+        if end > 0 {
+            masked.push('*');
+        }
+        rest = &after[end..];
+    }
+    masked.push_str(rest);
+    masked
 }
 
 struct RemoveOnDrop(PathBuf);
@@ -348,21 +363,21 @@ impl Drop for RemoveEmptyDirOnDrop {
     }
 }
 
-/// An empty file created for the run and removed after it.
-struct TempFile(PathBuf);
+#[cfg(test)]
+mod tests {
+    use super::mask_temporary_paths;
 
-impl TempFile {
-    fn create(path: &Path) -> Result<Self> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(path, "").with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path.to_owned()))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+    #[test]
+    fn temporary_paths_in_task_names_are_masked() {
+        assert_eq!(
+            mask_temporary_paths("TASK [unarchive : Create /tmp/ansible.x1_2.test/exclude directory]"),
+            "TASK [unarchive : Create /tmp/*/exclude directory]"
+        );
+        assert_eq!(
+            mask_temporary_paths("TASK [a : /tmp/x and /var/tmp/y]"),
+            "TASK [a : /tmp/* and /var/tmp/*]"
+        );
+        assert_eq!(mask_temporary_paths("TASK [copy : copy]"), "TASK [copy : copy]");
+        assert_eq!(mask_temporary_paths("TASK [a : /tmp/]"), "TASK [a : /tmp/]");
     }
 }

@@ -159,9 +159,21 @@ pub fn envs() -> Result<Vec<PathBuf>> {
     Ok(envs)
 }
 
-/// The default environment: the first one (the one Mitogen supports).
+/// The default environment, named in `tracer/python/envs/default-env` (ansible-core 2.19: the
+/// newest line Mitogen supports, with the `ansible` bundle and ruff): the demo, the benchmarks
+/// and the lint gate use it, and the whole pytest suite runs on it.
 pub fn default_env() -> Result<PathBuf> {
-    envs()?.into_iter().next().context("no Python environments under tracer/python/envs")
+    let dir = util::root().join("tracer/python/envs");
+    let named = dir.join("default-env");
+    let name = std::fs::read_to_string(&named).with_context(|| format!("reading {}", named.display()))?;
+    let env = dir.join(name.trim());
+    anyhow::ensure!(
+        env.join("pyproject.toml").is_file(),
+        "{} names {:?}, which is not an environment",
+        named.display(),
+        name.trim()
+    );
+    Ok(env)
 }
 
 /// A `pythonX.Y` interpreter: on PATH, else from pyenv.

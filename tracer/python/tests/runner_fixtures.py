@@ -81,6 +81,8 @@ def normalize(value, tmp_paths=()):
         # controller and target temporary names
         value = re.sub(r"ansible-local-[^/\s]+/tmp[^/\s]+", "ansible-local-X/tmpX", value)
         value = re.sub(r"ansible-tmp-[\d.]+-\d+-\d+", "ansible-tmp-X", value)
+        # the directory an AnsiballZ wrapper before 2.19 unpacks its module into (mkdtemp)
+        value = re.sub(r"(ansible_\w+?_payload_)[A-Za-z0-9_]{8}/", r"\1X/", value)
         return value
     return value
 
@@ -169,7 +171,9 @@ class Pair:
     base: dict  # mode -> its {{ base }}
 
 
-def run_both(tmp_path: Path, playbook: str, *, inventory=LOCALHOST, files=None, args=(), env=None, prepare=None, expect_agent=True) -> Pair:
+def run_both(
+    tmp_path: Path, playbook: str, *, inventory=LOCALHOST, files=None, args=(), env=None, prepare=None, expect_agent=True, pipelining=True
+) -> Pair:
     """Runs `playbook` classic then persistent, each from tmp_path/<mode> holding `files` (relative
     path -> text or bytes); {{ base }} is a per-mode new_base, given to `prepare(base)` first.
     Both runs must have the same results, return code and files in base (and in <mode>/fetched),
@@ -191,7 +195,9 @@ def run_both(tmp_path: Path, playbook: str, *, inventory=LOCALHOST, files=None, 
         inv.write_text(inventory)
         # (ssh: each mode its own ControlMaster)
         e = {"ANSIBLE_SSH_CONTROL_PATH_DIR": str(d / "cp"), **(env or {})}
-        runs[mode] = run_playbook(d, playbook, mode=mode, inventory=inv, args=["-e", f"base={base}", *args], env=e, agent_timing=True)
+        runs[mode] = run_playbook(
+            d, playbook, mode=mode, inventory=inv, args=["-e", f"base={base}", *args], env=e, agent_timing=True, pipelining=pipelining
+        )
     c, p = runs["classic"], runs["persistent"]
     assert not c.timing, "classic runs must not reach the agent"
     if expect_agent:

@@ -188,17 +188,23 @@ def module_name(payload, path):
         base = os.path.basename(path)
         if base.startswith("AnsiballZ_") and base.endswith(".py"):
             return base[len("AnsiballZ_") : -3]
-    if payload:
-        i = payload.rfind(b"_ansiballz_main(")
+    if not payload:
+        return None
+    m = None
+    i = payload.rfind(b"_ansiballz_main(")
+    if i >= 0:  # 2.19+: the wrapper ends calling _ansiballz_main(..., ansible_module='copy', ...)
+        m = re.search(rb"ansible_module='([^']*)'", payload[i : i + 4096])
+    if m is None:  # before 2.19: tempfile.mkdtemp(prefix='ansible_' + 'copy' + '_payload_')
+        i = payload.find(b" + '_payload_')")
         if i >= 0:
-            m = re.search(rb"ansible_module='([^']*)'", payload[i : i + 4096])
-            if m:
-                name = m.group(1).decode("utf-8", "replace")
-                for prefix in ("ansible.legacy.", "ansible.builtin."):
-                    if name.startswith(prefix):
-                        return name[len(prefix) :]
-                return name
-    return None
+            m = re.search(rb"prefix='ansible_' \+ '([^']*)'$", payload[max(0, i - 300) : i])
+    if m is None:
+        return None
+    name = m.group(1).decode("utf-8", "replace")
+    for prefix in ("ansible.legacy.", "ansible.builtin."):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +303,9 @@ class Recorder:
             interp = interp[2:].strip() if interp.startswith("#!") else None
             path = (cmd or "").strip()
             if env is not None and interp and _SAFE_PATH.match(interp) and arg_path is None and (not path or _SAFE_PATH.match(path)):
-                rec._put(rec.ops, res, ("module", {"env": env, "interpreter": interp, "path": path or None}))
+                # stripped: ansible-core < 2.17 runs the command it builds (` /usr/bin/python3 `)
+                # stripped, later versions as built; surrounding blanks mean nothing to sh
+                rec._put(rec.ops, res.strip(), ("module", {"env": env, "interpreter": interp, "path": path or None}))
             return res
 
         shell.expand_user = expand_user
@@ -350,7 +358,7 @@ class Recorder:
                 return None
             inner = self.become[inner]
             become = True
-        op = self.ops.get(inner)
+        op = self.ops.get(inner) or self.ops.get(inner.strip())
         if op is None:
             return None
         return op[0], op[1], become
@@ -552,6 +560,14 @@ def builtin_connection(name):
             del sys.modules[alias]
             raise
     return mod
+
+
+def _option(plugin, name):
+    """The plugin's option `name`, or None when it has none (or it cannot be read yet)."""
+    try:
+        return plugin.get_option(name)
+    except Exception:  # KeyError, AnsibleError: not an option of this plugin (version)
+        return None
 
 
 def _text(v):
@@ -814,9 +830,18 @@ class AgentConnectionMixin:
         executable = self._play_context.executable if self.allow_executable else None
         if executable:
             cmd = executable + " -c " + shlex.quote(cmd)
+        # The payload goes on stdin. local gives a command that expects a become password a pty
+        # for stdin unless pipelining is on, and then drops in_data: the first stage would wait
+        # on the terminal forever. With pipelining, the password and then the payload go down
+        # one pipe (sudo -S reads its line, the rest is the agent's), as for a pipelined module.
+        pipelining = _option(self, "pipelining")
+        if become and pipelining is False:
+            self.set_option("pipelining", True)
         try:
             rc, out, err = super().exec_command(cmd, in_data=PAYLOAD.body, sudoable=become)
         finally:
+            if become and pipelining is False:
+                self.set_option("pipelining", False)
             for k, v in (saved or {}).items():
                 setattr(self.become, k, v)
         ready = parse_ready(out)

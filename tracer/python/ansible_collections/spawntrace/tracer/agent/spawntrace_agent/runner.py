@@ -185,24 +185,31 @@ class Runner(object):
                 del payload, parts, data
                 exec(compile(b"\n" * lines + tail, filename, "exec", dont_inherit=True), main.__dict__)
         except SystemExit as e:
-            rc = e.code
-            if rc is None:
-                rc = 0
-            elif not isinstance(rc, int):
-                try:
-                    sys.stderr.write("%s\n" % (rc,))
-                except Exception:
-                    pass
-                rc = 1
+            rc = _exit_code(e)
         except BaseException:
-            import traceback
-
-            try:
-                traceback.print_exc()
-            except Exception:
-                pass
+            # as the interpreter does with an exception a script leaves: sys.excepthook, with the
+            # traceback from the payload's own frame (file before 2.19 fails a module from its
+            # hook: fail_json, then SystemExit)
             rc = 1
             in_process.dirty = True
+            t, v, tb = sys.exc_info()
+            tb = tb.tb_next or tb
+            try:
+                v.__traceback__ = tb  # what the default hook prints, whatever tb it is given
+            except Exception:
+                pass
+            try:
+                sys.excepthook(t, v, tb)
+            except SystemExit as e:
+                rc = _exit_code(e)
+            except BaseException:
+                import traceback
+
+                try:
+                    traceback.print_exception(t, v, tb)
+                except Exception:
+                    pass
+            del t, v, tb
         try:
             import threading
 
@@ -222,6 +229,21 @@ class Runner(object):
             except Exception:
                 pass
         return rc & 0xFF
+
+
+def _exit_code(e):
+    """A process's exit status for SystemExit `e`, as the interpreter gives it (a non-integer
+    code is printed and means 1)."""
+    rc = e.code
+    if rc is None:
+        return 0
+    if not isinstance(rc, int):
+        try:
+            sys.stderr.write("%s\n" % (rc,))
+        except Exception:
+            pass
+        return 1
+    return rc
 
 
 class InProcess(object):

@@ -198,11 +198,14 @@ class CallbackModule(CallbackBase):
         )
 
     def _runner_end(self, result, status, ignore_errors=None):
-        messages.sender().runner_end(result.host.get_name(), result.task._uuid, status, ignore_errors)
+        # host/task are public from 2.19; before, only _host/_task
+        host = getattr(result, "host", None) or result._host
+        task = getattr(result, "task", None) or result._task
+        messages.sender().runner_end(host.get_name(), task._uuid, status, ignore_errors)
 
     @_safe
     def v2_runner_on_ok(self, result):
-        self._runner_end(result, "changed" if result.result.get("changed") else "ok")
+        self._runner_end(result, "changed" if result.is_changed() else "ok")
 
     @_safe
     def v2_runner_on_failed(self, result, ignore_errors=False):

@@ -9,6 +9,7 @@
 //! otherwise persistent than classic is a regression. Results are compared by position; random
 //! temporary paths in task names are masked. Each run's log is kept in `target/integration/`.
 use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -81,11 +82,16 @@ pub fn integration(env_names: &[String], targets: &[String]) -> Result<()> {
     let targets: Vec<String> =
         if targets.is_empty() { TARGETS.iter().map(|t| t.to_string()).collect() } else { targets.to_vec() };
     // not under /tmp, which each run gets empty (see run_target); /var/tmp as the targets become
-    // other users, who must reach their files
-    let work = PathBuf::from("/var/tmp").join(format!("spawntrace-integration-{}", std::process::id()));
+    // other users, who must reach their files: a new directory of a random name, root's, that
+    // only root writes in (the runs' files are root's configuration and playbooks)
+    let work_dir = tempfile::Builder::new()
+        .prefix("spawntrace-integration-")
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir_in(std::fs::canonicalize("/var/tmp").context("/var/tmp")?)
+        .context("creating the integration runs' directory in /var/tmp")?;
+    let work = work_dir.path().to_owned();
     let logs = root().join("target/integration");
     std::fs::create_dir_all(&logs)?;
-    let _cleanup = RemoveOnDrop(work.clone());
     println!("{:<10} {:<14} {:<11} {:>4}  {:<54} agent runs", "env", "target", "mode", "rc", "recap");
     // the oldest and the newest ansible-core unless told (the others run the runner's e2e tests)
     let mut envs = setup::envs()?;
@@ -100,14 +106,23 @@ pub fn integration(env_names: &[String], targets: &[String]) -> Result<()> {
     } else if envs.len() > 2 {
         envs.drain(1..envs.len() - 1);
     }
-    // The environments run side by side: each run has a root of its own (see run_target), so
-    // they share nothing but the CPUs, and each is one ansible-playbook after another.
+    // The environments run side by side: each run has a root, processes and /tmp of its own
+    // (see run_target), and each environment is one ansible-playbook after another.
     let mut prepared = Vec::new();
     for env in envs {
         let python = env.join(".venv/bin/python");
         let version =
             output(Command::new(&python).args(["-c", "import ansible.release as r; print(r.__version__)"]))
                 .context("ansible-core is not installed in the environment")?;
+        // the throw-away root shows the root filesystem (and binds the checkout): an interpreter
+        // on another filesystem would not be there
+        let interpreter = std::fs::canonicalize(&python)?;
+        anyhow::ensure!(
+            std::fs::metadata(&interpreter)?.dev() == std::fs::metadata("/")?.dev()
+                || interpreter.starts_with(root().canonicalize()?),
+            "{} is not on the root filesystem, which is all the integration runs' root shows",
+            interpreter.display()
+        );
         let roles = sdist(&version)?.join("test/integration/targets");
         for target in &targets {
             anyhow::ensure!(
@@ -125,8 +140,11 @@ pub fn integration(env_names: &[String], targets: &[String]) -> Result<()> {
         runs.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))).collect()
     });
     let mut regressions = Vec::new();
-    for r in results {
-        regressions.extend(r?);
+    for ((env, _), r) in prepared.iter().zip(results) {
+        match r {
+            Ok(found) => regressions.extend(found),
+            Err(e) => regressions.push(format!("{}: {e:#}", env.display())),
+        }
     }
     if !regressions.is_empty() {
         bail!(
@@ -235,45 +253,57 @@ fn run_target(dir: &Path, env: &Path, targets: &Path, target: &str, persistent: 
     )?;
     std::fs::write(dir.join("ansible.cfg"), "")?;
     let timing = dir.join("timing.jsonl");
-    // A throw-away root per run, in a mount namespace of its own: an overlay over `/` whose
-    // upper layer is a tmpfs that goes with the namespace, so nothing a target does to the
-    // machine (users, groups, /etc/sudoers.d, packages, files) reaches the next run. /proc, /sys
-    // and /dev are the kernel's own; /tmp starts empty (copy's link targets, /tmp/worldwritable);
-    // the run's directory is bound in writable (its log and outputs are kept), the checkout
-    // (environments, plugins) read-only, also when it lives under /tmp (a CI clone).
-    let stage = PathBuf::from(format!("{}-root", dir.display()));
-    std::fs::create_dir_all(&stage)?;
+    // A throw-away root per run: in mount, pid, ipc and uts namespaces of its own, an overlay
+    // over `/` whose upper layer is a tmpfs that goes with the namespace, so nothing a target
+    // does to the root filesystem (users, groups, /etc/sudoers.d, packages, files) reaches the
+    // host or the next run, and no process it leaves outlives it (the namespace's first process
+    // ends the run). /proc is the namespace's own, /sys read-only, /dev the host's with a fresh
+    // /dev/shm; /tmp starts empty (copy's link targets, /tmp/worldwritable); the run's directory
+    // is bound in writable (its log and outputs are kept), the checkout (environments, plugins)
+    // read-only, also when it lives under /tmp (a CI clone). Paths are canonical: they are
+    // resolved against the host's root before the chroot. A set-up step that fails exits 125.
+    let stage = dir.with_file_name(format!("{}-root", dir.file_name().unwrap_or_default().to_string_lossy()));
+    std::fs::create_dir(&stage).with_context(|| format!("creating {}", stage.display()))?;
     let _stage = RemoveEmptyDirOnDrop(stage.clone());
-    let home = PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()));
     let mut cmd = Command::new("unshare");
     cmd.args([
         "--mount",
         "--propagation",
         "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--ipc",
+        "--uts",
         "sh",
-        "-ec",
-        r#"mount -t tmpfs -o mode=0700 spawntrace-integration "$ST_STAGE"
-mkdir "$ST_STAGE/upper" "$ST_STAGE/work" "$ST_STAGE/root"
+        "-c",
+        r#"must() { "$@" || exit 125; }
 r="$ST_STAGE/root"
-mount -t overlay spawntrace-integration -o "lowerdir=/,upperdir=$ST_STAGE/upper,workdir=$ST_STAGE/work" "$r"
-for m in /proc /sys /dev; do mount --rbind "$m" "$r$m"; done
-mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
-mkdir -p "$r$ST_DIR" "$r$ST_CHECKOUT"
-mount --bind "$ST_CHECKOUT" "$r$ST_CHECKOUT"
-mount -o remount,bind,ro "$r$ST_CHECKOUT"
-mount --bind "$ST_DIR" "$r$ST_DIR"
-# the copy target duplicates ~/.ssh/authorized_keys (ansible-test's hosts have one)
-mkdir -p "$r$ST_HOME/.ssh"
-[ -e "$r$ST_HOME/.ssh/authorized_keys" ] || : > "$r$ST_HOME/.ssh/authorized_keys"
+must mount -t tmpfs -o mode=0700 spawntrace-integration "$ST_STAGE"
+must mkdir "$ST_STAGE/upper" "$ST_STAGE/work" "$r"
+must mount -t overlay spawntrace-integration -o "lowerdir=/,upperdir=$ST_STAGE/upper,workdir=$ST_STAGE/work" "$r"
+must mount -t proc proc "$r/proc"
+must mount -t sysfs -o ro sysfs "$r/sys"
+must mount --rbind /dev "$r/dev"
+must mount -t tmpfs -o mode=1777 tmpfs "$r/dev/shm"
+must mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
+must mkdir -p "$r$ST_CHECKOUT" "$r$ST_DIR"
+must mount --bind "$ST_CHECKOUT" "$r$ST_CHECKOUT"
+must mount -o remount,bind,ro "$r$ST_CHECKOUT"
+must mount --bind "$ST_DIR" "$r$ST_DIR"
 dir=$ST_DIR
-unset ST_STAGE ST_DIR ST_CHECKOUT ST_HOME
-exec chroot "$r" sh -ec 'cd "$1"; shift; exec "$@"' sh "$dir" "$@""#,
+unset ST_STAGE ST_DIR ST_CHECKOUT
+# the copy target duplicates ~/.ssh/authorized_keys (ansible-test's hosts have one): made in
+# the new root, by a shell in it
+chroot "$r" sh -c 'mkdir -p "$HOME/.ssh" && { [ -e "$HOME/.ssh/authorized_keys" ] || : > "$HOME/.ssh/authorized_keys"; } || exit 125
+cd "$1" || exit 125
+shift
+exec "$@"' sh "$dir" "$@""#,
         "sh",
     ])
     .env("ST_STAGE", &stage)
     .env("ST_DIR", dir)
-    .env("ST_CHECKOUT", root())
-    .env("ST_HOME", &home)
+    .env("ST_CHECKOUT", root().canonicalize()?)
     .arg(env.join(".venv/bin/ansible-playbook"))
     .args(["-i", "inventory.ini", "play.yml", "-e"])
     .arg(format!("output_dir={}", dir.join("out").display()))
@@ -297,6 +327,14 @@ exec chroot "$r" sh -ec 'cd "$1"; shift; exec "$@"' sh "$dir" "$@""#,
     let log = std::fs::File::create(dir.join("run.log"))?;
     let status = cmd.stdout(log.try_clone()?).stderr(log).status().context("running ansible-playbook")?;
     let text = std::fs::read_to_string(dir.join("run.log"))?;
+    if status.code() == Some(125) {
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        bail!(
+            "setting up the throw-away root for {} failed: {}",
+            dir.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        );
+    }
     let recap = text
         .lines()
         .skip_while(|l| !l.starts_with("PLAY RECAP"))
@@ -345,14 +383,6 @@ fn mask_temporary_paths(name: &str) -> String {
     masked
 }
 
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A directory that is removed if it is empty (never recursively: it is a mount point in the
 /// runs' namespaces).
 struct RemoveEmptyDirOnDrop(PathBuf);
@@ -365,7 +395,52 @@ impl Drop for RemoveEmptyDirOnDrop {
 
 #[cfg(test)]
 mod tests {
-    use super::mask_temporary_paths;
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    use super::{mask_temporary_paths, run_target};
+    use crate::setup;
+
+    /// A role that changes the machine in the ways targets do, and leaves a process running.
+    const LEAKY_ROLE: &str = r#"
+- user: {name: spawntrace-leak-test}
+- copy: {dest: /etc/spawntrace-leak-test, content: "x\n"}
+- file: {path: /tmp/spawntrace-leak-test, state: touch}
+- shell: "nohup /usr/bin/python3 -c 'import time; time.sleep(300)' spawntrace-leak-test >/dev/null 2>&1 &"
+"#;
+
+    #[test]
+    fn a_run_leaves_nothing_on_the_host() {
+        let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+        let env = setup::default_env().ok().filter(|e| e.join(".venv/bin/ansible-playbook").is_file());
+        let (true, Some(env)) = (root, env) else {
+            assert!(std::env::var_os("CI").is_none(), "needs root and `cargo xtask setup`'s environments");
+            eprintln!("skipped: needs root and `cargo xtask setup`'s environments");
+            return;
+        };
+        let work = tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o755))
+            .tempdir_in(std::fs::canonicalize("/var/tmp").unwrap())
+            .unwrap();
+        let roles = work.path().join("roles");
+        std::fs::create_dir_all(roles.join("leaky/tasks")).unwrap();
+        std::fs::write(roles.join("leaky/tasks/main.yml"), LEAKY_ROLE).unwrap();
+        let outcome = run_target(&work.path().join("run"), &env, &roles, "leaky", false).unwrap();
+        assert_eq!(
+            (outcome.rc, outcome.recap.as_str()),
+            (0, "ok=5 changed=4 failed=0 skipped=0 rescued=0 ignored=0")
+        );
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        assert!(!passwd.lines().any(|l| l.starts_with("spawntrace-leak-test:")), "the user reached the host");
+        for path in ["/etc/spawntrace-leak-test", "/tmp/spawntrace-leak-test"] {
+            assert!(std::fs::symlink_metadata(path).is_err(), "{path} reached the host");
+        }
+        let left: Vec<_> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .filter(|c| c.split(|b| *b == 0).any(|a| a == b"spawntrace-leak-test"))
+            .collect();
+        assert!(left.is_empty(), "a process the run started outlived it");
+    }
 
     #[test]
     fn temporary_paths_in_task_names_are_masked() {

@@ -303,8 +303,8 @@ class Recorder:
             interp = interp[2:].strip() if interp.startswith("#!") else None
             path = (cmd or "").strip()
             if env is not None and interp and _SAFE_PATH.match(interp) and arg_path is None and (not path or _SAFE_PATH.match(path)):
-                # stripped: ansible-core < 2.17 runs the command it builds (` /usr/bin/python3 `)
-                # stripped, later versions as built; surrounding blanks mean nothing to sh
+                # as the action plugin runs it: stripped (2.16's shell plugin builds
+                # ` /usr/bin/python3 `; later ones strip it themselves)
                 rec._put(rec.ops, res.strip(), ("module", {"env": env, "interpreter": interp, "path": path or None}))
             return res
 
@@ -358,7 +358,7 @@ class Recorder:
                 return None
             inner = self.become[inner]
             become = True
-        op = self.ops.get(inner) or self.ops.get(inner.strip())
+        op = self.ops.get(inner)
         if op is None:
             return None
         return op[0], op[1], become
@@ -833,15 +833,20 @@ class AgentConnectionMixin:
         # The payload goes on stdin. local gives a command that expects a become password a pty
         # for stdin unless pipelining is on, and then drops in_data: the first stage would wait
         # on the terminal forever. With pipelining, the password and then the payload go down
-        # one pipe (sudo -S reads its line, the rest is the agent's), as for a pipelined module.
+        # one pipe (sudo -S, in the default become_flags, reads its line, the rest is the
+        # agent's), as for a pipelined module; a become that wants a terminal fails to start the
+        # agent, and its modules run classic.
         pipelining = _option(self, "pipelining")
-        if become and pipelining is False:
-            self.set_option("pipelining", True)
+        forced = become and pipelining is False
         try:
-            rc, out, err = super().exec_command(cmd, in_data=PAYLOAD.body, sudoable=become)
+            if forced:
+                self.set_option("pipelining", True)
+            try:
+                rc, out, err = super().exec_command(cmd, in_data=PAYLOAD.body, sudoable=become)
+            finally:
+                if forced:
+                    self.set_option("pipelining", False)
         finally:
-            if become and pipelining is False:
-                self.set_option("pipelining", False)
             for k, v in (saved or {}).items():
                 setattr(self.become, k, v)
         ready = parse_ready(out)

@@ -5,10 +5,14 @@ use spawntrace::ansible::attribution::Attribution;
 
 use super::{Run, record_with};
 
+fn envs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tracer/python/envs")
+}
+
 /// The ansible-core environments `cargo xtask setup` creates, oldest first. Skips the test when
 /// there are none (fails under CI, where setup must have made them).
 pub fn envs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tracer/python/envs");
+    let root = envs_dir();
     let mut envs: Vec<PathBuf> = std::fs::read_dir(&root)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
@@ -23,7 +27,7 @@ pub fn envs() -> Vec<PathBuf> {
 /// The default environment, named in `tracer/python/envs/default-env` (the one the demo and
 /// the benchmarks use), when it has been made (under CI it must have been).
 pub fn default_env() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tracer/python/envs");
+    let root = envs_dir();
     let name = std::fs::read_to_string(root.join("default-env")).expect("tracer/python/envs/default-env");
     let env = root.join(name.trim());
     let made = envs().contains(&env);

@@ -147,9 +147,13 @@ fn python_envs() -> Result<()> {
     Ok(())
 }
 
+fn envs_dir() -> PathBuf {
+    util::root().join("tracer/python/envs")
+}
+
 /// Environment directories, oldest ansible-core first.
 pub fn envs() -> Result<Vec<PathBuf>> {
-    let dir = util::root().join("tracer/python/envs");
+    let dir = envs_dir();
     let mut envs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -163,7 +167,7 @@ pub fn envs() -> Result<Vec<PathBuf>> {
 /// newest line Mitogen supports, with the `ansible` bundle and ruff): the demo, the benchmarks
 /// and the lint gate use it, and the whole pytest suite runs on it.
 pub fn default_env() -> Result<PathBuf> {
-    let dir = util::root().join("tracer/python/envs");
+    let dir = envs_dir();
     let named = dir.join("default-env");
     let name = std::fs::read_to_string(&named).with_context(|| format!("reading {}", named.display()))?;
     let env = dir.join(name.trim());

@@ -96,13 +96,15 @@ pub fn integration(env_names: &[String], targets: &[String]) -> Result<()> {
     // the oldest and the newest ansible-core unless told (the others run the runner's e2e tests)
     let mut envs = setup::envs()?;
     if !env_names.is_empty() {
-        for name in env_names {
-            anyhow::ensure!(
-                envs.iter().any(|e| e.file_name().is_some_and(|n| n == name.as_str())),
-                "no environment {name:?} under tracer/python/envs"
-            );
-        }
-        envs.retain(|e| env_names.iter().any(|n| e.file_name().is_some_and(|f| f == n.as_str())));
+        envs = env_names
+            .iter()
+            .map(|name| {
+                envs.iter()
+                    .find(|e| e.file_name().is_some_and(|n| n == name.as_str()))
+                    .cloned()
+                    .with_context(|| format!("no environment {name:?} under tracer/python/envs"))
+            })
+            .collect::<Result<_>>()?;
     } else if envs.len() > 2 {
         envs.drain(1..envs.len() - 1);
     }

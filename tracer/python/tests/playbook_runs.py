@@ -13,11 +13,20 @@ import time
 from pathlib import Path
 
 PYTHON_DIR = Path(__file__).resolve().parents[1]
+
 COLLECTION = PYTHON_DIR / "ansible_collections/spawntrace/tracer"
 CONNECTION_DIR = COLLECTION / "plugins/connection"
 CALLBACK_DIR = COLLECTION / "plugins/callback"
 AGENT_DIR = COLLECTION / "agent"
 BIN = Path(sys.executable).parent
+
+
+def core_version() -> tuple[int, int]:
+    """The running ansible-core's (major, minor)."""
+    from ansible.release import __version__
+
+    return tuple(int(p) for p in __version__.split(".")[:2])
+
 
 # A callback that writes every result (per item too) as JSON lines to $RESULTS_FILE.
 RESULTS_CALLBACK = r"""

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import Receiver
-from playbook_runs import local_inventory, run_playbook
+from playbook_runs import core_version, local_inventory, run_playbook
 from runner_fixtures import (  # noqa: F401
     BECOME_USER,
     LOCALHOST,
@@ -287,9 +287,7 @@ def test_fqcn_builtin_local_is_shadowed_too(tmp_path):
     (ansible.plugins.connection.local); `ansible.builtin.local` then resolves to that module: the
     FQCN gets the agent as well (SPAWNTRACE_AGENT=0 turns it off). Before 2.19 the FQCN always
     names the builtin plugin, so it runs classic (RUNNER.md says so)."""
-    from ansible.release import __version__
-
-    shadowed = tuple(int(p) for p in __version__.split(".")[:2]) >= (2, 19)
+    shadowed = core_version() >= (2, 19)
     inv = f"localhost ansible_connection=ansible.builtin.local ansible_python_interpreter={SYSTEM_PYTHON}\n"
     playbook = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo hi\n"
     pair = run_both(tmp_path, playbook, inventory=inv, expect_agent=shadowed)

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from playbook_runs import core_version
 from runner_fixtures import run_both
 
 # Target (module) Pythons per ansible-core line, from its support matrix.
@@ -34,12 +35,6 @@ PLAYBOOK = """
 """
 
 
-def _core_version():
-    from ansible.release import __version__
-
-    return tuple(int(p) for p in __version__.split(".")[:2])
-
-
 def _interpreters():
     """(X.Y, path) of every Python this machine has, the system's first for its version."""
     found = {}
@@ -62,11 +57,11 @@ MACHINE = _interpreters()
 
 @pytest.mark.parametrize("version", sorted({v for vs in TARGET_PYTHONS.values() for v in vs}, key=lambda v: tuple(map(int, v.split(".")))))
 def test_target_python(tmp_path, version):
-    supported = TARGET_PYTHONS.get(_core_version())
+    supported = TARGET_PYTHONS.get(core_version())
     if supported is None:
-        pytest.fail("no target Python list for ansible-core %d.%d" % _core_version())
+        pytest.fail("no target Python list for ansible-core %d.%d" % core_version())
     if version not in supported:
-        pytest.skip("ansible-core %d.%d does not support Python %s targets" % (_core_version() + (version,)))
+        pytest.skip("ansible-core %d.%d does not support Python %s targets" % (core_version() + (version,)))
     if version not in MACHINE:
         pytest.skip("this machine has no Python %s" % version)
     agent = not version.startswith("2.")

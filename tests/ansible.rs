@@ -310,7 +310,10 @@ send("play_start", uuid="p", name="a play", pid=1)
 #[file_serial(ebpf)]
 fn persistent_runs_exec_nothing_per_module_task_and_stay_attributed() {
     require_root!();
-    for (args, in_process) in [(&["--persistent"][..], false), (&["--persistent", "--in-process"][..], true)]
+    // isolation fork: a runner per module run; auto (the default): copy, lineinfile and file
+    // share runners, command runs get their own
+    for (args, shared) in
+        [(&["--persistent", "--isolation", "fork"][..], false), (&["--persistent"][..], true)]
     {
         for env in envs() {
             let dir = tempfile::tempdir().unwrap();
@@ -331,8 +334,8 @@ fn persistent_runs_exec_nothing_per_module_task_and_stay_attributed() {
                 *runners.entry(runner).or_insert(0) += 1;
             }
             // runners are reused from 2.19 (the AnsiballZ shape whose zip the agent keeps);
-            // before, a fresh runner per module, as by default (RUNNER.md)
-            let reuse = in_process && core_version(&env) >= (2, 19);
+            // before, a fresh runner per module, as with fork (RUNNER.md)
+            let reuse = shared && core_version(&env) >= (2, 19);
             let most = runners.values().copied().max().unwrap_or(0);
             assert_eq!(most > 1, reuse, "{what}: module runs per runner process {runners:?}");
             let report = TaskReport::new(&pb.run.analysis, By::Task);

@@ -90,10 +90,10 @@ fn compare_writes_a_side_by_side_report() {
 #[file_serial(ebpf)]
 fn compare_persistent_modes_without_classic() {
     require_root!();
-    let Some((_dir, out, report)) = compare(3, 1, "in-process,persistent") else { return };
+    let Some((_dir, out, report)) = compare(3, 1, "in-process,fork,persistent") else { return };
     let modes: Vec<&str> =
         report["modes"].as_array().unwrap().iter().map(|m| m["mode"].as_str().unwrap()).collect();
-    assert_eq!(modes, ["in-process", "persistent"], "in the order asked for");
+    assert_eq!(modes, ["in-process", "fork", "persistent"], "in the order asked for");
     for m in report["modes"].as_array().unwrap() {
         assert_eq!(m["unattributed"], 0, "{}", m["mode"]);
         // the command module execs `true` once per item, and nothing else runs a program
@@ -106,7 +106,7 @@ fn compare_persistent_modes_without_classic() {
         .filter(|l| l.starts_with("Flamegraphs:") || l.starts_with("Timelines"))
         .flat_map(|l| l.rsplit_once(": ").unwrap().1.trim().trim_end_matches('.').split(", "))
         .collect();
-    assert_eq!(named.len(), 4, "{named:?}");
+    assert_eq!(named.len(), 6, "a flamegraph and a timeline per mode: {named:?}");
     for f in named {
         assert!(out.join(f.trim()).is_file(), "{f} is named in report.md but missing");
     }

@@ -31,11 +31,13 @@ use crate::{
 pub enum ExecutionMode {
     /// Ansible as configured.
     Classic,
-    /// spawntrace's persistent-agent connection plugins.
+    /// spawntrace's persistent-agent connection plugins (isolation auto).
     Persistent,
-    /// The same, running modules in-process (a runner runs many modules instead of one).
+    /// The same, every module in-process (`--isolation in-process`).
     #[serde(rename = "in-process")]
     InProcess,
+    /// The same, every module in a fresh runner (`--isolation fork`).
+    Fork,
     /// Mitogen's strategy plugin (when Mitogen is installed next to ansible-playbook).
     Mitogen,
 }
@@ -43,7 +45,7 @@ pub enum ExecutionMode {
 impl ExecutionMode {
     /// Whether the mode uses the persistent-agent connection plugins.
     pub fn persistent(self) -> bool {
-        matches!(self, ExecutionMode::Persistent | ExecutionMode::InProcess)
+        matches!(self, ExecutionMode::Persistent | ExecutionMode::InProcess | ExecutionMode::Fork)
     }
 
     fn name(self) -> &'static str {
@@ -51,6 +53,7 @@ impl ExecutionMode {
             ExecutionMode::Classic => "classic",
             ExecutionMode::Persistent => "persistent",
             ExecutionMode::InProcess => "in-process",
+            ExecutionMode::Fork => "fork",
             ExecutionMode::Mitogen => "mitogen",
         }
     }
@@ -155,9 +158,14 @@ fn mode_env(
     owner: Option<&launch::RunAs>,
 ) -> Result<Vec<(OsString, OsString)>, String> {
     match mode {
-        ExecutionMode::Classic | ExecutionMode::Persistent => Ok(Vec::new()),
-        ExecutionMode::InProcess => {
-            let (k, v) = ansible::IN_PROCESS_ENV;
+        ExecutionMode::Classic => Ok(Vec::new()),
+        ExecutionMode::Persistent | ExecutionMode::InProcess | ExecutionMode::Fork => {
+            let isolation = match mode {
+                ExecutionMode::InProcess => ansible::Isolation::InProcess,
+                ExecutionMode::Fork => ansible::Isolation::Fork,
+                _ => ansible::Isolation::Auto,
+            };
+            let (k, v) = isolation.env();
             Ok(vec![(k.into(), v.into())])
         }
         ExecutionMode::Mitogen => {
@@ -265,7 +273,9 @@ pub async fn compare(opts: Options) -> Result<CompareReport> {
     let mut modes = Vec::new();
     for &m in &opts.modes {
         let available = match m {
-            ExecutionMode::Persistent | ExecutionMode::InProcess if !ansible::has_persistent_plugins() => {
+            ExecutionMode::Persistent | ExecutionMode::InProcess | ExecutionMode::Fork
+                if !ansible::has_persistent_plugins() =>
+            {
                 Err("this spawntrace has no persistent-agent plugins".to_owned())
             }
             _ => mode_env(m, &opts.command, owner),

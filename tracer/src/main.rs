@@ -73,10 +73,10 @@ enum Cmd {
         /// Run Ansible's local and ssh connections through spawntrace's persistent agents.
         #[arg(long)]
         persistent: bool,
-        /// With --persistent: run modules in-process (one runner runs many modules; faster,
-        /// less isolated).
-        #[arg(long, requires = "persistent")]
-        in_process: bool,
+        /// With --persistent: which module runs share a runner process (default: auto, the
+        /// builtin modules known to be safe in-process).
+        #[arg(long, value_enum, requires = "persistent")]
+        isolation: Option<spawntrace::ansible::Isolation>,
         /// The command, after `--`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
         command: Vec<OsString>,
@@ -152,10 +152,10 @@ struct RecordArgs {
     /// Run Ansible's local and ssh connections through spawntrace's persistent agents.
     #[arg(long)]
     persistent: bool,
-    /// With --persistent: run modules in-process (one runner runs many modules; faster, less
-    /// isolated).
-    #[arg(long, requires = "persistent")]
-    in_process: bool,
+    /// With --persistent: which module runs share a runner process (default: auto, the builtin
+    /// modules known to be safe in-process).
+    #[arg(long, value_enum, requires = "persistent")]
+    isolation: Option<spawntrace::ansible::Isolation>,
     /// For Ansible runs: also record what the run does on its SSH targets (a recorder started
     /// on each through the run's own ssh ControlMaster, as root there), or skip them.
     #[arg(long, value_enum, default_value_t)]
@@ -219,8 +219,8 @@ fn main() -> ExitCode {
             done(runtime().and_then(|rt| rt.block_on(compare(opts))))
         }
         Some(Cmd::Timeline { trace, output }) => done(timeline(&trace, &output)),
-        Some(Cmd::Run { persistent, in_process, command }) => {
-            match runtime().and_then(|rt| rt.block_on(run(persistent, in_process, &command))) {
+        Some(Cmd::Run { persistent, isolation, command }) => {
+            match runtime().and_then(|rt| rt.block_on(run(persistent, isolation, &command))) {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => match e.downcast_ref::<record::LaunchFailed>() {
                     Some(l) => fail(&e, l.0.exit_code() as u8),
@@ -316,7 +316,7 @@ fn run_record(args: RecordArgs) -> ExitCode {
         inject_callback: args.inject_callback,
         persistent: args.persistent,
         record_targets: args.targets == spawntrace::ansible::targets::Targets::Record,
-        env: in_process_env(args.in_process),
+        env: isolation_env(args.isolation),
         probe_stats: args.probe_stats,
         linger: args.linger,
         kill_after: args.kill_after,
@@ -391,17 +391,19 @@ fn timeline(trace: &std::path::Path, output: &std::path::Path) -> Result<()> {
     spawntrace::output::write_file(output, owner, |w| report::timeline::write_timeline(&analysis, w))
 }
 
-/// The agents' in-process setting, unless the environment already has one.
-fn in_process_env(in_process: bool) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
-    let (k, v) = spawntrace::ansible::IN_PROCESS_ENV;
-    match in_process && std::env::var_os(k).is_none() {
-        true => vec![(k.into(), v.into())],
-        false => Vec::new(),
-    }
+/// The agents' isolation, when one was asked for.
+fn isolation_env(
+    isolation: Option<spawntrace::ansible::Isolation>,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    isolation.map(|i| i.env()).into_iter().map(|(k, v)| (k.into(), v.into())).collect()
 }
 
 /// `spawntrace run`: the command with the plugins injected, untraced; returns its shell-style status.
-async fn run(persistent: bool, in_process: bool, command: &[OsString]) -> Result<u8> {
+async fn run(
+    persistent: bool,
+    isolation: Option<spawntrace::ansible::Isolation>,
+    command: &[OsString],
+) -> Result<u8> {
     use spawntrace::{ansible, record::launch};
     launch::check_argv(command)?;
     let inject = ansible::Plugins { callback: false, persistent, targets: false };
@@ -410,7 +412,7 @@ async fn run(persistent: bool, in_process: bool, command: &[OsString]) -> Result
         false => None,
     };
     let mut env = session.as_ref().map(|s| s.env.clone()).unwrap_or_default();
-    env.extend(in_process_env(in_process));
+    env.extend(isolation_env(isolation));
     let terminal = launch::foreground_terminal().is_some();
     let mut child = launch::spawn(command, None, &env, None, terminal).map_err(record::LaunchFailed)?;
     let status = child.wait().await;

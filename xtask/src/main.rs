@@ -81,7 +81,7 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// The seed playbook in classic, persistent, in-process and Mitogen modes, its lower bound (every module answered at once) and the controller floor.
+    /// The seed playbook in classic, persistent (isolation auto), in-process, fork and Mitogen modes, its lower bound (every module answered at once) and the controller floor.
     Runner {
         /// Files per loop in playbooks/bench.yml.
         #[arg(long, default_value_t = 200)]
@@ -202,14 +202,7 @@ fn demo(runs: usize, count: usize) -> Result<()> {
     let env = setup::default_env()?;
     let out = root().join("results/demo");
     run(Command::new(root().join("target/release/spawntrace"))
-        .args([
-            "compare",
-            "--runs",
-            &runs.to_string(),
-            "--modes",
-            "classic,persistent,in-process,mitogen",
-            "-o",
-        ])
+        .args(["compare", "--runs", &runs.to_string(), "--modes", "classic,persistent,fork,mitogen", "-o"])
         .arg(&out)
         .arg("--")
         .arg(env.join(".venv/bin/ansible-playbook"))

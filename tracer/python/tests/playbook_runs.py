@@ -151,9 +151,9 @@ def run_playbook(
         e["SPAWNTRACE_AGENT_TIMING"] = str(timing)
     if mode == "persistent":
         e["ANSIBLE_CONNECTION_PLUGINS"] = str(CONNECTION_DIR)
-        if os.environ.get("SPAWNTRACE_TEST_AGENT_IN_PROCESS"):
-            # the whole suite again with in-process runs (opt-in mode): same results expected
-            e["SPAWNTRACE_AGENT_IN_PROCESS"] = os.environ["SPAWNTRACE_TEST_AGENT_IN_PROCESS"]
+        if os.environ.get("SPAWNTRACE_TEST_ISOLATION"):
+            # the whole suite again with another isolation (in-process, fork): same results expected
+            e["SPAWNTRACE_ISOLATION"] = os.environ["SPAWNTRACE_TEST_ISOLATION"]
     elif mode != "classic":
         raise ValueError(mode)
     e.update(env or {})

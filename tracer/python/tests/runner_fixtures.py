@@ -83,6 +83,8 @@ def normalize(value, tmp_paths=()):
         value = re.sub(r"ansible-tmp-[\d.]+-\d+-\d+", "ansible-tmp-X", value)
         # the directory an AnsiballZ wrapper before 2.19 unpacks its module into (mkdtemp)
         value = re.sub(r"(ansible_\w+?_payload_)[A-Za-z0-9_]{8}/", r"\1X/", value)
+        # what the tempfile module makes (mkstemp/mkdtemp, prefix "ansible.")
+        value = re.sub(r"/ansible\.[a-z0-9_]{8}(?=[./]|$)", "/ansible.X", value)
         return value
     return value
 

@@ -69,9 +69,31 @@ pub fn has_persistent_plugins() -> bool {
     COLLECTIONS.get_file("spawntrace/tracer/plugins/connection/local.py").is_some()
 }
 
-/// The environment that makes the persistent agents run modules in-process: one runner process
-/// runs up to this many modules in a row instead of one (opt-in; see the agent's `runner.InProcess`).
-pub const IN_PROCESS_ENV: (&str, &str) = ("SPAWNTRACE_AGENT_IN_PROCESS", "100");
+/// Whether the persistent agents run a module in a runner process shared with other module runs
+/// or in a fresh one (the connection option `spawntrace_isolation`, agent `isolation.py`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// In-process for the builtin modules known to be safe there, a fresh runner for the others.
+    #[default]
+    Auto,
+    /// Every module in-process (runners still retire after a module that changed their state).
+    InProcess,
+    /// A fresh runner for every module run.
+    Fork,
+}
+
+impl Isolation {
+    /// The environment that sets it (`SPAWNTRACE_ISOLATION`; a `spawntrace_isolation` variable
+    /// of a host or task still wins, as Ansible's variables win over its environment).
+    pub fn env(self) -> (&'static str, &'static str) {
+        let value = match self {
+            Isolation::Auto => "auto",
+            Isolation::InProcess => "in-process",
+            Isolation::Fork => "fork",
+        };
+        ("SPAWNTRACE_ISOLATION", value)
+    }
+}
 
 /// Which plugins a [`Session`] injects.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

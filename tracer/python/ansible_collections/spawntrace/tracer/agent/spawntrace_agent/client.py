@@ -511,12 +511,12 @@ def base_config(key, socket_path, host, user):
     }
     if os.environ.get("SPAWNTRACE_AGENT_LOG"):
         cfg["log"] = socket_path + ".log" if socket_path else True
-    in_process = os.environ.get("SPAWNTRACE_AGENT_IN_PROCESS")
-    if in_process:  # opt-in: modules per runner process (in-process runs; see runner.InProcess)
+    runs = os.environ.get("SPAWNTRACE_AGENT_RUNS_PER_RUNNER")
+    if runs:  # module runs one runner may serve in a row (runner.InProcess; default 100)
         try:
-            cfg["in_process"] = max(0, int(in_process))
+            cfg["runs_per_runner"] = max(1, int(runs))
         except ValueError:
-            raise AnsibleError("SPAWNTRACE_AGENT_IN_PROCESS must be a number of modules per runner, not %r" % in_process)
+            raise AnsibleError("SPAWNTRACE_AGENT_RUNS_PER_RUNNER must be a number of module runs, not %r" % runs)
     if os.environ.get("SPAWNTRACE_AGENT_PREFAULT"):  # diagnostics: 0 turns the spares' memory copy off
         cfg["prefault"] = os.environ["SPAWNTRACE_AGENT_PREFAULT"] != "0"
     if os.environ.get("SPAWNTRACE_AGENT_SPARES"):  # diagnostics: spare runners kept ready
@@ -560,6 +560,33 @@ def builtin_connection(name):
             del sys.modules[alias]
             raise
     return mod
+
+
+_ISOLATION_OPTION = {
+    "description": [
+        "Whether a module run shares its runner process with other runs (in-process) or gets a"
+        " fresh one (fork). C(auto): the builtin modules the agent knows to be safe in-process run"
+        " in-process, any other module forks. A runner that a module left changed (working"
+        " directory, environment, umask, signal handlers, imports, open files, threads) is"
+        " retired whatever this says. See RUNNER.md (spawntrace).",
+    ],
+    "type": "str",
+    "default": "auto",
+    "choices": ["auto", "in-process", "fork"],
+    "vars": [{"name": "spawntrace_isolation"}],
+    "env": [{"name": "SPAWNTRACE_ISOLATION"}],
+}
+
+
+def documentation(builtin_doc, description):
+    """The builtin plugin's DOCUMENTATION with spawntrace's short description and its
+    `spawntrace_isolation` option (task and host variables can set it, as every option)."""
+    import yaml
+
+    doc = yaml.safe_load(builtin_doc)
+    doc["short_description"] = "%s (%s)" % (doc.get("short_description", ""), description)
+    doc.setdefault("options", {})["spawntrace_isolation"] = _ISOLATION_OPTION
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def _option(plugin, name):
@@ -719,6 +746,7 @@ class AgentConnectionMixin:
             module=module_name(in_data, path),
             ansible_version=ANSIBLE_VERSION,
             warm=os.environ.get("SPAWNTRACE_AGENT_WARM", "1") != "0",
+            isolation=_option(self, "spawntrace_isolation") or "auto",
         )
         display.vvv("EXEC (spawntrace agent %s) %s" % (endpoint.path, cmd), host=self._play_context.remote_addr)
         notify = self._st_on_started(endpoint, req)

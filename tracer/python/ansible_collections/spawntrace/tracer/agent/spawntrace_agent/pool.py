@@ -19,8 +19,10 @@ import time
 
 from .ansiballz import split_payload, unstrip_payload
 from .framing import HEADER
+from .isolation import module_fqn, shares
 from .memory import HotPages
 from .procs import memfd, now, rc_of, read_all, reaped, recv_fds
+from .runner import runs_per_runner
 from .warm import WarmState
 from .zygote import Zygote
 
@@ -42,7 +44,7 @@ class RunnerPool(object):
         self.spare_pending = 0  # asked of the zygote, not arrived yet
         self.spare_stale = 0  # of those, asked before a learn: discarded on arrival
         self.pool = max(1, int(cfg.get("spares", 2)))
-        self.in_process = int(cfg.get("in_process", 0) or 0)  # modules per runner (opt-in; see InProcess)
+        self.runs_per_runner = runs_per_runner(cfg)  # see runner.InProcess
         self.zsock = None  # the zygote's socket (see _zygote_start)
         self.zpid = None
         self.by_done = {}  # done pipe fd -> runner pid
@@ -179,12 +181,10 @@ class RunnerPool(object):
             finally:
                 os.close(fd)
             self._zwait("warmed")
-        while not self.spares:
-            self._want_spare(needed=True)
-            self._zwait("spare")
-        runner = self.spares.pop(0)
-        data = json.dumps(req, separators=(",", ":")).encode("utf-8")
-        reusable = self.in_process > 1
+        share = self.runs_per_runner > 1 and shares(req.get("isolation"), module_fqn(payload))
+        runner = self._take_runner(fresh=not share)
+        data = json.dumps(dict(req, share=share), separators=(",", ":")).encode("utf-8")
+        reusable = share
         try:
             # the request in the runner's memfd, then one byte on its pipe to start it
             if runner.get("runs"):
@@ -217,6 +217,18 @@ class RunnerPool(object):
         self._send(conn, {"started": True, "pid": pid, "agent_pid": os.getpid(), "reported": reported})
         return True
 
+    def _take_runner(self, fresh):
+        """A spare runner: the first (a runner that shared its last run goes first, warm), or,
+        for a run that must not share (`fresh`), one that has run nothing yet."""
+        while True:
+            for i, runner in enumerate(self.spares):
+                if not fresh or not runner.get("runs"):
+                    return self.spares.pop(i)
+            if self.spares and len(self.spares) + self.spare_pending - self.spare_stale >= self.pool:
+                self._discard(self.spares.pop())  # only used runners: room for a fresh one
+            self._want_spare(needed=True)
+            self._zwait("spare")
+
     def _done_readable(self, fd):
         pid = self.by_done.get(fd)
         runner = self.runners.get(pid)
@@ -234,9 +246,10 @@ class RunnerPool(object):
             pass
         if runner["done"].endswith(b"\n"):
             fields = runner["done"].split()
-            # "rc started ended [again]": the times are diagnostics, missing ones are None
+            # "rc started ended [again [why]]": the times and why are diagnostics
             runner["run_started"], runner["run_ended"] = ([int(x) for x in fields[1:3]] + [None, None])[:2]
             runner["again"] = len(fields) > 3 and fields[3] == b"1" and runner.get("req_w") is not None
+            runner["retired"] = fields[4].decode("ascii", "replace").replace("+", " ") if len(fields) > 4 and fields[4] != b"-" else None
             runner["done"] = b""
             self._finish(pid, int(fields[0]))
         elif eof:
@@ -282,13 +295,14 @@ class RunnerPool(object):
             "runner_start": runner.get("run_started"),
             "runner_done": runner.get("run_ended"),
             "replied": now(),
+            "retired": runner.get("retired") if not again else None,
         }
         # queued (see _send): a client that does not read its reply holds up nobody
         self._reply(conn, rc, out, err, timing=timing)
         self._done_with(conn, req)
         if again:
-            # in-process reuse (opt-in): this runner is warm and has its memory; it goes first
-            for k in ("payload", "done", "run_started", "run_ended", "t_recv", "t_accept", "eof"):
+            # the run shared its runner (isolation.py) and left nothing behind: warm, it goes first
+            for k in ("payload", "done", "run_started", "run_ended", "t_recv", "t_accept", "eof", "retired"):
                 runner.pop(k, None)
             if len(self.spares) >= self.pool:
                 self._discard(self.spares.pop())

@@ -40,10 +40,10 @@ class Runner(object):
         self.warm_version = warm_version  # the ansible-core version the zygote warmed for
 
     def main(self, req_r, done_w, out_fd, err_fd, in_fd):
-        """A spare runner: waits for a request, runs it, reports "rc t_start t_end again" on the
-        done pipe (again: 1 if it may take another request). It then exits, unless the agent runs
-        modules in-process (cfg "in_process": opt-in) and the run left nothing behind that could
-        leak into the next one (see InProcess)."""
+        """A spare runner: waits for a request, runs it, reports "rc t_start t_end again why" on
+        the done pipe (again: 1 if it may take another request; why: what retires it, or "-"). It then exits, unless the agent let
+        the request share its runner (isolation.shares: the request's "share") and the run left
+        nothing behind that could leak into the next one (see InProcess)."""
         import atexit
 
         signal.set_wakeup_fd(-1)
@@ -61,7 +61,7 @@ class Runner(object):
                     pass
         if self.cfg.get("prefault", True):
             prefault(self.hot)
-        in_process = InProcess(int(self.cfg.get("in_process", 0) or 0))
+        in_process = InProcess(runs_per_runner(self.cfg))
         while True:
             # wait for the request: one byte on the pipe (EOF: this spare was discarded), the
             # request itself in the memfd
@@ -75,9 +75,10 @@ class Runner(object):
             del buf
             in_process.before()
             rc = self.run_one(req, payload, out_fd, err_fd, in_process)
-            again = in_process.after()
+            again = in_process.after(req.get("share"))
             try:
-                os.write(done_w, b"%d %d %d %d\n" % (rc, t_start, now(), 1 if again else 0))
+                why = "-" if again else (in_process.why or "-").replace(" ", "+")
+                os.write(done_w, b"%d %d %d %d %s\n" % (rc, t_start, now(), 1 if again else 0, why.encode("ascii", "replace")))
             except OSError:
                 again = False
             if not again:
@@ -114,6 +115,7 @@ class Runner(object):
                 pass
         umask = req.get("umask")
         os.umask(self.base.umask if umask is None else umask)
+        in_process.expect()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
@@ -132,7 +134,7 @@ class Runner(object):
             2, "w", ("utf-8" if self.base.stdio[2][0] is None else self.base.stdio[2][0], "backslashreplace")
         )
         if req.get("ansible_version") != self.warm_version:
-            in_process.dirty = True
+            in_process.dirty = "another ansible-core"
             for name in list(sys.modules):
                 if name == "ansible" or name.startswith("ansible."):
                     del sys.modules[name]
@@ -165,6 +167,7 @@ class Runner(object):
             filename = path or "<stdin>"
             parts = split_payload(payload)
             if parts is None:
+                in_process.dirty = "not an AnsiballZ wrapper with a zip literal"
                 exec(compile(payload, filename, "exec", dont_inherit=True), main.__dict__)
             else:
                 import hashlib
@@ -180,7 +183,7 @@ class Runner(object):
                 if kept and os.path.exists(kept):
                     fast_ansiballz_main(main.__dict__, kept)
                 else:
-                    in_process.dirty = True  # imports from a zip that is removed after the run
+                    in_process.dirty = "zip not kept"  # imports from a zip that is removed after the run
                 main.__dict__["__spawntrace_zip_data"] = data.decode("ascii")
                 del payload, parts, data
                 exec(compile(b"\n" * lines + tail, filename, "exec", dont_inherit=True), main.__dict__)
@@ -191,7 +194,7 @@ class Runner(object):
             # traceback from the payload's own frame (file before 2.19 fails a module from its
             # hook: fail_json, then SystemExit)
             rc = 1
-            in_process.dirty = True
+            in_process.dirty = "exception"
             t, v, tb = sys.exc_info()
             tb = tb.tb_next or tb
             try:
@@ -214,10 +217,11 @@ class Runner(object):
             import threading
 
             if threading.active_count() > 1 or not in_process.enabled:
-                in_process.dirty = True
+                if threading.active_count() > 1:
+                    in_process.dirty = "thread"
                 threading._shutdown()
         except Exception:
-            in_process.dirty = True
+            in_process.dirty = "thread check failed"
         try:
             atexit._run_exitfuncs()
         except Exception:
@@ -246,19 +250,29 @@ def _exit_code(e):
     return rc
 
 
+def runs_per_runner(cfg):
+    """How many module runs one runner may serve in a row (agent cfg "runs_per_runner", default
+    100): a bound on what a long-lived runner may accumulate that no check sees."""
+    return max(1, int(cfg.get("runs_per_runner", 100) or 1))
+
+
 class InProcess(object):
-    """In-process runs (cfg "in_process" = how many modules one runner may run; 0, the default: one,
-    then exit). Before each run it notes the process state a module may change; after it, it puts
-    back what can be put back (signal handlers, alarms, RLIMIT_NOFILE, sys.meta_path/path_hooks,
-    excepthook, the module_utils warning registries, `ansible*` modules the run imported) and says
-    whether the runner may take another request: not after an exception, a fork, a thread left
-    running, a payload whose zip is not kept, or `limit` runs."""
+    """Runs that share a runner (see isolation.py). Before each run it notes the process state a
+    module may change; after it, it puts back what the AnsiballZ wrapper itself changes on every
+    run (RLIMIT_NOFILE, sys.meta_path/path_hooks and the importer cache, the excepthook, the
+    module_utils warning registries, `ansible*` modules the run imported) and says whether the
+    runner may take another request. It retires (exits; the next run takes a fresh spare) when the
+    request was not to share, after `limit` runs, and after any run that left state it cannot put
+    back: an exception, a fork, a thread (Python's or any other), a file descriptor left open, a
+    signal handler, alarm or timer, a working directory, environment variable or umask other than
+    the request's, an imported module outside the standard library and `ansible*`, a payload whose
+    zip is not kept."""
 
     SIGNALS = [
         s
         for s in (
             getattr(signal, n, None)
-            for n in ("SIGALRM", "SIGCHLD", "SIGTERM", "SIGHUP", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGQUIT")
+            for n in ("SIGALRM", "SIGCHLD", "SIGTERM", "SIGHUP", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGQUIT", "SIGWINCH")
         )
         if s
     ]
@@ -269,6 +283,7 @@ class InProcess(object):
         self.runs = 0
         self.dirty = False
         self.forked = False
+        self.why = None  # what retired the runner last (diagnostics, tests)
         if self.enabled:
             self._orig_fork = os.fork
             in_process = self
@@ -290,6 +305,7 @@ class InProcess(object):
         self.importers = set(sys.path_importer_cache)
         self.path_hooks = list(sys.path_hooks)
         self.excepthook = sys.excepthook
+        self.fds = set(open_fds())
         try:
             import resource
 
@@ -302,16 +318,28 @@ class InProcess(object):
             if hasattr(reg, "clear"):
                 reg.clear()
 
-    def after(self):
-        self.runs += 1
-        if not self.enabled or self.dirty or self.forked or self.runs >= self.limit:
-            return False
+    def expect(self):
+        """Notes the working directory, environment and umask the request set (run_one)."""
+        if not self.enabled:
+            return
         try:
-            signal.alarm(0)
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            for s, h in self.handlers.items():
-                if signal.getsignal(s) is not h and h is not None:
-                    signal.signal(s, h)
+            self.cwd = os.getcwd()
+        except OSError:
+            self.cwd = None
+        self.env = dict(os.environ)
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+
+    def after(self, share):
+        self.runs += 1
+        if not self.enabled or not share:
+            return self._retire("not shared")
+        if self.dirty or self.forked or self.runs >= self.limit:
+            return self._retire("fork" if self.forked else self.dirty or "limit")
+        try:
+            why = self._left_behind()
+            if why:
+                return self._retire(why)
             sys.meta_path[:] = self.meta_path
             sys.path_hooks[:] = self.path_hooks
             for key in set(sys.path_importer_cache) - self.importers:
@@ -323,15 +351,81 @@ class InProcess(object):
                 if resource.getrlimit(resource.RLIMIT_NOFILE) != self.nofile:
                     resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
             for name in set(sys.modules) - self.modules:
-                if name == "__main__":
-                    continue
-                if name.split(".", 1)[0] in ("ansible", "ansible_collections"):
+                if name != "__main__" and name.split(".", 1)[0] in ("ansible", "ansible_collections"):
                     del sys.modules[name]
             w = sys.modules.get("ansible.module_utils.common.warnings")
             for name in ("_global_warnings", "_global_deprecations"):
                 reg = getattr(w, name, None)
                 if hasattr(reg, "clear"):
                     reg.clear()
-        except Exception:
-            return False
+        except Exception as e:
+            return self._retire("check failed: %r" % (e,))
         return True
+
+    def _retire(self, why):
+        self.why = why
+        return False
+
+    def _left_behind(self):
+        """What the run changed that a next run would see and that cannot be put back, or None."""
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            cwd = None
+        if cwd != self.cwd:
+            return "cwd"
+        if os.environ != self.env:
+            return "environment"
+        umask = os.umask(0o022)
+        os.umask(umask)
+        if umask != self.umask:
+            return "umask"
+        for s, h in self.handlers.items():
+            if signal.getsignal(s) is not h:
+                return "signal handler"
+        if signal.alarm(0) or signal.getitimer(signal.ITIMER_REAL)[0] or signal.getitimer(signal.ITIMER_VIRTUAL)[0]:
+            return "alarm or timer"
+        if set(open_fds()) - self.fds:
+            return "file descriptor"
+        if _threads() > 1:
+            return "thread"
+        for name in set(sys.modules) - self.modules:
+            if name != "__main__" and not _stdlib_or_ansible(name, sys.modules.get(name)):
+                return "module %s" % name
+        return None
+
+
+def _threads():
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+_STDLIB_NAMES = getattr(sys, "stdlib_module_names", None)  # Python 3.10+
+
+
+def _stdlib_or_ansible(name, module):
+    """True for a module of the standard library or of ansible (ansible.module_utils, a
+    collection's module_utils: removed after each run)."""
+    top = name.split(".", 1)[0]
+    if top in ("ansible", "ansible_collections"):
+        return True
+    if _STDLIB_NAMES is not None:
+        return top in _STDLIB_NAMES
+    f = getattr(module, "__file__", None)
+    if not f:
+        return (
+            module is None
+            or top in sys.builtin_module_names
+            or getattr(module, "__spec__", None) is None
+            or module.__spec__.origin in ("built-in", "frozen")
+        )
+    import sysconfig
+
+    f = os.path.realpath(f)
+    return not ("site-packages" in f or "dist-packages" in f) and any(
+        f.startswith(os.path.realpath(sysconfig.get_path(k)) + os.sep) for k in ("stdlib", "platstdlib")
+    )

@@ -18,12 +18,9 @@ from spawntrace_agent import client  # noqa: E402
 _builtin_local = client.builtin_connection("local")
 _LocalConnection = _builtin_local.Connection
 
-# Same options as the builtin (the loader reads this attribute from the imported module).
-DOCUMENTATION = _builtin_local.DOCUMENTATION.replace(
-    "short_description: execute on controller",
-    "short_description: execute on controller (spawntrace persistent agent)",
-    1,
-)
+# The builtin's options and spawntrace_isolation (the loader reads this attribute from the imported
+# module).
+DOCUMENTATION = client.documentation(_builtin_local.DOCUMENTATION, "spawntrace persistent agent")
 
 
 class Connection(client.AgentConnectionMixin, _LocalConnection):

@@ -21,11 +21,7 @@ from spawntrace_agent import client, target_recording  # noqa: E402
 _builtin_ssh = client.builtin_connection("ssh")
 _SSHConnection = _builtin_ssh.Connection
 
-DOCUMENTATION = _builtin_ssh.DOCUMENTATION.replace(
-    "short_description: connect via SSH client binary",
-    "short_description: connect via SSH client binary (spawntrace persistent agent)",
-    1,
-)
+DOCUMENTATION = client.documentation(_builtin_ssh.DOCUMENTATION, "spawntrace persistent agent")
 
 
 class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin, _SSHConnection):

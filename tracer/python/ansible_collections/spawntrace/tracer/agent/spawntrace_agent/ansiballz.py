@@ -83,13 +83,22 @@ def install_code_cache():
     if orig is None or getattr(zipimport, "_spawntrace_orig_compile_source", None) is not None:
         return
 
+    named = {}  # (cache key, pathname) -> the code with that filename: a shared runner's next run
+
     def _compile_source(pathname, source):
         if CODE_CACHE:
             inner = _zip_inner(pathname)
             if inner is not None:
-                code = CODE_CACHE.get(("zip", inner, hashlib.sha1(source).hexdigest()))
+                key = ("zip", inner, hashlib.sha1(source).hexdigest())
+                code = named.get((key, pathname))
+                if code is None:
+                    code = CODE_CACHE.get(key)
+                    if code is not None:
+                        if len(named) >= 256:
+                            named.clear()
+                        code = named[(key, pathname)] = with_filename(code, pathname)
                 if code is not None:
-                    return with_filename(code, pathname)
+                    return code
         return orig(pathname, source)
 
     zipimport._spawntrace_orig_compile_source = orig

@@ -413,3 +413,175 @@ pub fn runner(count: usize, runs: usize, ssh: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
+
+/// One run of a mode at inventory scale.
+struct ScaleSample {
+    wall: Duration,
+    /// user + system seconds of ansible-playbook and every process it waited for (workers, ssh
+    /// clients, and in classic local runs the modules; not the detached agents)
+    controller_cpu: f64,
+    /// user + system seconds of the whole machine (the targets' sshd, agents, modules too)
+    machine_cpu: f64,
+    /// peak total RSS of the long-lived runners: spawntrace agents (with their zygotes and
+    /// runners) or Mitogen's contexts
+    agents_rss: u64,
+}
+
+/// CPU seconds of the whole machine (all CPUs, busy states) since boot.
+fn machine_cpu() -> Result<f64> {
+    use procfs::CurrentSI as _;
+    let t = procfs::KernelStats::current()?.total;
+    let ticks =
+        t.user + t.nice + t.system + t.irq.unwrap_or(0) + t.softirq.unwrap_or(0) + t.steal.unwrap_or(0);
+    Ok(ticks as f64 / procfs::ticks_per_second() as f64)
+}
+
+/// Total RSS of the processes whose command line names a spawntrace agent or Mitogen.
+fn agents_rss() -> u64 {
+    let page = procfs::page_size();
+    let Ok(all) = procfs::process::all_processes() else { return 0 };
+    all.flatten()
+        .filter(|p| {
+            p.cmdline()
+                .is_ok_and(|c| c.iter().any(|a| a.contains("<spawntrace agent") || a.contains("mitogen")))
+        })
+        .filter_map(|p| p.statm().ok())
+        .map(|m| m.resident * page)
+        .sum()
+}
+
+fn children_cpu() -> f64 {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN);
+    u.map(|u| {
+        let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        s(u.user_time()) + s(u.system_time())
+    })
+    .unwrap_or(0.0)
+}
+
+fn measure_scale(cmd: &mut Command) -> Result<ScaleSample> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(agents_rss(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let (cpu0, machine0) = (children_cpu(), machine_cpu()?);
+    let wall = time(cmd);
+    let (cpu1, machine1) = (children_cpu(), machine_cpu()?);
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    Ok(ScaleSample {
+        wall: wall?,
+        controller_cpu: cpu1 - cpu0,
+        machine_cpu: machine1 - machine0,
+        agents_rss: peak.load(Ordering::Relaxed),
+    })
+}
+
+/// Inventory scale: playbooks/bench.yml (`count` copies and edits per host) on `local_hosts`
+/// local "hosts" (connection local, distinct inventory names) and on `ssh_hosts` hosts over ssh
+/// (an sshd each in its own network namespace), forks 10, in classic, persistent and Mitogen
+/// modes, interleaved `runs` times: wall, controller CPU, the machine's CPU and the agents'
+/// peak total RSS.
+pub fn scale(local_hosts: usize, ssh_hosts: usize, count: usize, runs: usize) -> Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "tracer"]).current_dir(root()))?;
+    let spawntrace = root().join("target/release/spawntrace");
+    let env = crate::setup::default_env()?;
+    let playbook = env.join(".venv/bin/ansible-playbook");
+    let mitogen = mitogen_strategy(&env);
+    if mitogen.is_none() {
+        eprintln!("bench scale: Mitogen not installed in {}: skipped", env.display());
+    }
+    let tmp = tempfile::tempdir()?;
+    let mut inventories: Vec<(String, std::path::PathBuf)> = Vec::new();
+    if local_hosts > 0 {
+        let python = env.join(".venv/bin/python");
+        let mut ini = String::from("[benchmark_targets]\n");
+        for i in 1..=local_hosts {
+            ini += &format!(
+                "h{i:02} ansible_connection=local ansible_python_interpreter={}\n",
+                python.display()
+            );
+        }
+        let path = tmp.path().join("local.ini");
+        std::fs::write(&path, ini)?;
+        inventories.push((format!("{local_hosts} local hosts"), path));
+    }
+    let lab = if ssh_hosts > 0 { Some(sshlab::Lab::start(ssh_hosts, "benchmark_targets")?) } else { None };
+    if let Some(lab) = &lab {
+        inventories.push((format!("{ssh_hosts} hosts over ssh"), lab.inventory.clone()));
+    }
+    let extra = format!("bench_count={count}");
+    for (what, inventory) in &inventories {
+        let ansible = |through: Option<&[&str]>| {
+            let mut cmd = match through {
+                Some(args) => {
+                    let mut c = Command::new(&spawntrace);
+                    c.args(args).arg(&playbook);
+                    c
+                }
+                None => Command::new(&playbook),
+            };
+            cmd.arg("-i").arg(inventory).args(["--forks", "10", "playbooks/bench.yml", "-e", &extra]);
+            cmd.current_dir(root()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            cmd
+        };
+        let mut modes: Vec<(&str, Command)> =
+            vec![("classic", ansible(None)), ("persistent", ansible(Some(&["run", "--persistent", "--"])))];
+        if let Some(dir) = &mitogen {
+            let mut m = ansible(None);
+            m.env("ANSIBLE_STRATEGY_PLUGINS", dir).env("ANSIBLE_STRATEGY", "mitogen_linear");
+            modes.push(("mitogen", m));
+        }
+        let mut samples: Vec<Vec<ScaleSample>> = modes.iter().map(|_| Vec::new()).collect();
+        for r in 0..runs {
+            for (i, (name, cmd)) in modes.iter_mut().enumerate() {
+                let s = measure_scale(cmd).with_context(|| format!("{what}: {name}"))?;
+                eprintln!("{what}, run {}/{runs}: {name} {:.2} s", r + 1, s.wall.as_secs_f64());
+                samples[i].push(s);
+                // the agents end with the playbook: let them go before the next mode's sample
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+        println!(
+            "bench scale: {count} copy + {count} lineinfile per host, {what}, forks 10, {runs} interleaved run(s)"
+        );
+        println!(
+            "  {:<11} {:>8} {:>16} {:>13} {:>17}",
+            "mode", "wall s", "controller CPU s", "machine CPU s", "agents' RSS MiB"
+        );
+        let avg = |xs: &[ScaleSample], f: &dyn Fn(&ScaleSample) -> f64| {
+            xs.iter().map(f).sum::<f64>() / xs.len() as f64
+        };
+        for ((name, _), xs) in modes.iter().zip(&samples) {
+            println!(
+                "  {name:<11} {:>8.2} {:>16.2} {:>13.2} {:>17.1}",
+                avg(xs, &|s| s.wall.as_secs_f64()),
+                avg(xs, &|s| s.controller_cpu),
+                avg(xs, &|s| s.machine_cpu),
+                avg(xs, &|s| s.agents_rss as f64 / (1 << 20) as f64),
+            );
+        }
+        let wall = |n: &str| {
+            modes.iter().position(|(m, _)| *m == n).map(|i| avg(&samples[i], &|s| s.wall.as_secs_f64()))
+        };
+        if let (Some(p), Some(m)) = (wall("persistent"), wall("mitogen")) {
+            println!(
+                "  persistent/mitogen {:.2}   classic/persistent {:.2}",
+                p / m,
+                wall("classic").unwrap_or(f64::NAN) / p
+            );
+        }
+    }
+    Ok(())
+}

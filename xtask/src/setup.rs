@@ -8,9 +8,19 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::util::{self, output, root, run};
 
-/// Debian packages the tests and benchmarks use (chromium renders the flamegraphs in a test).
-const APT_PACKAGES: &[&str] =
-    &["strace", "openssh-server", "openssh-client", "iproute2", "hyperfine", "sudo", "acl", "chromium"];
+/// Debian packages the tests and benchmarks use (chromium renders the flamegraphs in a test;
+/// opendoas: become through doas).
+const APT_PACKAGES: &[&str] = &[
+    "strace",
+    "openssh-server",
+    "openssh-client",
+    "iproute2",
+    "hyperfine",
+    "sudo",
+    "opendoas",
+    "acl",
+    "chromium",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// uv, pinned; it creates the Python environments from their lock files.
 const UV_VERSION: &str = "0.13.9";

@@ -225,6 +225,45 @@ def test_become(tmp_path, become_user, password, pipelining):  # noqa: F811
     """Module runs as another user go to an agent of that user's. With a become password and
     pipelining off (ansible-core's integration targets' setup_test_user), local gives a command
     that may be prompted a terminal for stdin: the agent still gets its payload."""
+    become_both_ways(tmp_path, become_user, "sudo", password, pipelining)
+
+
+@pytest.fixture
+def doas_conf():
+    """opendoas (Debian's, `cargo xtask setup` installs it) with a rule for root; an existing
+    /etc/doas.conf is put back after the test."""
+    if not shutil.which("doas"):
+        pytest.skip("needs doas (apt install opendoas; cargo xtask setup does)")
+    try:
+        import ansible_collections.community.general.plugins.become.doas  # noqa: F401
+    except ImportError:
+        pytest.skip("the doas become plugin is community.general's, not in this environment")
+    conf = "/etc/doas.conf"
+    saved = open(conf, "rb").read() if os.path.exists(conf) else None
+    fd = os.open(conf + ".spawntrace-test", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("permit nopass root\n")
+    os.rename(conf + ".spawntrace-test", conf)
+    yield
+    if saved is None:
+        os.unlink(conf)
+    else:
+        with open(conf, "wb") as f:
+            f.write(saved)
+
+
+@pytest.mark.parametrize("method", ["su", "doas"])
+def test_become_su_doas(tmp_path, become_user, method, request):  # noqa: F811
+    """su and doas without a password start the agent of the become user through the become
+    plugin as sudo does (root to another user: su asks nothing; doas with a nopass rule)."""
+    if method == "doas":
+        request.getfixturevalue("doas_conf")
+    become_both_ways(tmp_path, become_user, {"su": "su", "doas": "community.general.doas"}[method], None, True)
+
+
+def become_both_ways(tmp_path, become_user, method, password, pipelining):  # noqa: F811
+    """Classic and persistent runs of module tasks become `become_user` (and root) through
+    `method`: same results, files owned by that user, every module run through an agent."""
 
     def prepare(base):
         os.chmod(base, 0o1777)
@@ -232,6 +271,7 @@ def test_become(tmp_path, become_user, password, pipelining):  # noqa: F811
     playbook = """
 - hosts: all
   gather_facts: false
+  vars: {{ansible_become_method: {method}}}
   tasks:
     - name: who
       command: id -un
@@ -261,14 +301,15 @@ def test_become(tmp_path, become_user, password, pipelining):  # noqa: F811
       become: true
       become_user: {user}
       ignore_errors: true
-""".format(user=BECOME_USER)
+""".format(user=BECOME_USER, method=method)
     args = ["-e", "ansible_become_password=" + password] if password else []
     pair = run_both(tmp_path, playbook, prepare=prepare, args=args, pipelining=pipelining)
     assert pair.persistent.returncode == 0
     res = {r["task"]: r["result"] for r in pair.persistent.results}
     assert res["who"]["stdout"] == BECOME_USER
     assert (pair.base["persistent"] / "by-become.txt").stat().st_uid == become_user.pw_uid
-    assert sum(1 for t in pair.persistent.timing if t["module"] in ("command", "copy", "lineinfile", "stat")) >= 4
+    # who, home and cwd, copy (stat, copy), lineinfile, stat, become root, failing: all of them
+    assert [t["module"] for t in pair.persistent.timing] == ["command", "command", "stat", "copy", "lineinfile", "stat", "command", "file"]
 
 
 def test_disabled_by_env(tmp_path):

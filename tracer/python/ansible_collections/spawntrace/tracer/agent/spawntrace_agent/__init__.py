@@ -20,4 +20,5 @@ importer    imports this package from the payload's sources (first part of the p
 wire        (controller) the payload, its first stage and the agent version
 client      (controller) the connection plugins' side: commands, endpoints, bootstrap
 target_recording  (controller) asks spawntrace to record an SSH target before the first command
+remote_watch  (controller) ends the remote agents with the playbook
 """

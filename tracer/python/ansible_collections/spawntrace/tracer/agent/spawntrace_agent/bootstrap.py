@@ -15,14 +15,37 @@ from .safe_paths import HINT, UnsafePath, describe, open_checked, private_dir
 from .server import Agent
 
 
-def _uid_of(spec):
-    """'self' -> our uid; 'sudo' -> the uid that ran sudo (SUDO_UID) or ours; an int."""
+def _uid_of(spec, login_user=None):
+    """'self' -> our uid; 'login' -> the user who logged in and became us (the ssh client behind
+    sudo, su or doas): `login_user` (the connection's remote user, when it names one), else what
+    sudo or doas says (SUDO_UID, DOAS_USER), else the session's login uid (su), else us; an int."""
     if spec is None or spec == "self":
         return os.getuid()
-    if spec == "sudo":
-        v = os.environ.get("SUDO_UID")
-        return int(v) if v and v.isdigit() else os.getuid()
-    return int(spec)
+    if spec != "login":
+        return int(spec)
+    v = os.environ.get("SUDO_UID")
+    for uid in (_uid_named(login_user), int(v) if v and v.isdigit() else None, _uid_named(os.environ.get("DOAS_USER")), _login_uid()):
+        if uid is not None:
+            return uid
+    return os.getuid()
+
+
+def _uid_named(name):
+    import pwd
+
+    try:
+        return pwd.getpwnam(name).pw_uid if name else None
+    except KeyError:
+        return None
+
+
+def _login_uid():
+    try:
+        with open("/proc/self/loginuid") as f:
+            uid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if uid == 0xFFFFFFFF else uid
 
 
 def _ping(path):
@@ -43,8 +66,8 @@ def bootstrap(cfg):
     """Runs in the freshly started interpreter (as the agent's user). Prints one JSON line."""
     import fcntl
 
-    owner = _uid_of(cfg.get("dir_owner"))
-    cfg["client_uid"] = _uid_of(cfg.get("client_uid"))
+    owner = _uid_of(cfg.get("dir_owner"), cfg.get("login_user"))
+    cfg["client_uid"] = _uid_of(cfg.get("client_uid"), cfg.get("login_user"))
     if owner != os.getuid() and os.getuid() != 0:
         raise RuntimeError("cannot place a socket in uid %d's directory as uid %d" % (owner, os.getuid()))
     path = cfg.get("socket")

@@ -15,7 +15,7 @@ import struct
 import sys
 import time
 
-from . import framing, messages, procs, safe_paths, shell_ops
+from . import framing, messages, procs, remote_watch, safe_paths, shell_ops
 from .ansiballz import strip_payload
 from .wire import Payload
 
@@ -77,7 +77,7 @@ def key_name(key):
 # Files a controller run leaves in the agent directory, named after its pid: start locks, and for
 # remote agents the forwarded sockets (f-) and host pointers (d-); ssh does not remove a forwarded
 # socket when its ControlMaster exits.
-_RUN_FILE = re.compile(r"^(?:[fd]-)?(\d+)-[0-9a-f]{24}(?:\.sock|\.start\.lock)?(?:\.\d+)?$")
+_RUN_FILE = re.compile(r"^(?:[fd]-)?(\d+)-(?:[0-9a-f]{24}(?:\.sock|\.start\.lock)?|watch\.lock)(?:\.\d+)?$")
 
 
 def start_lock(name):
@@ -106,6 +106,20 @@ def sweep_stale(directory):
             os.unlink(os.path.join(directory, entry))
         except OSError:
             pass
+
+
+def watch_remote_agents():
+    """Makes sure this controller run's remote agents end with it (remote_watch.py); if the
+    watcher cannot start, they end after their idle time."""
+    st = _proc_state()
+    if st.get("watching"):
+        return
+    st["watching"] = True
+    ctl, ctl_start = controller()
+    try:
+        remote_watch.ensure_watcher(agent_dir(), ctl, ctl_start)
+    except (OSError, safe_paths.UnsafePath) as e:
+        display.vvv("spawntrace: no watcher for the remote agents (%s): they end after %ss idle" % (e, idle_timeout()))
 
 
 class AgentUnavailable(Exception):
@@ -603,6 +617,16 @@ def _text(v):
     return v
 
 
+# become plugins an agent can be started through (see _st_become_method)
+_BECOME_METHODS = {
+    "sudo": "sudo",
+    "ansible.builtin.sudo": "sudo",
+    "su": "su",
+    "ansible.builtin.su": "su",
+    "community.general.doas": "doas",
+}
+
+
 class AgentConnectionMixin:
     """Routes module runs, shell housekeeping and file transfers to a persistent agent; every
     command it does not recognise goes to the parent plugin's classic path."""
@@ -683,17 +707,26 @@ class AgentConnectionMixin:
         return self._st_housekeeping(cmd, op, args)
 
     def _st_become_ok(self):
+        return self._st_become_method() is not None
+
+    def _st_become_method(self):
+        """The become method an agent can be started through (sudo, su, doas), or None: its
+        modules run classic. The agent starts on a pipe: sudo reads a password from it (-S), su
+        and doas read one only from a terminal, so with a password they run classic."""
         b = self.become
-        if b is None or getattr(b, "name", None) not in ("sudo", "ansible.builtin.sudo"):
-            return False
+        method = _BECOME_METHODS.get(getattr(b, "name", None)) if b is not None else None
+        if method is None:
+            return None
         try:
-            if b.get_option("sudo_chdir"):
-                return False
+            if method == "sudo" and b.get_option("sudo_chdir"):
+                return None
+            if method != "sudo" and b.get_option("become_pass"):
+                return None
         except KeyError:
             pass
         except Exception:
-            return False
-        return True
+            return None
+        return method
 
     def _st_become_key(self):
         b = self.become
@@ -703,7 +736,12 @@ class AgentConnectionMixin:
                 opt[name] = b.get_option(name)
             except Exception:
                 opt[name] = None
-        return {"method": "sudo", "user": opt["become_user"] or "root", "exe": opt["become_exe"], "flags": opt["become_flags"]}
+        return {
+            "method": self._st_become_method(),
+            "user": opt["become_user"] or "root",
+            "exe": opt["become_exe"],
+            "flags": opt["become_flags"],
+        }
 
     def _st_attribution(self):
         task_uuid, host = worker_info()
@@ -770,7 +808,8 @@ class AgentConnectionMixin:
         if timing and resp.get("timing"):
             # diagnostics: where a module run's time went (monotonic ns): request sent, agent
             # accepted, request read, runner started, runner done, reply sent, reply received
-            rec = dict(resp["timing"], module=req["module"], runner_pid=started.get("pid"), sent=t0, received=time.monotonic_ns())
+            rec = dict(resp["timing"], module=req["module"], host=req.get("host"), runner_pid=started.get("pid"))
+            rec.update(agent_pid=started.get("agent_pid"), sent=t0, received=time.monotonic_ns())
             with open(timing, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if not resp.get("ok"):

@@ -20,7 +20,7 @@ from .framing import PROTOCOL
 PACKAGE = __name__.rsplit(".", 1)[0]
 HERE = os.path.dirname(os.path.abspath(__file__))
 # modules of the controller only: not shipped
-CONTROLLER_ONLY = ("client", "wire", "target_recording")
+CONTROLLER_ONLY = ("client", "wire", "target_recording", "remote_watch")
 
 _FIRST_STAGE = (
     "import sys,zlib,hashlib\n"

@@ -83,9 +83,13 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
                 socket=None, key=name, controller_pid=None, controller_start=None, report="", _interpreter=interp, log=bool(cfg.get("log"))
             )
             if become:
-                cfg.update(become_user=become_key["user"], client_uid="sudo", dir_owner="self" if user == "root" else "sudo")
+                # the client is the login user (its agent socket goes to that user's directory)
+                cfg.update(
+                    become_user=become_key["user"], client_uid="login", dir_owner="self" if user == "root" else "login", login_user=user
+                )
             ready = self._st_run_bootstrap_shell(cfg, startup_env, become)
             self._st_forward(ep.path, ready["socket"])
+            client.watch_remote_agents()
             return self._st_ping(ep)
 
         ep = self._st_endpoint(key, make, start, retry)

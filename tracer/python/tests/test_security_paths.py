@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from playbook_runs import CONNECTION_DIR, run_playbook
+from playbook_runs import AGENT_DIR, CONNECTION_DIR, run_playbook
 from runner_fixtures import SYSTEM_PYTHON as ATTACKER_PYTHON
 from runner_fixtures import become_user, new_base, run_request, start_agent  # noqa: F401
 
@@ -348,7 +348,8 @@ def test_target_bootstrap_reports_one_line(place, attacker):
         "idle": 30,
         "key": "remote",
         "dir_owner": "self",
-        "client_uid": "sudo",
+        "client_uid": "login",
+        "become_method": "sudo",
         "dir_base": str(place.shared),
     }
     p, ready = start_agent(cfg, python=PYTHON)
@@ -431,3 +432,66 @@ def test_persistent_run_still_works_in_a_shared_base(tmp_path, place):
     while time.monotonic() < deadline and any(p.exists() for p in socks):
         time.sleep(0.1)
     assert not any(p.exists() for p in socks)
+
+
+def test_an_agent_imports_nothing_from_the_directory_it_starts_in(tmp_path, place, attacker):
+    """Root runs a playbook (become root, an agent through sudo) from a directory the attacker can
+    write to: the hashlib.py and zlib.py the attacker left there are never imported by the
+    agent's first stage (`python -c` puts the working directory first on sys.path)."""
+    run_dir = place.base / "attackers-project"
+    run_dir.mkdir()
+    os.chown(run_dir, attacker.pw_uid, -1)
+    marker = place.shared / "imported-by"
+    for name in ("hashlib", "zlib"):
+        code = f"import os\nopen({str(marker)!r}, 'a').write('%d {name}\\n' % os.getuid())\n"
+        p = subprocess.run(
+            ["runuser", "-u", attacker.pw_name, "--", "sh", "-c", f"cat > {run_dir}/{name}.py"], input=code, text=True, cwd="/"
+        )
+        assert p.returncode == 0
+    playbook = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: id -un\n      become: true\n"
+    run = run_playbook(run_dir, playbook, mode="persistent", env={"SPAWNTRACE_AGENT_DIR": str(place.shared)}, agent_timing=True)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert run.timing, "the module ran through an agent"
+    assert not marker.exists(), marker.read_text()
+
+
+def test_a_become_agent_serves_only_the_user_the_become_tool_names(become_user):  # noqa: F811
+    """Which uid a become agent hands its socket to (bootstrap._uid_of "login"): what sudo or doas
+    itself sets, su's calling process, never a variable the environment merely carries; a named
+    remote user that disagrees fails closed (the agent's own uid)."""
+    import spawntrace_agent.bootstrap as b
+
+    me = os.getuid()
+    other = become_user.pw_uid
+    env = dict(os.environ)
+    try:
+        os.environ["SUDO_UID"] = str(other)
+        os.environ["DOAS_USER"] = become_user.pw_name
+        assert b._uid_of("login", {"become_method": "sudo"}) == other
+        assert b._uid_of("login", {"become_method": "doas"}) == other
+        assert b._uid_of("login", {"become_method": "sudo", "login_user": become_user.pw_name}) == other
+        assert b._uid_of("login", {"become_method": "sudo", "login_user": "root"}) == me, "a remote user that disagrees"
+        # su sets neither variable: inherited ones do not count (this process's ancestors are ours)
+        assert b._uid_of("login", {"become_method": "su"}) == me
+        assert b._uid_of("login", {"become_method": "pbrun"}) == me
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    # su's caller: the nearest ancestor of another real uid (root, for a process run as the user)
+    import tempfile
+
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import spawntrace_agent.bootstrap as b; print(b._caller_uid())"
+    readable = tempfile.mkdtemp(dir="/var/tmp")  # the package where the user can read it
+    try:
+        os.chmod(readable, 0o755)
+        shutil.copytree(AGENT_DIR / "spawntrace_agent", Path(readable) / "spawntrace_agent", ignore=shutil.ignore_patterns("__pycache__"))
+        p = subprocess.run(
+            ["runuser", "-u", become_user.pw_name, "--", ATTACKER_PYTHON, "-B", "-c", code, readable],
+            capture_output=True,
+            text=True,
+            cwd="/",
+        )
+    finally:
+        shutil.rmtree(readable)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(me)

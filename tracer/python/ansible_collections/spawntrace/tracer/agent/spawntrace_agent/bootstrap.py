@@ -15,19 +15,33 @@ from .safe_paths import HINT, UnsafePath, describe, open_checked, private_dir
 from .server import Agent
 
 
-def _uid_of(spec, login_user=None):
-    """'self' -> our uid; 'login' -> the user who logged in and became us (the ssh client behind
-    sudo, su or doas): `login_user` (the connection's remote user, when it names one), else what
-    sudo or doas says (SUDO_UID, DOAS_USER), else the session's login uid (su), else us; an int."""
+def _uid_of(spec, cfg=None):
+    """'self' -> our uid; 'login' -> the user who became us through the become method
+    cfg["become_method"] (the client an agent started by sudo, su or doas serves); an int.
+
+    One source per method, each written by the become tool itself, not inherited: sudo's
+    SUDO_UID, doas's DOAS_USER, and for su (which sets neither and keeps the caller's environment)
+    the first ancestor process of another real uid. When the connection names its remote user
+    (cfg["login_user"]), it must be that user. Anything else fails closed: our own uid (the
+    client then cannot connect, and its modules run classic)."""
     if spec is None or spec == "self":
         return os.getuid()
     if spec != "login":
         return int(spec)
-    v = os.environ.get("SUDO_UID")
-    for uid in (_uid_named(login_user), int(v) if v and v.isdigit() else None, _uid_named(os.environ.get("DOAS_USER")), _login_uid()):
-        if uid is not None:
-            return uid
-    return os.getuid()
+    cfg = cfg or {}
+    method = cfg.get("become_method")
+    uid = None
+    if method == "sudo":
+        v = os.environ.get("SUDO_UID")
+        uid = int(v) if v and v.isdigit() else None
+    elif method == "doas":
+        uid = _uid_named(os.environ.get("DOAS_USER"))
+    elif method == "su":
+        uid = _caller_uid()
+    login_user = cfg.get("login_user")
+    if uid is None or (login_user and _uid_named(login_user) != uid):
+        return os.getuid()
+    return uid
 
 
 def _uid_named(name):
@@ -39,13 +53,25 @@ def _uid_named(name):
         return None
 
 
-def _login_uid():
-    try:
-        with open("/proc/self/loginuid") as f:
-            uid = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    return None if uid == 0xFFFFFFFF else uid
+def _caller_uid():
+    """The real uid of the nearest ancestor process whose real uid is not ours (su's caller), or
+    None."""
+    me = os.getuid()
+    pid = os.getppid()
+    for _ in range(32):
+        if pid <= 1:
+            return None
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            uid = int(fields["Uid"].split()[0])
+            ppid = int(fields["PPid"].strip())
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+        if uid != me:
+            return uid
+        pid = ppid
+    return None
 
 
 def _ping(path):
@@ -66,8 +92,8 @@ def bootstrap(cfg):
     """Runs in the freshly started interpreter (as the agent's user). Prints one JSON line."""
     import fcntl
 
-    owner = _uid_of(cfg.get("dir_owner"), cfg.get("login_user"))
-    cfg["client_uid"] = _uid_of(cfg.get("client_uid"), cfg.get("login_user"))
+    owner = _uid_of(cfg.get("dir_owner"), cfg)
+    cfg["client_uid"] = _uid_of(cfg.get("client_uid"), cfg)
     if owner != os.getuid() and os.getuid() != 0:
         raise RuntimeError("cannot place a socket in uid %d's directory as uid %d" % (owner, os.getuid()))
     path = cfg.get("socket")

@@ -33,9 +33,12 @@ def ensure_watcher(directory, ctl_pid, ctl_start):
         except BlockingIOError:
             return False  # up already
         code = "import sys; sys.path.insert(0, sys.argv[1]); from spawntrace_agent.remote_watch import main; main(sys.argv[2:])"
-        # its own session: a ^C to the playbook's process group must not stop it first
+        # isolated (-I: no cwd or user site on sys.path, no PYTHON* variables) in "/": nothing of
+        # the directory the playbook runs in is imported; its own session: a ^C to the
+        # playbook's process group must not stop it first
         subprocess.Popen(
-            [sys.executable, "-c", code, HERE, directory, str(ctl_pid), str(ctl_start), str(fd)],
+            [sys.executable, "-I", "-c", code, HERE, directory, str(ctl_pid), str(ctl_start), str(fd)],
+            cwd="/",
             pass_fds=(fd,),
             start_new_session=True,
             stdin=subprocess.DEVNULL,
@@ -74,6 +77,31 @@ def wait_for(pid, start):
         time.sleep(0.5)
 
 
+def _ask_to_quit(path, uid, seconds=3.0):
+    """Sends `quit` to the agent behind the forwarded socket `path` and waits at most `seconds`
+    for its answer to start (a few bytes, never a frame's worth): an agent that does not answer
+    holds up the others no longer than that, and ends after its idle time anyway."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        s.connect(path)
+        if peer_uid(s) != uid:  # the ssh ControlMaster's listener: ours
+            return
+        framing.send_frame(s, {"op": "quit"})
+        got = 0
+        while got < 4096 and time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            b = s.recv(4096 - got)
+            if not b:
+                break
+            got += len(b)
+    except (OSError, framing.ProtocolError, ValueError):
+        pass
+    finally:
+        s.close()
+
+
 def quit_agents(directory, ctl_pid):
     """Asks the agents behind this run's forwarded sockets to quit; removes those sockets and the
     run's host pointers. Only sockets and files of our own uid, never followed through a symlink."""
@@ -91,18 +119,7 @@ def quit_agents(directory, ctl_pid):
                 continue
             if not stat.S_ISSOCK(st.st_mode) or st.st_uid != uid:
                 continue
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
-            try:
-                s.connect(path)
-                if peer_uid(s) == uid:  # the ssh ControlMaster's listener: ours
-                    framing.send_frame(s, {"op": "quit"})
-                    framing.recv_frame(s)  # hello
-                    framing.recv_frame(s)
-            except (OSError, framing.ProtocolError, ValueError):
-                pass
-            finally:
-                s.close()
+            _ask_to_quit(path, uid)
         elif not name.startswith("d-%d-" % ctl_pid):
             continue
         try:

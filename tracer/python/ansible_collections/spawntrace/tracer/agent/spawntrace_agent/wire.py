@@ -22,8 +22,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # modules of the controller only: not shipped
 CONTROLLER_ONLY = ("client", "wire", "target_recording", "remote_watch")
 
+# `python -c` puts the working directory first on sys.path: it goes before anything is imported
+# (an agent started through sudo must not import a hashlib.py of the directory it starts in).
 _FIRST_STAGE = (
-    "import sys,zlib,hashlib\n"
+    "import sys\n"
+    "sys.path=[p for p in sys.path if p not in('','.')]\n"
+    "import zlib,hashlib\n"
     "b=sys.stdin.buffer.read(%(n)d)\n"
     "if hashlib.sha256(b).hexdigest()!='%(sha)s':\n"
     ' sys.stdout.write(\'{"ok":false,"error":"spawntrace agent payload: %%d of %(n)d bytes, or corrupt"}\\n\'%%len(b));sys.exit(1)\n'

@@ -85,7 +85,11 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
             if become:
                 # the client is the login user (its agent socket goes to that user's directory)
                 cfg.update(
-                    become_user=become_key["user"], client_uid="login", dir_owner="self" if user == "root" else "login", login_user=user
+                    become_user=become_key["user"],
+                    become_method=become_key["method"],
+                    client_uid="login",
+                    dir_owner="self" if user == "root" else "login",
+                    login_user=user,
                 )
             ready = self._st_run_bootstrap_shell(cfg, startup_env, become)
             self._st_forward(ep.path, ready["socket"])

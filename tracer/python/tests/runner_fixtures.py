@@ -4,6 +4,7 @@ counting execs, starting agents directly, and the sshd test host."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -315,3 +316,30 @@ def run_request(**fields) -> dict:
     """A module run request as the local connection sends one: this process's environment, no
     assignments, cwd /, umask 022, the module piped (path None); `fields` added or replacing."""
     return {"op": "run", "env": dict(os.environ), "assign": {}, "cwd": "/", "umask": 0o022, "path": None, **fields}
+
+
+@contextlib.contextmanager
+def doas_rule(rule: str):
+    """/etc/doas.conf holding `rule` (opendoas, which `cargo xtask setup` installs) while the block
+    runs; an existing file is put back after it. Skips without doas or community.general's doas
+    become plugin."""
+    if not shutil.which("doas"):
+        pytest.skip("needs doas (apt install opendoas; cargo xtask setup does)")
+    try:
+        import ansible_collections.community.general.plugins.become.doas  # noqa: F401
+    except ImportError:
+        pytest.skip("the doas become plugin is community.general's, not in this environment")
+    conf = Path("/etc/doas.conf")
+    saved = conf.read_bytes() if conf.exists() else None
+    new = Path(str(conf) + ".spawntrace-test")
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(rule + "\n")
+    new.rename(conf)
+    try:
+        yield
+    finally:
+        if saved is None:
+            conf.unlink()
+        else:
+            conf.write_bytes(saved)

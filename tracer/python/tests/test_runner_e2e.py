@@ -22,6 +22,7 @@ from runner_fixtures import (  # noqa: F401
     agent_pids,
     become_user,
     cleanup_bases,
+    doas_rule,
     new_base,
     run_both,
     traced_execs,
@@ -228,37 +229,15 @@ def test_become(tmp_path, become_user, password, pipelining):  # noqa: F811
     become_both_ways(tmp_path, become_user, "sudo", password, pipelining)
 
 
-@pytest.fixture
-def doas_conf():
-    """opendoas (Debian's, `cargo xtask setup` installs it) with a rule for root; an existing
-    /etc/doas.conf is put back after the test."""
-    if not shutil.which("doas"):
-        pytest.skip("needs doas (apt install opendoas; cargo xtask setup does)")
-    try:
-        import ansible_collections.community.general.plugins.become.doas  # noqa: F401
-    except ImportError:
-        pytest.skip("the doas become plugin is community.general's, not in this environment")
-    conf = "/etc/doas.conf"
-    saved = open(conf, "rb").read() if os.path.exists(conf) else None
-    fd = os.open(conf + ".spawntrace-test", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("permit nopass root\n")
-    os.rename(conf + ".spawntrace-test", conf)
-    yield
-    if saved is None:
-        os.unlink(conf)
-    else:
-        with open(conf, "wb") as f:
-            f.write(saved)
-
-
 @pytest.mark.parametrize("method", ["su", "doas"])
-def test_become_su_doas(tmp_path, become_user, method, request):  # noqa: F811
+def test_become_su_doas(tmp_path, become_user, method):  # noqa: F811
     """su and doas without a password start the agent of the become user through the become
     plugin as sudo does (root to another user: su asks nothing; doas with a nopass rule)."""
-    if method == "doas":
-        request.getfixturevalue("doas_conf")
-    become_both_ways(tmp_path, become_user, {"su": "su", "doas": "community.general.doas"}[method], None, True)
+    if method == "su":
+        become_both_ways(tmp_path, become_user, "su", None, True)
+        return
+    with doas_rule("permit nopass root"):
+        become_both_ways(tmp_path, become_user, "community.general.doas", None, True)
 
 
 def become_both_ways(tmp_path, become_user, method, password, pipelining):  # noqa: F811

@@ -20,6 +20,7 @@ from runner_fixtures import (  # noqa: F401
     BECOME_USER,
     SSH_USER,
     cleanup_bases,
+    doas_rule,
     ensure_user,
     new_base,
     run_both,
@@ -158,12 +159,8 @@ def remote_sudo():
         path.unlink()
 
 
-def test_ssh_become(tmp_path, ssh_host, remote_sudo):  # noqa: F811
-    playbook = (
-        """
-- hosts: all
-  gather_facts: false
-  tasks:
+# module tasks as root from the unprivileged login user
+ROOT_TASKS = """\
     - name: root
       command: id -un
       become: true
@@ -173,6 +170,18 @@ def test_ssh_become(tmp_path, ssh_host, remote_sudo):  # noqa: F811
     - name: root lineinfile
       lineinfile: {path: "{{ base }}/root.txt", line: "more"}
       become: true
+"""
+
+
+def test_ssh_become(tmp_path, ssh_host, remote_sudo):  # noqa: F811
+    playbook = (
+        """
+- hosts: all
+  gather_facts: false
+  tasks:
+"""
+        + ROOT_TASKS
+        + """\
     - name: unprivileged to unprivileged (classic path)
       command: id -un
       become: true
@@ -186,52 +195,13 @@ def test_ssh_become(tmp_path, ssh_host, remote_sudo):  # noqa: F811
     assert sum(1 for t in p.timing if t["module"] in ("command", "copy", "lineinfile")) >= 3
 
 
-@pytest.fixture
-def remote_doas():
-    """Lets the ssh test user doas (no password) to root, for this test; an existing
-    /etc/doas.conf is put back after it."""
-    if not shutil.which("doas"):
-        pytest.skip("needs doas (apt install opendoas; cargo xtask setup does)")
-    try:
-        import ansible_collections.community.general.plugins.become.doas  # noqa: F401
-    except ImportError:
-        pytest.skip("the doas become plugin is community.general's, not in this environment")
-    conf = Path("/etc/doas.conf")
-    saved = conf.read_bytes() if conf.exists() else None
-    new = Path(str(conf) + ".spawntrace-test")
-    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"permit nopass {SSH_USER} as root\n")
-    new.rename(conf)
-    try:
-        yield
-    finally:
-        if saved is None:
-            conf.unlink()
-        else:
-            conf.write_bytes(saved)
-
-
-def test_ssh_become_doas(tmp_path, ssh_host, remote_doas):  # noqa: F811
+def test_ssh_become_doas(tmp_path, ssh_host):  # noqa: F811
     """doas from the unprivileged login user to root: the root agent, started through doas,
     hands its socket to the login user (DOAS_USER / the remote user), and every module runs
     through it."""
-    playbook = """
-- hosts: all
-  gather_facts: false
-  vars: {ansible_become_method: community.general.doas}
-  tasks:
-    - name: root
-      command: id -un
-      become: true
-    - name: root copy
-      copy: {content: "r\\n", dest: "{{ base }}/root.txt", mode: "0600"}
-      become: true
-    - name: root lineinfile
-      lineinfile: {path: "{{ base }}/root.txt", line: "more"}
-      become: true
-"""
-    p = run_both_ssh(tmp_path, ssh_host, playbook).persistent
+    playbook = "- hosts: all\n  gather_facts: false\n  vars: {ansible_become_method: community.general.doas}\n  tasks:\n" + ROOT_TASKS
+    with doas_rule(f"permit nopass {SSH_USER} as root"):
+        p = run_both_ssh(tmp_path, ssh_host, playbook).persistent
     assert p.returncode == 0, p.stdout[-3000:]
     assert [r["result"]["stdout"] for r in p.results if r["task"] == "root"] == ["root"]
     assert [t["module"] for t in p.timing] == ["command", "stat", "copy", "lineinfile"]

@@ -337,7 +337,8 @@ class InProcess(object):
         if self.dirty or self.forked or self.runs >= self.limit:
             return self._retire("fork" if self.forked else self.dirty or "limit")
         try:
-            why = self._left_behind()
+            imported = set(sys.modules) - self.modules
+            why = self._left_behind(imported)
             if why:
                 return self._retire(why)
             sys.meta_path[:] = self.meta_path
@@ -350,7 +351,7 @@ class InProcess(object):
 
                 if resource.getrlimit(resource.RLIMIT_NOFILE) != self.nofile:
                     resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
-            for name in set(sys.modules) - self.modules:
+            for name in imported:
                 if name != "__main__" and name.split(".", 1)[0] in ("ansible", "ansible_collections"):
                     del sys.modules[name]
             w = sys.modules.get("ansible.module_utils.common.warnings")
@@ -366,8 +367,9 @@ class InProcess(object):
         self.why = why
         return False
 
-    def _left_behind(self):
-        """What the run changed that a next run would see and that cannot be put back, or None."""
+    def _left_behind(self, imported):
+        """What the run changed that a next run would see and that cannot be put back, or None.
+        `imported`: the names the run added to sys.modules."""
         try:
             cwd = os.getcwd()
         except OSError:
@@ -389,7 +391,7 @@ class InProcess(object):
             return "file descriptor"
         if _threads() > 1:
             return "thread"
-        for name in set(sys.modules) - self.modules:
+        for name in imported:
             if name != "__main__" and not _stdlib_or_ansible(name, sys.modules.get(name)):
                 return "module %s" % name
         return None

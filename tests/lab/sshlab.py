@@ -104,8 +104,11 @@ class Lab:
     """`hosts` test hosts h1..hN, up when the constructor returns; `close()` (or leaving a `with`
     block) tears them down. A failed setup tears down what it made before raising."""
 
-    def __init__(self, hosts: int = 1, sudo: bool = False):
+    def __init__(self, hosts: int = 1, sudo: bool = False, passwords: dict[str, str] | None = None):
         self.user = USER
+        # users' passwords on the lab's hosts only: an /etc/shadow of the hosts' own (a copy with
+        # these set), which `ip netns exec` mounts over /etc/shadow for sshd and its sessions
+        self._passwords = dict(passwords or {})
         # with `sudo`, USER may run anything as root without a password while the lab lives (a
         # sudoers.d file of this lab: USER is shared by every lab on the machine)
         self._sudoers = Path(f"/etc/sudoers.d/spawntrace-sshlab-{os.getpid()}") if sudo else None
@@ -148,6 +151,14 @@ class Lab:
         with _subnet_lock():
             for i in range(1, count + 1):
                 self.hosts.append(self._add_network(f"h{i}", _free_subnet()))
+        if self._passwords:
+            shadow = _shadow_with(self._passwords)
+            for host in self.hosts:
+                d = Path("/etc/netns") / host.netns
+                d.mkdir(parents=True, exist_ok=True)
+                fd = os.open(d / "shadow", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+                with os.fdopen(fd, "w") as f:
+                    f.write(shadow)
         for host in self.hosts:
             self._start_sshd(host)
         for host, sshd in zip(self.hosts, self._sshds):
@@ -254,12 +265,29 @@ class Lab:
             subprocess.run(["ip", "link", "del", veth], capture_output=True)
         for netns in self._netns:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir("/etc/netns")  # if no other namespace has files there
         self._veths.clear()
         self._netns.clear()
         if self._sudoers is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._sudoers.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _shadow_with(passwords: dict[str, str]) -> str:
+    """/etc/shadow's text with the password of each user in `passwords` set (SHA-512 crypt)."""
+    lines = []
+    for line in Path("/etc/shadow").read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) > 2 and fields[0] in passwords:
+            p = subprocess.run(
+                ["openssl", "passwd", "-6", "-stdin"], input=passwords[fields[0]], capture_output=True, text=True, check=True
+            )
+            fields[1] = p.stdout.strip()
+        lines.append(":".join(fields))
+    return "\n".join(lines) + "\n"
 
 
 def _remove_stale_sudoers() -> None:

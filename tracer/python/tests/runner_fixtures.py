@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -280,6 +281,24 @@ def ssh_host():
     with Lab(1) as lab:
         yield SshHost(lab)
     # the test user's agents (they also end on their own after the idle timeout)
+    stop_agents(pwd.getpwnam(SSH_USER).pw_uid)
+
+
+# passwords of root and of the login user on the lab host of ssh_host_with_passwords only (its
+# own /etc/shadow, see sshlab.Lab)
+ROOT_PASSWORD = "st-root-" + secrets.token_hex(8)
+SSH_USER_PASSWORD = "st-user-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="module")
+def ssh_host_with_passwords():
+    """ssh_host where root and the login user have passwords (ROOT_PASSWORD, SSH_USER_PASSWORD):
+    for su and doas that prompt."""
+    why = sshlab.unavailable()
+    if why:
+        pytest.skip("sshd lab: " + why)
+    with Lab(1, passwords={"root": ROOT_PASSWORD, SSH_USER: SSH_USER_PASSWORD}) as lab:
+        yield SshHost(lab)
     stop_agents(pwd.getpwnam(SSH_USER).pw_uid)
 
 

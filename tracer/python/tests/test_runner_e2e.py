@@ -229,12 +229,13 @@ def test_become(tmp_path, become_user, password, pipelining):  # noqa: F811
     become_both_ways(tmp_path, become_user, "sudo", password, pipelining)
 
 
-@pytest.mark.parametrize("method", ["su", "doas"])
-def test_become_su_doas(tmp_path, become_user, method):  # noqa: F811
-    """su and doas without a password start the agent of the become user through the become
-    plugin as sudo does (root to another user: su asks nothing; doas with a nopass rule)."""
+@pytest.mark.parametrize(("method", "password"), [("su", None), ("su", "not-asked-for-by-root"), ("doas", None)])
+def test_become_su_doas(tmp_path, become_user, method, password):  # noqa: F811
+    """su and doas start the agent of the become user through the become plugin as sudo does
+    (root to another user: su asks nothing, with a become password or without; doas with a
+    nopass rule). Those that prompt (an unprivileged login user's) are test_runner_ssh's."""
     if method == "su":
-        become_both_ways(tmp_path, become_user, "su", None, True)
+        become_both_ways(tmp_path, become_user, "su", password, True)
         return
     with doas_rule("permit nopass root"):
         become_both_ways(tmp_path, become_user, "community.general.doas", None, True)

@@ -5,6 +5,7 @@ task once it runs), housekeeping, transfers and become through agents on the tar
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import pwd
 import shutil
@@ -18,15 +19,19 @@ from conftest import Receiver
 from playbook_runs import run_playbook
 from runner_fixtures import (  # noqa: F401
     BECOME_USER,
+    ROOT_PASSWORD,
     SSH_USER,
+    SSH_USER_PASSWORD,
     cleanup_bases,
     doas_rule,
     ensure_user,
     new_base,
     run_both,
     ssh_host,
+    ssh_host_with_passwords,
     traced_execs,
 )
+from spawntrace_agent import client
 
 PLAYBOOK = """
 - hosts: all
@@ -68,10 +73,18 @@ PLAYBOOK = """
 FILES = {"src.txt": "from the controller\n", "t.j2": "host={{ inventory_hostname }}\n"}
 
 
-def run_both_ssh(tmp_path, host, playbook, *, env=None):
+def run_both_ssh(tmp_path, host, playbook, *, env=None, expect_agent=True):
     """run_both against the ssh host, {{ base }} owned by its login user."""
     uid = pwd.getpwnam(SSH_USER).pw_uid
-    return run_both(tmp_path, playbook, inventory=host.inventory(), files=FILES, env=env, prepare=lambda base: os.chown(base, uid, -1))
+    return run_both(
+        tmp_path,
+        playbook,
+        inventory=host.inventory(),
+        files=FILES,
+        env=env,
+        prepare=lambda base: os.chown(base, uid, -1),
+        expect_agent=expect_agent,
+    )
 
 
 def test_ssh_same_results(tmp_path, ssh_host):  # noqa: F811
@@ -205,3 +218,43 @@ def test_ssh_become_doas(tmp_path, ssh_host):  # noqa: F811
     assert p.returncode == 0, p.stdout[-3000:]
     assert [r["result"]["stdout"] for r in p.results if r["task"] == "root"] == ["root"]
     assert [t["module"] for t in p.timing] == ["command", "stat", "copy", "lineinfile"]
+
+
+def become_playbook(method: str, password: str | None = None) -> str:
+    """ROOT_TASKS through become `method` (with `password`)."""
+    pw = f"\n    ansible_become_password: {password}" if password else ""
+    return f"- hosts: all\n  gather_facts: false\n  vars:\n    ansible_become_method: {method}{pw}\n  tasks:\n" + ROOT_TASKS
+
+
+@pytest.mark.parametrize("method", ["su", "doas"])
+def test_ssh_become_password_prompt(tmp_path, ssh_host_with_passwords, method):  # noqa: F811
+    """su (root's password) and doas (the login user's) prompt on a terminal: the root agent
+    starts as any prompting become command does (`ssh -tt`, the password answered by the become
+    plugin), its payload read from a file in the login user's agent directory, removed once the
+    agent is up. Every module runs through it."""
+    if method == "su":
+        rule, playbook = contextlib.nullcontext(), become_playbook("su", ROOT_PASSWORD)
+    else:
+        rule, playbook = doas_rule(f"permit {SSH_USER} as root"), become_playbook("community.general.doas", SSH_USER_PASSWORD)
+    with rule:
+        p = run_both_ssh(tmp_path, ssh_host_with_passwords, playbook).persistent
+    assert p.returncode == 0, p.stdout[-3000:]
+    assert [r["result"]["stdout"] for r in p.results if r["task"] == "root"] == ["root"]
+    assert [t["module"] for t in p.timing] == ["command", "stat", "copy", "lineinfile"]
+    assert len({t["agent_pid"] for t in p.timing}) == 1
+    leftovers = list(Path(client.agent_dir(pwd.getpwnam(SSH_USER).pw_uid)).glob("payload-*"))
+    assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("method", ["su", "doas"])
+def test_ssh_become_wrong_password(tmp_path, ssh_host_with_passwords, method):  # noqa: F811
+    """A wrong password fails the task as classic does (the same result), without waiting past
+    the become plugin's own timeout, and no module runs through an agent."""
+    if method == "su":
+        rule, playbook = contextlib.nullcontext(), become_playbook("su", "wrong")
+    else:
+        rule, playbook = doas_rule(f"permit {SSH_USER} as root"), become_playbook("community.general.doas", "wrong")
+    with rule:
+        pair = run_both_ssh(tmp_path, ssh_host_with_passwords, playbook, expect_agent=False)
+    assert pair.persistent.returncode != 0
+    assert "password" in pair.persistent.stdout, pair.persistent.stdout[-2000:]

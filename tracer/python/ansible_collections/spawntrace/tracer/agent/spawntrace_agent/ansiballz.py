@@ -61,6 +61,13 @@ def unstrip_payload(stripped, data):
 CODE_CACHE = {}
 
 
+# Zips the agent wrote and never changes (WarmState._keep_payload_zip): what zipimport finds in
+# them is looked up once per runner, or once in the zygote for every runner (see
+# install_code_cache, memo_module_code).
+KEPT_ZIPS = set()
+_MODULE_CODE = {}  # (archive, prefix, fullname) -> zipimport._get_module_code's answer
+
+
 def with_filename(code, filename):
     """`code` with co_filename set to `filename`, nested code objects included."""
     try:
@@ -103,6 +110,38 @@ def install_code_cache():
 
     zipimport._spawntrace_orig_compile_source = orig
     zipimport._compile_source = _compile_source
+
+    # zipimport reads, decompresses and compiles a module twice per import (find_spec asks for
+    # its file name through the same function as get_code): once per kept zip and name instead
+    orig_get = getattr(zipimport, "_get_module_code", None)
+    if orig_get is not None:
+
+        def _get_module_code(self, fullname):
+            key = (getattr(self, "archive", None), getattr(self, "prefix", None), fullname)
+            if key[0] not in KEPT_ZIPS:
+                return orig_get(self, fullname)
+            found = _MODULE_CODE.get(key)
+            if found is None:
+                found = _MODULE_CODE[key] = orig_get(self, fullname)
+            return found
+
+        zipimport._get_module_code = _get_module_code
+
+
+def memo_module_code(path, names):
+    """Looks `names` up in kept zip `path` now, as imports find them (each through the
+    zipimporter of its package's directory in the zip): in the zygote, once for every runner."""
+    import zipimport
+
+    get = getattr(zipimport, "_get_module_code", None)
+    if get is None or getattr(zipimport, "_spawntrace_orig_compile_source", None) is None:
+        return
+    for name in names:
+        parent = name.split(".")[:-1]
+        try:
+            get(zipimport.zipimporter("/".join([path] + parent)), name)
+        except Exception:
+            pass
 
 
 def cache_zip_source(inner, source):

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import re
+import secrets
 import shlex
 import socket
 import struct
@@ -230,6 +231,16 @@ _USER_HOME = re.compile(r"^~[_.A-Za-z0-9][-_.A-Za-z0-9]*$")
 _MKDTEMP = re.compile(r'^\( umask ([0-7]+) && mkdir -p "` echo (\S+) `"&& mkdir "` echo (\S+) `" && echo (\S+?)="` echo (\S+) `" \)$')
 # Variables read when the interpreter starts: a different value needs a different agent.
 _STARTUP_ENV = re.compile(r"^(PYTHON\w*|LD_\w+|LC_\w+|LANG|LANGUAGE)$")
+
+
+def zip_sha(data):
+    """The sha1 of a payload's zip text: the last one's, when it is the same bytes again (a
+    loop's items; comparing is ~20x cheaper than hashing 100+ KB)."""
+    st = _proc_state()
+    last = st.get("zip")
+    if last is None or last[0] != data:
+        last = st["zip"] = (data, hashlib.sha1(data).hexdigest())
+    return last[1]
 
 
 def startup_env(env):
@@ -461,6 +472,29 @@ class Endpoint:
                 socks[self.path] = s
             else:
                 s.close()
+
+
+def place_payload(endpoint):
+    """(path, remove): the agent's payload written where a first stage reads it when its stdin
+    is a terminal (see AgentConnectionMixin._st_needs_terminal): a new file with a random name
+    in the private directory of the agent behind `endpoint` (on a target: its login user's
+    agent). `remove()` deletes it."""
+    name = "payload-%s" % secrets.token_hex(16)
+    resp, _ = endpoint.request({"op": "ping"})
+    if not resp.get("dir"):
+        raise AgentUnavailable("the agent did not give its directory")
+    path = resp["dir"].rstrip("/") + "/" + name
+    resp, _ = endpoint.request({"op": "put", "path": path, "mode": 0o600}, PAYLOAD.body)
+    if not resp.get("ok"):
+        raise AgentUnavailable("payload not placed: %s" % resp.get("error"))
+
+    def remove():
+        try:
+            endpoint.request({"op": "rm", "args": {"path": path, "recurse": False}, "env": None})
+        except (AgentUnavailable, AgentFailed):
+            pass
+
+    return path, remove
 
 
 def locked(path, timeout=120.0):
@@ -711,8 +745,8 @@ class AgentConnectionMixin:
 
     def _st_become_method(self):
         """The become method an agent can be started through (sudo, su, doas), or None: its
-        modules run classic. The agent starts on a pipe: sudo reads a password from it (-S), su
-        and doas read one only from a terminal, so with a password they run classic."""
+        modules run classic. sudo reads a password from the agent's stdin pipe (-S); su and doas
+        read one only from a terminal (see _st_needs_terminal)."""
         b = self.become
         method = _BECOME_METHODS.get(getattr(b, "name", None)) if b is not None else None
         if method is None:
@@ -720,13 +754,24 @@ class AgentConnectionMixin:
         try:
             if method == "sudo" and b.get_option("sudo_chdir"):
                 return None
-            if method != "sudo" and b.get_option("become_pass"):
-                return None
         except KeyError:
             pass
         except Exception:
             return None
         return method
+
+    def _st_needs_terminal(self, login_uid_is_root):
+        """Whether the agent's become start answers a password prompt on a terminal: su and
+        doas with a password, from a user other than root (root is never asked). Its stdin is
+        then that terminal, and the first stage reads the payload from a file in the login
+        user's agent directory instead (place_payload), which the become user (root, or the
+        login user itself) can read."""
+        if login_uid_is_root or self._st_become_method() not in ("su", "doas"):
+            return False
+        try:
+            return bool(self.become.get_option("become_pass"))
+        except Exception:
+            return False
 
     def _st_become_key(self):
         b = self.become
@@ -800,7 +845,7 @@ class AgentConnectionMixin:
         parts = strip_payload(in_data) if in_data and len(in_data) > 16384 else None
         resp = {}
         if parts is not None:
-            req["zip_sha"] = hashlib.sha1(parts[1]).hexdigest()
+            req["zip_sha"] = zip_sha(parts[1])
             resp, blob = endpoint.request(dict(req, stripped=True), parts[0], on_started=on_started)
         if parts is None or resp.get("need_zip"):
             resp, blob = endpoint.request(req, in_data or b"", on_started=on_started)
@@ -878,16 +923,20 @@ class AgentConnectionMixin:
         ep.reporting = resp.get("reporting")
         return bool(resp.get("ok"))
 
-    def _st_bootstrap_command(self, cfg, assign):
-        """`K=V... <python> -c <first stage> <cfg>` for a shell (the payload goes on its stdin)."""
-        argv = PAYLOAD.argv(cfg.pop("_interpreter"), json.dumps(cfg, separators=(",", ":")))
+    def _st_bootstrap_command(self, cfg, assign, payload_path=None):
+        """`K=V... <python> -c <first stage> <cfg>` for a shell (the payload goes on its stdin,
+        or is read from `payload_path`)."""
+        argv = PAYLOAD.argv(cfg.pop("_interpreter"), json.dumps(cfg, separators=(",", ":")), payload_path)
         prefix = " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in sorted(assign.items()))
         return (prefix + " " if prefix else "") + shlex.join(argv)
 
-    def _st_run_bootstrap_shell(self, cfg, assign, become):
-        """Starts an agent with a shell command through the parent plugin (so that sudo prompts,
-        ssh and its ControlMaster are handled as for any command). Returns the READY object."""
-        cmd = self._st_bootstrap_command(cfg, assign)
+    def _st_run_bootstrap_shell(self, cfg, assign, become, placed=None):
+        """Starts an agent with a shell command through the parent plugin (so that become
+        prompts, ssh and its ControlMaster are handled as for any command). Returns the READY
+        object. `placed`: (path, remove) of the payload put where the first stage reads it (a
+        become that answers its password prompt on a terminal, see _st_needs_terminal),
+        removed once the command ends."""
+        cmd = self._st_bootstrap_command(cfg, assign, placed[0] if placed else None)
         saved = None
         if become:
             # build_become_command draws a new success marker (and prompt): the command this
@@ -901,26 +950,37 @@ class AgentConnectionMixin:
         # for stdin unless pipelining is on, and then drops in_data: the first stage would wait
         # on the terminal forever. With pipelining, the password and then the payload go down
         # one pipe (sudo -S, in the default become_flags, reads its line, the rest is the
-        # agent's), as for a pipelined module; a become that wants a terminal fails to start the
-        # agent, and its modules run classic.
+        # agent's), as for a pipelined module. su and doas read a password only from a
+        # terminal: the command then runs as the parent plugin runs any become command that
+        # prompts (a pty locally, `ssh -tt`), with the payload in a file (`placed`).
         pipelining = _option(self, "pipelining")
-        forced = become and pipelining is False
+        forced = become and placed is None and pipelining is False
         try:
             if forced:
                 self.set_option("pipelining", True)
             try:
-                rc, out, err = super().exec_command(cmd, in_data=PAYLOAD.body, sudoable=become)
+                if placed is not None:
+                    rc, out, err = super().exec_command(cmd, in_data=None, sudoable=True)
+                else:
+                    rc, out, err = super().exec_command(cmd, in_data=PAYLOAD.body, sudoable=become)
             finally:
                 if forced:
                     self.set_option("pipelining", False)
         finally:
             for k, v in (saved or {}).items():
                 setattr(self.become, k, v)
-        ready = parse_ready(out)
-        check_ready(ready)
-        if rc != 0 or not ready or not ready.get("ok"):
-            raise AgentUnavailable("agent bootstrap failed (rc=%s): %s %s" % (rc, _text(out)[-500:], _text(err)[-500:]))
-        return ready
+            if placed is not None:
+                placed[1]()
+        return _ready_of(rc, out, err)
+
+
+def _ready_of(rc, out, err):
+    """The READY object a bootstrap command printed (AgentUnavailable if it did not)."""
+    ready = parse_ready(out)
+    check_ready(ready)
+    if rc != 0 or not ready or not ready.get("ok"):
+        raise AgentUnavailable("agent bootstrap failed (rc=%s): %s %s" % (rc, _text(out)[-500:], _text(err)[-500:]))
+    return ready
 
 
 def preload_in_controller():

@@ -155,12 +155,14 @@ class RunnerPool(object):
     def _run(self, conn, req, payload):
         t_recv = now()
         sha = req.get("zip_sha")
+        verified = None  # the sha1 of the payload's zip text, as this agent computed it
         if sha and req.get("stripped"):
             data = self.zips.get(sha)
             if data is None:
                 self._send(conn, {"ok": False, "need_zip": True})
                 return False
             payload = unstrip_payload(payload, data)
+            verified = sha
         elif sha and payload:
             import hashlib
 
@@ -169,6 +171,7 @@ class RunnerPool(object):
                 if len(self.zips) >= 32:
                     self.zips.pop(next(iter(self.zips)))
                 self.zips[sha] = parts[2]
+                verified = sha
         path = req.get("path")
         if path and not payload:
             with open(path, "rb") as f:
@@ -183,7 +186,7 @@ class RunnerPool(object):
             self._zwait("warmed")
         share = self.runs_per_runner > 1 and shares(req.get("isolation"), module_fqn(payload))
         runner = self._take_runner(fresh=not share)
-        data = json.dumps(dict(req, share=share), separators=(",", ":")).encode("utf-8")
+        data = json.dumps(dict(req, share=share, zip_sha=verified), separators=(",", ":")).encode("utf-8")
         reusable = share
         try:
             # the request in the runner's memfd, then one byte on its pipe to start it

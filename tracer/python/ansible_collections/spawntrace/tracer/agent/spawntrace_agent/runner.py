@@ -179,7 +179,9 @@ class Runner(object):
                 elif path:
                     head_code = with_filename(head_code, filename)
                 exec(head_code, main.__dict__)
-                kept = CODE_CACHE.get(("payload", hashlib.sha1(data).hexdigest())) if CODE_CACHE else None
+                # the agent's sha1 of this zip text (it checked or computed it), else computed here
+                sha = req.get("zip_sha") or hashlib.sha1(data).hexdigest()
+                kept = CODE_CACHE.get(("payload", sha)) if CODE_CACHE else None
                 if kept and os.path.exists(kept):
                     fast_ansiballz_main(main.__dict__, kept)
                 else:

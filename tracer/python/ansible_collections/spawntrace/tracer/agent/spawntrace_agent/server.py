@@ -352,6 +352,9 @@ class Agent(RunnerPool):
                     "reporting": self.sender.usable,
                     "served": self.served,
                     "accepted": self.accepted,
+                    # where a client may put a file for an agent it starts through a become
+                    # that prompts on a terminal (client.place_payload)
+                    "dir": os.path.dirname(self.cfg["socket"]),
                 },
             )
             return False

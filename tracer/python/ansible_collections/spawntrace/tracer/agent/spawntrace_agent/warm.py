@@ -6,7 +6,8 @@ import os
 import sys
 import time
 
-from .ansiballz import CODE_CACHE, cache_zip_source, install_code_cache, split_payload
+from .ansiballz import CODE_CACHE, KEPT_ZIPS, cache_zip_source, install_code_cache, memo_module_code, split_payload
+from .isolation import module_fqn
 from .safe_paths import create_file
 
 
@@ -158,16 +159,21 @@ class WarmState(object):
                 cache_zip_source(name, zf.read(name))
         if utils:
             self._import_from_zip(raw, sorted(utils))
-        self._keep_payload_zip(module, data, raw)
+        fqn = module_fqn(payload)
+        parts = fqn.split(".") if fqn else []
+        # the module and its packages as runpy imports them (those not warm already)
+        names = [n for n in (".".join(parts[: i + 1]) for i in range(len(parts))) if n not in sys.modules]
+        self._keep_payload_zip(module, data, raw, names)
         import gc
 
         if hasattr(gc, "freeze"):
             gc.freeze()
 
-    def _keep_payload_zip(self, module, data, raw):
+    def _keep_payload_zip(self, module, data, raw, names=()):
         """Writes this payload's zip once, as the AnsiballZ wrapper would (with its sitecustomize),
         at a path that lasts as long as the agent, and reads its directory now: runners of later
-        payloads carrying the same zip run from it (see _fast_ansiballz_main)."""
+        payloads carrying the same zip run from it (see _fast_ansiballz_main), with `names` (the module
+        and its packages) looked up in it already."""
         import hashlib
         import zipfile
         import zipimport
@@ -191,6 +197,8 @@ class WarmState(object):
         except Exception:
             return
         CODE_CACHE[("payload", sha)] = path
+        KEPT_ZIPS.add(path)
+        memo_module_code(path, names)
 
     def _import_from_zip(self, raw, names):
         path = self._keep_zip(raw, "warm-%d-%d.zip" % (os.getpid(), len(self.zips)))

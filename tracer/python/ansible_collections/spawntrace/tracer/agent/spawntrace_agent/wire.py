@@ -5,9 +5,10 @@
 #
 #   <python> -c '<first stage>' '<config JSON>'    stdin: zlib(<payload>)
 #
-# The first stage reads exactly the payload's length from stdin, checks its SHA-256, inflates it
-# and runs it. The payload is importer.py's source, the package's sources as a dict, and the call
-# of bootstrap.entry. The agent version is derived from the payload's hash: agents of another
+# (or, when stdin is the terminal a become password prompt was answered on, from a file the
+# client put in its private agent directory). The first stage reads exactly the payload's
+# length, checks its SHA-256, inflates it and runs it. The payload is importer.py's source, the
+# package's sources as a dict, and the call of bootstrap.entry. The agent version is derived from the payload's hash: agents of another
 # version are never reused (see client.VERSION).
 from __future__ import absolute_import
 
@@ -28,7 +29,7 @@ _FIRST_STAGE = (
     "import sys\n"
     "sys.path=[p for p in sys.path if p not in('','.')]\n"
     "import zlib,hashlib\n"
-    "b=sys.stdin.buffer.read(%(n)d)\n"
+    "b=%(read)s\n"
     "if hashlib.sha256(b).hexdigest()!='%(sha)s':\n"
     ' sys.stdout.write(\'{"ok":false,"error":"spawntrace agent payload: %%d of %(n)d bytes, or corrupt"}\\n\'%%len(b));sys.exit(1)\n'
     "exec(compile(zlib.decompress(b),'<spawntrace agent %(version)s>','exec'))\n"
@@ -66,10 +67,14 @@ class Payload(object):
             self._body = zlib.compress(self.program, 9)
         return self._body
 
-    def first_stage(self):
+    def first_stage(self, path=None):
         body = self.body
-        return _FIRST_STAGE % {"n": len(body), "sha": hashlib.sha256(body).hexdigest(), "version": self.version}
+        n = len(body)
+        # from stdin, or (a become that answers a password prompt on a terminal: stdin is that
+        # terminal) from the file `path`, which the client removes once the agent is up
+        read = "sys.stdin.buffer.read(%d)" % n if path is None else "open(%r,'rb').read(%d)" % (path, n)
+        return _FIRST_STAGE % {"n": n, "read": read, "sha": hashlib.sha256(body).hexdigest(), "version": self.version}
 
-    def argv(self, python, config_json):
-        """The agent's command line (its stdin must be `body`)."""
-        return [python, "-c", self.first_stage(), config_json]
+    def argv(self, python, config_json, path=None):
+        """The agent's command line: its stdin must be `body`, or the file `path` must hold it."""
+        return [python, "-c", self.first_stage(path), config_json]

@@ -84,6 +84,10 @@ class Connection(client.AgentConnectionMixin, _LocalConnection):
             become_uid = pwd.getpwnam(become_key["user"]).pw_uid
         except KeyError:
             return None, None
+        if self._st_needs_terminal(uid == 0):
+            # su or doas with a password, from an unprivileged controller: classic (over ssh
+            # such agents start through a terminal, see the ssh plugin)
+            return None, None
         if become_uid == uid or uid == 0:
             owner = become_uid
         elif become_uid == 0:

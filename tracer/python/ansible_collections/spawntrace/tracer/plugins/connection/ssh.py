@@ -5,6 +5,7 @@
 # See tracer/python/RUNNER.md.
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
@@ -91,7 +92,15 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
                     dir_owner="self" if user == "root" else "login",
                     login_user=user,
                 )
-            ready = self._st_run_bootstrap_shell(cfg, startup_env, become)
+            placed = None
+            if become and self._st_needs_terminal((user or getpass.getuser()) == "root"):
+                # a password prompt on a terminal (su, doas to root): the payload in the login
+                # user's agent directory, through that user's own agent
+                plain, _ = self._st_module_endpoint(args, False)
+                if plain is None:
+                    raise client.AgentUnavailable("no agent of the login user to place the payload with")
+                placed = client.place_payload(plain)
+            ready = self._st_run_bootstrap_shell(cfg, startup_env, become, placed)
             self._st_forward(ep.path, ready["socket"])
             client.watch_remote_agents()
             return self._st_ping(ep)

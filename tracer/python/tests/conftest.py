@@ -82,3 +82,11 @@ def receiver(tmp_path):
     r = Receiver(tmp_path / "events.sock")
     yield r
     r.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "once: what no ansible-core version changes (the callback's transport): run on the default "
+        "and the newest environment only (cargo xtask test passes -m 'not once' to the others)",
+    )

@@ -156,7 +156,9 @@ def _shape(text):
     return sorted(re.sub(r'"(delta|start|end)": "[^"]*"', r'"\1": ""', line) for line in text.splitlines())
 
 
-@pytest.mark.parametrize("mode", ["no socket", "socket", "missing socket"])
+@pytest.mark.parametrize(
+    "mode", [pytest.param("no socket", marks=pytest.mark.once), "socket", pytest.param("missing socket", marks=pytest.mark.once)]
+)
 def test_user_output_unchanged_and_silent(mode, tmp_path, receiver):
     baseline = run_traced(tmp_path, PLAYBOOK.format(strategy="linear"), callback=False)
     socket_path = {"no socket": None, "socket": str(receiver.path), "missing socket": str(tmp_path / "nothing")}[mode]
@@ -184,6 +186,7 @@ STALL_PLAYBOOK = """
 """
 
 
+@pytest.mark.once
 def test_receiver_that_never_reads(tmp_path, receiver):
     """The receive queue fills soon; the run goes on (how long a send may wait is measured by
     test_messages.py: once per process; here, on a shared machine, only that nothing blocks)."""
@@ -196,6 +199,7 @@ def test_receiver_that_never_reads(tmp_path, receiver):
     assert queued and queued[0]["ev"] == "playbook_start"
 
 
+@pytest.mark.once
 def test_drops_are_counted(tmp_path, receiver):
     """A receiver that stalls, then reads again, learns how many messages were dropped."""
     marker = tmp_path / "marker"

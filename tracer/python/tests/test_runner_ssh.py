@@ -73,7 +73,7 @@ PLAYBOOK = """
 FILES = {"src.txt": "from the controller\n", "t.j2": "host={{ inventory_hostname }}\n"}
 
 
-def run_both_ssh(tmp_path, host, playbook, *, env=None, expect_agent=True):
+def run_both_ssh(tmp_path, host, playbook, *, env=None, expect_agent=True, args=()):
     """run_both against the ssh host, {{ base }} owned by its login user."""
     uid = pwd.getpwnam(SSH_USER).pw_uid
     return run_both(
@@ -84,6 +84,7 @@ def run_both_ssh(tmp_path, host, playbook, *, env=None, expect_agent=True):
         env=env,
         prepare=lambda base: os.chown(base, uid, -1),
         expect_agent=expect_agent,
+        args=args,
     )
 
 
@@ -258,3 +259,64 @@ def test_ssh_become_wrong_password(tmp_path, ssh_host_with_passwords, method):  
         pair = run_both_ssh(tmp_path, ssh_host_with_passwords, playbook, expect_agent=False)
     assert pair.persistent.returncode != 0
     assert "password" in pair.persistent.stdout, pair.persistent.stdout[-2000:]
+
+
+def test_housekeeping_goes_with_the_next_request(tmp_path, ssh_host):  # noqa: F811
+    """A copy loop's remote_tmp is expanded once per worker and agent, and each item's mkdtemp,
+    upload, chmod and clean-up go with its next request to the agent: two requests per item (stat,
+    copy) instead of seven, with the same results and files as classic."""
+    playbook = """
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: copies
+      copy: {content: "item {{ item }}\\n", dest: "{{ base }}/c-{{ item }}.txt", mode: "0600"}
+      loop: [1, 2, 3]
+"""
+    p = run_both_ssh(tmp_path, ssh_host, playbook, args=["-vvv"]).persistent
+    assert p.returncode == 0, p.stdout[-3000:]
+    lines = p.stdout.splitlines()
+
+    def count(text):
+        return sum(1 for line in lines if text in line)
+
+    # per item, but the first's mkdtemp and home (the agent starts with its first module run)
+    assert count("PUT (spawntrace agent, with the next request)") == 3
+    assert count("with the next request) /bin/sh -c '( umask 77 && mkdir") == 2
+    assert count("with the next request) /bin/sh -c 'rm -f -r") == 3
+    assert count(f", known) /bin/sh -c 'echo ~{SSH_USER}") == 1
+    assert [t["module"] for t in p.timing] == ["stat", "copy"] * 3
+
+
+def test_deferred_housekeeping_that_fails_fails_its_task(tmp_path, ssh_host):  # noqa: F811
+    """A temporary directory that cannot be made, known only when the next request reaches the
+    agent, leaves the host unreachable as classic does; the module it was for is not run."""
+    playbook = """
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: agent up
+      ping:
+    - name: copy
+      copy: {content: "x\\n", dest: "{{ base }}/never.txt"}
+      vars: {ansible_remote_tmp: /proc/spawntrace-none/tmp}
+"""
+    runs = {}
+    for mode in ("classic", "persistent"):
+        base = new_base(mode[0])
+        os.chown(base, pwd.getpwnam(SSH_USER).pw_uid, -1)
+        inventory = tmp_path / f"inventory-{mode}.ini"
+        inventory.write_text(ssh_host.inventory())
+        runs[mode] = run_playbook(tmp_path / mode, playbook, mode=mode, inventory=inventory, args=["-e", f"base={base}"], agent_timing=True)
+        assert not (base / "never.txt").exists()
+    c, p = runs["classic"], runs["persistent"]
+    assert (
+        [(r["task"], r["status"]) for r in p.results]
+        == [(r["task"], r["status"]) for r in c.results]
+        == [
+            ("agent up", "ok"),
+            ("copy", "unreachable"),
+        ]
+    )
+    assert "Failed to create temporary directory (spawntrace agent): mkdtemp failed" in p.stdout, p.stdout[-2000:]
+    assert [t["module"] for t in p.timing] == ["ping"]

@@ -140,8 +140,35 @@ _state = {"pid": None}
 def _proc_state():
     if _state["pid"] != os.getpid():
         _state.clear()
-        _state.update(pid=os.getpid(), endpoints={}, failed=set(), umask=None, socks={}, dirs=set())
+        _state.update(pid=os.getpid(), endpoints={}, failed=set(), umask=None, socks={}, dirs=set(), deferred={}, deferred_to={})
     return _state
+
+
+# Deferred housekeeping (shell_ops.DEFERRABLE) and uploads: answered at once and sent with the
+# worker's next request to the same agent (over ssh each request is a round trip through the
+# ControlMaster; a loop item of `copy` makes six). The agent does them first, in order; one that
+# fails (but rm, which ansible only warns about) fails that request (DeferredFailed) and the
+# request itself is not run. Before anything reaches the target another way, they are sent on
+# their own (AgentConnectionMixin._st_flush).
+
+
+def defer(endpoint, entry, data=b""):
+    """Queues `entry` (a request without version/keep, `data` its blob) for `endpoint`'s agent;
+    False (nothing queued) when shell_ops.MAX_DEFERRED are waiting: the caller asks at once."""
+    st = _proc_state()
+    queue = st["deferred"].setdefault(endpoint.path, [])
+    if len(queue) >= shell_ops.MAX_DEFERRED:
+        return False
+    queue.append((entry, data))
+    st["deferred_to"][endpoint.path] = endpoint
+    return True
+
+
+def deferred_answer(op, args):
+    """(rc, stdout, stderr) the command of a DEFERRABLE op prints when it succeeds."""
+    if op == "mkdtemp":
+        return 0, shell_ops.mkdtemp_output(args["basefile"], args["basetmp"]), b""
+    return 0, b"", b""
 
 
 def current_umask():
@@ -433,6 +460,28 @@ class Endpoint:
         meanwhile (idle timeout) is replaced once: no hello means nothing was acted on."""
         req["version"] = VERSION
         req["keep"] = True
+        deferred = _proc_state()["deferred"].pop(self.path, None)
+        if deferred:
+            # housekeeping answered at once (defer): done by the agent first, in order
+            req["before"] = [dict(entry, size=len(data)) for entry, data in deferred]
+            blob = b"".join([data for _, data in deferred] + [blob])
+        try:
+            resp, rblob = self._send_request(req, blob, on_started)
+        except AgentUnavailable as e:
+            if deferred:  # what the worker was told was done is not: the task cannot go on
+                raise AgentFailed("housekeeping deferred to this request not done: %s" % e)
+            raise
+        for warning in resp.get("warnings") or ():
+            display.warning(warning)
+        failed = resp.get("before_failed")
+        if failed:
+            error = failed.get("error") or "deferred %s failed" % failed.get("op")
+            if failed.get("op") == "mkdtemp":  # unreachable, as ActionBase._make_tmp_path says it
+                raise AnsibleConnectionFailure("Failed to create temporary directory (spawntrace agent): %s" % error)
+            raise DeferredFailed(error)
+        return resp, rblob
+
+    def _send_request(self, req, blob, on_started):
         socks = _proc_state()["socks"]
         s = socks.pop(self.path, None)
         if s is not None:
@@ -583,6 +632,11 @@ from ansible.utils.display import Display  # noqa: E402
 display = Display()
 
 
+class DeferredFailed(AnsibleError):
+    """Housekeeping or an upload sent with a request (see defer) failed on the target: the
+    request was not run, the task fails with the target's error."""
+
+
 class UnsafeAgentDir(AnsibleError):
     """An agent directory, or a file in it, failed its check (see safe_paths.private_dir): the task
     fails with this one-line message; nothing is sent to, or read from, that place."""
@@ -719,7 +773,29 @@ class AgentConnectionMixin:
                 raise AnsibleConnectionFailure("spawntrace agent: %s" % e)
             if res is not None:
                 return res
+            self._st_flush()
         return super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
+
+    def _st_flush(self, but=None):
+        """Sends the housekeeping this worker deferred (see defer) to each agent but the one at
+        socket `but`, on its own: before anything reaches the target another way."""
+        st = _proc_state()
+        for path in [p for p, q in st["deferred"].items() if q and p != but]:
+            try:
+                st["deferred_to"][path].request({"op": "ping"})
+            except AgentFailed as e:
+                raise AnsibleConnectionFailure("spawntrace agent: %s" % e)
+
+    def close(self):
+        try:
+            self._st_flush()
+        except Exception as e:  # the task is over: what is left undone is only said
+            display.warning("spawntrace agent: %s" % (e,))
+        super().close()
+
+    def reset(self):
+        self._st_flush()
+        super().reset()
 
     def _st_exec(self, cmd, in_data, sudoable):
         rec = self.__dict__.get("_st_rec")
@@ -832,6 +908,7 @@ class AgentConnectionMixin:
             isolation=_option(self, "spawntrace_isolation") or "auto",
         )
         display.vvv("EXEC (spawntrace agent %s) %s" % (endpoint.path, cmd), host=self._play_context.remote_addr)
+        self._st_flush(but=endpoint.path)  # those for this agent go with the request
         notify = self._st_on_started(endpoint, req)
         started = {}
 
@@ -936,6 +1013,7 @@ class AgentConnectionMixin:
         object. `placed`: (path, remove) of the payload put where the first stage reads it (a
         become that answers its password prompt on a terminal, see _st_needs_terminal),
         removed once the command ends."""
+        self._st_flush()
         cmd = self._st_bootstrap_command(cfg, assign, placed[0] if placed else None)
         saved = None
         if become:

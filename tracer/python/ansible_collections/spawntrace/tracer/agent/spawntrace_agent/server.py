@@ -13,7 +13,7 @@ from .messages import Sender
 from .pool import RunnerPool
 from .procs import alive, drain, now, peer_uid, sigchld_wakeup
 from .runner import Baseline
-from .shell_ops import run_op
+from .shell_ops import DEFERRABLE, MAX_DEFERRED, run_op
 
 
 class Conn(object):
@@ -35,6 +35,7 @@ class Conn(object):
         self.close_after = False  # closed once the reply is out
         self.closed = False
         self.mask = 0  # what it is polled for
+        self.warnings = None  # for the reply to the request being served (Agent._run_before)
 
     def idle(self):
         """A kept connection waiting for its next request, nothing of it in yet."""
@@ -299,6 +300,9 @@ class Agent(RunnerPool):
         A frame over the limits is replaced by an error."""
         if c.closed:
             return
+        if c.warnings and "hello" not in obj and not obj.get("started"):
+            obj = dict(obj, warnings=c.warnings)
+            c.warnings = None
         try:
             head = encode_frame(obj, blob)
         except ProtocolError as e:
@@ -336,12 +340,50 @@ class Agent(RunnerPool):
         resp.update(extra)
         self._send(conn, resp, out + err)
 
+    def _run_before(self, before, blob):
+        """Does the housekeeping and uploads a client deferred to this request (client.defer),
+        in order: (the request's own blob, the first failure or None, warnings). At most
+        MAX_DEFERRED entries, their blobs taken from the front of the request's (already bounded
+        by framing.MAX_BLOB)."""
+        if not isinstance(before, list) or len(before) > MAX_DEFERRED:
+            return blob, {"op": None, "error": "malformed deferred housekeeping"}, []
+        warnings = []
+        view = memoryview(blob)
+        for entry in before:
+            size = entry.get("size", 0) if isinstance(entry, dict) else -1
+            if not isinstance(size, int) or not 0 <= size <= len(view):
+                return blob, {"op": None, "error": "malformed deferred housekeeping"}, warnings
+            data, view = bytes(view[:size]), view[size:]
+            op = entry.get("op")
+            if op == "put":
+                res = files.put(entry.get("path"), entry.get("mode", 0o666), data)
+                if not res.get("ok"):
+                    error = "failed to transfer file to %s: %s" % (entry.get("path"), res.get("error"))
+                    return blob, {"op": op, "error": error}, warnings
+                continue
+            res = run_op(op, entry.get("args") or {}, self.baseline.env) if op in DEFERRABLE else None
+            if res is None:
+                return blob, {"op": op, "error": "deferred %s not supported" % (op,)}, warnings
+            rc, _, err = res
+            if rc != 0 and op == "rm":
+                # as ActionBase._remove_tmp_path words it
+                warnings.append("Error deleting remote temporary files (rc: %d, stderr: %s})" % (rc, err.decode("utf-8", "replace")))
+            elif rc != 0:
+                return blob, {"op": op, "error": "%s failed: %s" % (op, err.decode("utf-8", "replace").strip())}, warnings
+        return bytes(view), None, warnings
+
     def _dispatch(self, conn, req, blob):
         op = req.get("op")
         self.served += 1
         if req.get("version") not in (None, self.cfg.get("version")):
             self._send(conn, {"ok": False, "unsupported": True, "error": "agent version %s" % self.cfg.get("version")})
             return False
+        if req.get("before"):
+            blob, failed, warnings = self._run_before(req["before"], blob)
+            if failed:
+                self._send(conn, {"ok": False, "before_failed": failed, "warnings": warnings, "error": failed["error"]})
+                return False
+            conn.warnings = warnings or None  # with the request's reply (_send)
         if op == "ping":
             self._send(
                 conn,

@@ -64,7 +64,12 @@ def op_mkdtemp(basetmpdir, basetmp, basefile, mode):
         except OSError as e:
             msg = "mkdir: cannot create directory '%s': %s\n" % (target, strerror(e))
             return 1, b"", _enc(msg)
-    return 0, _enc("%s=%s\n" % (basefile, basetmp)), b""
+    return 0, mkdtemp_output(basefile, basetmp), b""
+
+
+def mkdtemp_output(basefile, basetmp):
+    """What the mkdtemp subshell prints when it succeeds."""
+    return _enc("%s=%s\n" % (basefile, basetmp))
 
 
 _WHO = {"u": 0o700, "g": 0o070, "o": 0o007}
@@ -156,6 +161,14 @@ def op_rm(path, recurse):
 def op_exists(path):
     """`test -e PATH`."""
     return (0 if os.path.exists(path) else 1), b"", b""
+
+
+# Ops whose answer a client knows without asking (mkdtemp prints the path it was given, chmod and
+# `rm -f … >/dev/null 2>&1` print nothing): it may answer them at once and send them, and file
+# uploads (`put`), with its next request to the same agent, at most MAX_DEFERRED per request
+# (client.defer, server.Agent._run_before).
+DEFERRABLE = ("mkdtemp", "chmod", "rm")
+MAX_DEFERRED = 64
 
 
 def run_op(op, args, env):

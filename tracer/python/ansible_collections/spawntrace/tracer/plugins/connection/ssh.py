@@ -25,6 +25,10 @@ _SSHConnection = _builtin_ssh.Connection
 DOCUMENTATION = client.documentation(_builtin_ssh.DOCUMENTATION, "spawntrace persistent agent")
 
 
+# uploads up to this size go with the worker's next request to the agent (client.defer)
+DEFER_PUT_MAX = 1 << 20
+
+
 class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin, _SSHConnection):
     """ssh connection through a spawntrace persistent agent on the target (the target recorded
     when spawntrace traces the run)."""
@@ -155,6 +159,18 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
         ep = self._st_default_endpoint()
         if ep is None:
             return None
+        # `echo ~` or `echo ~LOGIN_USER/…` (every action's remote_tmp, per loop item) says this
+        # agent's own home: asked once per worker and agent
+        word = args.get("word", "") if op == "expand_user" and not args.get("literal") else None
+        known = client._proc_state().setdefault("homes", {})
+        own = ("~", "~" + (self._st_target()[2] or getpass.getuser()))
+        key = (ep.path, word) if word is not None and word.split("/", 1)[0] in own else None
+        if key is not None and key in known:
+            client.display.vvv("EXEC (spawntrace agent %s, known) %s" % (ep.path, cmd), host=self.host)
+            return known[key]
+        if op in client.shell_ops.DEFERRABLE and client.defer(ep, {"op": op, "args": args, "env": None}):
+            client.display.vvv("EXEC (spawntrace agent %s, with the next request) %s" % (ep.path, cmd), host=self.host)
+            return client.deferred_answer(op, args)
         try:
             resp, blob = ep.request({"op": op, "args": args, "env": None})
         except client.AgentUnavailable:
@@ -163,7 +179,10 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
             return None
         client.display.vvv("EXEC (spawntrace agent %s) %s" % (ep.path, cmd), host=self.host)
         n = resp["out"]
-        return resp["rc"], blob[:n], blob[n:]
+        res = resp["rc"], blob[:n], blob[n:]
+        if key is not None and res[0] == 0 and not res[1].startswith(b"~"):
+            known[key] = res
+        return res
 
     def put_file(self, in_path, out_path):
         ep = self._st_default_endpoint() if client.enabled() else None
@@ -173,14 +192,21 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
             self._connect()
         if not os.path.exists(in_path):
             raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
-        if os.path.getsize(in_path) > client.framing.MAX_BLOB:  # held in memory by the agent: classic
+        size = os.path.getsize(in_path)
+        if size > client.framing.MAX_BLOB:  # held in memory by the agent: classic
+            self._st_flush()
             return super().put_file(in_path, out_path)
         with open(in_path, "rb") as f:
             data = f.read()
             mode = os.fstat(f.fileno()).st_mode & 0o777
+        # a small file goes with the next request (the module run it is for)
+        if len(data) <= DEFER_PUT_MAX and client.defer(ep, {"op": "put", "path": out_path, "mode": mode}, data):
+            client.display.vvv("PUT (spawntrace agent, with the next request) %s TO %s" % (in_path, out_path), host=self.host)
+            return 0, b"", b""
         try:
             resp, _ = ep.request({"op": "put", "path": out_path, "mode": mode}, data)
         except client.AgentUnavailable:
+            self._st_flush()
             return super().put_file(in_path, out_path)
         except client.AgentFailed as e:
             raise AnsibleError("failed to transfer file to %s: %s" % (out_path, e))
@@ -198,6 +224,7 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
         try:
             resp, data = ep.request({"op": "fetch", "path": in_path})
         except client.AgentUnavailable:
+            self._st_flush()
             return super().fetch_file(in_path, out_path)
         except client.AgentFailed as e:
             raise AnsibleError("failed to transfer file from %s: %s" % (in_path, e))

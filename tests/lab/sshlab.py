@@ -153,9 +153,10 @@ class Lab:
                 self.hosts.append(self._add_network(f"h{i}", _free_subnet()))
         if self._passwords:
             shadow = _shadow_with(self._passwords)
+            etc = _netns_etc()
             for host in self.hosts:
-                d = Path("/etc/netns") / host.netns
-                d.mkdir(parents=True, exist_ok=True)
+                d = etc / host.netns
+                d.mkdir(mode=0o755)
                 fd = os.open(d / "shadow", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
                 with os.fdopen(fd, "w") as f:
                     f.write(shadow)
@@ -274,6 +275,22 @@ class Lab:
             with contextlib.suppress(FileNotFoundError):
                 self._sudoers.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _netns_etc() -> Path:
+    """/etc/netns (what `ip netns exec NAME` mounts /etc/netns/NAME/* from), checked: a real
+    directory of root's that only root may write; the files of labs that are gone removed."""
+    etc = Path("/etc/netns")
+    with contextlib.suppress(FileExistsError):
+        etc.mkdir(mode=0o755)
+    st = os.lstat(etc)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise LabError(f"{etc} is not a directory only root may write")
+    live = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    for d in etc.glob("sl*k*n"):
+        if d.name not in live:
+            shutil.rmtree(d, ignore_errors=True)
+    return etc
 
 
 def _shadow_with(passwords: dict[str, str]) -> str:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ansible.errors import AnsibleConnectionFailure
 
 from runner_fixtures import BECOME_USER, become_user, ensure_user, run_request, start_agent, start_local_agent  # noqa: F401
 from runner_fixtures import SYSTEM_PYTHON as PYTHON
@@ -616,3 +617,42 @@ def test_hot_heap_pages_are_learnt_from_runners():
         assert any(lo <= page < lo + n for lo, n in ranges), (hex(page), [(hex(lo), n) for lo, n in ranges])
     # a later runner copies them before it runs (and the process is not harmed by it)
     memory.prefault(hot)
+
+
+def test_deferred_housekeeping_is_done_first_in_order_or_waits_again(tmp_path):
+    """Housekeeping a client deferred (client.defer) goes ahead of its next request to that agent,
+    in order (an upload, then a chmod of it, then the request sees both); a request that reached
+    no agent (nothing acted on) leaves it queued for the next, never lost nor done twice; one that
+    fails fails the request without running it; more than MAX_DEFERRED are refused unread."""
+    cfg, _ = start_local_agent(tmp_path, "deferred")
+    ep = client.Endpoint(cfg["socket"], os.getuid())
+    gone = client.Endpoint(str(tmp_path / "agents" / "gone.sock"), os.getuid())
+    target = tmp_path / "work"
+    target.mkdir()
+    f = target / "up.txt"
+    assert client.defer(gone, {"op": "put", "path": str(f), "mode": 0o600}, b"data")
+    with pytest.raises(client.AgentUnavailable):
+        gone.request({"op": "ping"})
+    assert [e["op"] for e, _, _ in client._proc_state()["deferred"][gone.path]] == ["put"]
+    client._proc_state()["deferred"].pop(gone.path)
+    # in order, then the request itself (exists: sees the file)
+    assert client.defer(ep, {"op": "put", "path": str(f), "mode": 0o600}, b"data")
+    assert client.defer(ep, {"op": "chmod", "args": {"mode": "u+x", "paths": [str(f)]}, "env": None})
+    resp, _ = ep.request({"op": "exists", "args": {"path": str(f)}, "env": None})
+    assert resp["ok"] and resp["rc"] == 0 and resp.get("before_done")
+    assert f.read_bytes() == b"data" and stat.S_IMODE(f.stat().st_mode) == 0o700
+    assert not client._proc_state()["deferred"].get(ep.path)
+    # a failed one: the request is not run; rm only warns
+    assert client.defer(ep, {"op": "rm", "args": {"path": str(target), "recurse": False}, "env": None})
+    assert client.defer(
+        ep, {"op": "mkdtemp", "args": {"basetmpdir": str(f), "basetmp": str(f / "x"), "basefile": "x", "mode": 0o700}, "env": None}
+    )
+    assert client.defer(ep, {"op": "put", "path": str(target / "never.txt"), "mode": 0o600}, b"never")
+    with pytest.raises(AnsibleConnectionFailure, match="Failed to create temporary directory"):
+        ep.request({"op": "put", "path": str(target / "never2.txt"), "mode": 0o600}, b"x")
+    assert not (target / "never.txt").exists() and not (target / "never2.txt").exists()
+    # a client that sends more than the agent takes
+    many = [{"op": "rm", "args": {"path": str(target / "none"), "recurse": False}, "size": 0}] * (shell_ops.MAX_DEFERRED + 1)
+    with pytest.raises(client.DeferredFailed, match="malformed deferred housekeeping"):
+        ep.request({"op": "ping", "before": many}, carry=False)
+    client.Endpoint(cfg["socket"], os.getuid()).request({"op": "quit"})

@@ -495,3 +495,54 @@ def test_a_become_agent_serves_only_the_user_the_become_tool_names(become_user):
         shutil.rmtree(readable)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(me)
+
+
+def test_root_reads_a_placed_payload_only_as_a_regular_file_of_its_owner(place, attacker):
+    """The first stage root runs for su or doas that prompt (client.place_payload) reads the
+    payload from a file in the login user's directory, which that user may swap before root
+    reads it: a FIFO (root would block), a symlink to a file of root's, a file of another owner
+    or with a second link are refused at once, nothing read (nor opened but by O_PATH); the
+    login user's own file passes the check."""
+    home = place.base / "login-user-dir"
+    home.mkdir()
+    os.chown(home, attacker.pw_uid, -1)
+    os.chmod(home, 0o700)
+    payload = client.PAYLOAD
+    n = len(payload.body)
+    path = home / "payload-test"
+    cases = {
+        "fifo": ["mkfifo", str(path)],
+        "symlink": ["ln", "-s", "/etc/hostname", str(path)],
+        "hard link": ["sh", "-c", f"cat > {home}/real && ln {home}/real {path}"],
+    }
+    for what, argv in cases.items():
+        for f in home.iterdir():
+            f.unlink()
+        if what == "hard link":
+            p = subprocess.run(
+                ["runuser", "-u", attacker.pw_name, "--", "sh", "-c", f"cat > {home}/real && ln {home}/real {path}"],
+                input=payload.body,
+                cwd="/",
+            )
+            assert p.returncode == 0
+        else:
+            as_attacker(attacker, *argv)
+        p = subprocess.run(
+            payload.argv(ATTACKER_PYTHON, "{}", (str(path), attacker.pw_uid)),
+            capture_output=True,
+            timeout=30,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+        )
+        assert p.returncode != 0, what
+        # nothing read (O_PATH|O_NOFOLLOW gives the symlink itself: not a regular file)
+        assert b"0 of %d bytes, or corrupt" % n in p.stdout, (what, p.stdout, p.stderr)
+    # a regular file of root's (not the login user's), then the login user's own
+    for f in home.iterdir():
+        f.unlink()
+    path.write_bytes(payload.body)
+    p = subprocess.run(payload.argv(ATTACKER_PYTHON, "{}", (str(path), attacker.pw_uid)), capture_output=True, timeout=30, cwd="/")
+    assert b"0 of %d bytes, or corrupt" % n in p.stdout, p.stdout
+    os.chown(path, attacker.pw_uid, -1)
+    p = subprocess.run(payload.argv(ATTACKER_PYTHON, "{}", (str(path), attacker.pw_uid)), capture_output=True, timeout=30, cwd="/")
+    assert b"or corrupt" not in p.stdout, p.stdout

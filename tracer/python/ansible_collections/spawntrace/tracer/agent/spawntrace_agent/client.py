@@ -131,6 +131,15 @@ class AgentFailed(Exception):
     """The agent took the request but did not answer: the outcome is unknown."""
 
 
+class Unsupported(AgentUnavailable):
+    """The agent read the request and did not run it (`unsupported`); `resp` says whether it did
+    the housekeeping sent with it (`before_done`)."""
+
+    def __init__(self, resp):
+        AgentUnavailable.__init__(self, "unsupported by the agent: %s" % resp.get("error"))
+        self.resp = resp
+
+
 # ---------------------------------------------------------------------------------------------
 # process-wide state (each WorkerProcess is a fresh fork: nothing leaks between tasks)
 
@@ -152,16 +161,20 @@ def _proc_state():
 # their own (AgentConnectionMixin._st_flush).
 
 
-def defer(endpoint, entry, data=b""):
-    """Queues `entry` (a request without version/keep, `data` its blob) for `endpoint`'s agent;
-    False (nothing queued) when shell_ops.MAX_DEFERRED are waiting: the caller asks at once."""
+def defer(endpoint, entry, data=b"", cmd=None):
+    """Queues `entry` (a request without version/keep, `data` its blob; `cmd`: the shell command
+    it stands for) for `endpoint`'s agent; False (nothing queued) when shell_ops.MAX_DEFERRED are
+    waiting or they would not fit in one frame with a large request: the caller asks at once."""
     st = _proc_state()
     queue = st["deferred"].setdefault(endpoint.path, [])
-    if len(queue) >= shell_ops.MAX_DEFERRED:
+    if len(queue) >= shell_ops.MAX_DEFERRED or sum(len(d) for _, d, _ in queue) + len(data) > DEFER_BYTES:
         return False
-    queue.append((entry, data))
+    queue.append((entry, data, cmd))
     st["deferred_to"][endpoint.path] = endpoint
     return True
+
+
+DEFER_BYTES = 16 << 20  # uploads waiting for one agent: the rest of a frame is the request's own
 
 
 def deferred_answer(op, args):
@@ -451,25 +464,32 @@ class Endpoint:
                 raise AgentUnavailable("agent socket %s belongs to uid %d, expected %d" % (self.path, uid, self.peer_uid))
         return s
 
-    def request(self, req, blob=b"", on_started=None):
+    def request(self, req, blob=b"", on_started=None, carry=True):
         """Sends one request; returns (response, blob). Raises AgentUnavailable when the agent
         certainly did not act on it, AgentFailed when it may have.
 
         The connection is kept for this process's next request to the same socket (each one
         through an ssh forward is a new channel otherwise); a kept connection the agent closed
-        meanwhile (idle timeout) is replaced once: no hello means nothing was acted on."""
+        meanwhile (idle timeout) is replaced once: no hello means nothing was acted on.
+        `carry`: the housekeeping deferred to this agent goes first (see defer); when nothing
+        was acted on, it waits for the next request again."""
         req["version"] = VERSION
         req["keep"] = True
-        deferred = _proc_state()["deferred"].pop(self.path, None)
+        queue = _proc_state()["deferred"]
+        deferred = queue.pop(self.path, None) if carry else None
         if deferred:
             # housekeeping answered at once (defer): done by the agent first, in order
-            req["before"] = [dict(entry, size=len(data)) for entry, data in deferred]
-            blob = b"".join([data for _, data in deferred] + [blob])
+            req["before"] = [dict(entry, size=len(data)) for entry, data, _ in deferred]
+            blob = b"".join([data for _, data, _ in deferred] + [blob])
         try:
             resp, rblob = self._send_request(req, blob, on_started)
-        except AgentUnavailable as e:
-            if deferred:  # what the worker was told was done is not: the task cannot go on
-                raise AgentFailed("housekeeping deferred to this request not done: %s" % e)
+        except Unsupported as e:
+            if deferred and not e.resp.get("before_done"):
+                queue[self.path] = deferred + queue.get(self.path, [])
+            raise
+        except AgentUnavailable:
+            if deferred:
+                queue[self.path] = deferred + queue.get(self.path, [])
             raise
         for warning in resp.get("warnings") or ():
             display.warning(warning)
@@ -513,7 +533,7 @@ class Endpoint:
             except (OSError, framing.ProtocolError, ValueError) as e:
                 raise AgentFailed("agent at %s did not answer: %s" % (self.path, e))
             if resp.get("unsupported"):
-                raise AgentUnavailable("unsupported by the agent")
+                raise Unsupported(resp)
             kept = True
             return resp, rblob
         finally:
@@ -524,15 +544,15 @@ class Endpoint:
 
 
 def place_payload(endpoint):
-    """(path, remove): the agent's payload written where a first stage reads it when its stdin
-    is a terminal (see AgentConnectionMixin._st_needs_terminal): a new file with a random name
-    in the private directory of the agent behind `endpoint` (on a target: its login user's
-    agent). `remove()` deletes it."""
+    """(path, owner uid, remove): the agent's payload written where a first stage reads it when
+    its stdin is a terminal (see AgentConnectionMixin._st_needs_terminal): a new file with a
+    random name in the private directory of the agent behind `endpoint` (on a target: its login
+    user's agent), owned by that agent's uid. `remove()` deletes it."""
     name = "payload-%s" % secrets.token_hex(16)
     resp, _ = endpoint.request({"op": "ping"})
-    if not resp.get("dir"):
-        raise AgentUnavailable("the agent did not give its directory")
-    path = resp["dir"].rstrip("/") + "/" + name
+    if not resp.get("dir") or not isinstance(resp.get("uid"), int):
+        raise AgentUnavailable("the agent did not give its directory and uid")
+    path, uid = resp["dir"].rstrip("/") + "/" + name, resp["uid"]
     resp, _ = endpoint.request({"op": "put", "path": path, "mode": 0o600}, PAYLOAD.body)
     if not resp.get("ok"):
         raise AgentUnavailable("payload not placed: %s" % resp.get("error"))
@@ -543,7 +563,7 @@ def place_payload(endpoint):
         except (AgentUnavailable, AgentFailed):
             pass
 
-    return path, remove
+    return path, uid, remove
 
 
 def locked(path, timeout=120.0):
@@ -778,13 +798,42 @@ class AgentConnectionMixin:
 
     def _st_flush(self, but=None):
         """Sends the housekeeping this worker deferred (see defer) to each agent but the one at
-        socket `but`, on its own: before anything reaches the target another way."""
+        socket `but`, on its own: before anything reaches the target another way. An agent that
+        is gone (nothing was acted on) has it done the classic way, as it was asked."""
         st = _proc_state()
         for path in [p for p, q in st["deferred"].items() if q and p != but]:
             try:
                 st["deferred_to"][path].request({"op": "ping"})
             except AgentFailed as e:
                 raise AnsibleConnectionFailure("spawntrace agent: %s" % e)
+            except AgentUnavailable:
+                self._st_replay(st["deferred"].pop(path, []))
+
+    def _st_replay(self, deferred):
+        """Does deferred housekeeping through the parent plugin, with the outcome ActionBase
+        would have had from it."""
+        parent = super(AgentConnectionMixin, self)
+        for entry, data, cmd in deferred:
+            op = entry["op"]
+            if op == "put":
+                import tempfile
+
+                with tempfile.NamedTemporaryFile(prefix="spawntrace-put-") as f:
+                    f.write(data)
+                    f.flush()
+                    os.chmod(f.name, entry.get("mode", 0o600) & 0o777)
+                    parent.put_file(f.name, entry["path"])
+                continue
+            rc, _, err = parent.exec_command(cmd, sudoable=False)
+            if rc == 0:
+                continue
+            error = "%s failed (rc %d): %s" % (op, rc, _text(err).strip())
+            if op == "mkdtemp":
+                raise AnsibleConnectionFailure("Failed to create temporary directory (spawntrace agent): %s" % error)
+            if op == "rm":
+                display.warning("Error deleting remote temporary files (rc: %d, stderr: %s})" % (rc, _text(err)))
+                continue
+            raise DeferredFailed(error)
 
     def close(self):
         try:
@@ -994,36 +1043,43 @@ class AgentConnectionMixin:
     @staticmethod
     def _st_ping(ep):
         try:
-            resp, _ = ep.request({"op": "ping"})
+            resp, _ = ep.request({"op": "ping"}, carry=False)
         except (AgentUnavailable, AgentFailed):
             return False
         ep.reporting = resp.get("reporting")
         return bool(resp.get("ok"))
 
-    def _st_bootstrap_command(self, cfg, assign, payload_path=None):
+    def _st_bootstrap_command(self, cfg, assign, placed=None):
         """`K=V... <python> -c <first stage> <cfg>` for a shell (the payload goes on its stdin,
-        or is read from `payload_path`)."""
-        argv = PAYLOAD.argv(cfg.pop("_interpreter"), json.dumps(cfg, separators=(",", ":")), payload_path)
+        or is read from the file `placed` = (path, owner uid))."""
+        argv = PAYLOAD.argv(cfg.pop("_interpreter"), json.dumps(cfg, separators=(",", ":")), placed)
         prefix = " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in sorted(assign.items()))
         return (prefix + " " if prefix else "") + shlex.join(argv)
 
     def _st_run_bootstrap_shell(self, cfg, assign, become, placed=None):
         """Starts an agent with a shell command through the parent plugin (so that become
         prompts, ssh and its ControlMaster are handled as for any command). Returns the READY
-        object. `placed`: (path, remove) of the payload put where the first stage reads it (a
+        object. `placed`: (path, owner uid, remove) of the payload put where the first stage reads it (a
         become that answers its password prompt on a terminal, see _st_needs_terminal),
         removed once the command ends."""
-        self._st_flush()
-        cmd = self._st_bootstrap_command(cfg, assign, placed[0] if placed else None)
         saved = None
-        if become:
-            # build_become_command draws a new success marker (and prompt): the command this
-            # start interrupts was built with the old ones, which must be back for its own run
-            saved = {k: getattr(self.become, k) for k in ("_id", "success", "prompt") if hasattr(self.become, k)}
-            cmd = self.become.build_become_command(cmd, self._shell)
-        executable = self._play_context.executable if self.allow_executable else None
-        if executable:
-            cmd = executable + " -c " + shlex.quote(cmd)
+        try:
+            self._st_flush()
+            cmd = self._st_bootstrap_command(cfg, assign, placed[:2] if placed else None)
+            if become:
+                # build_become_command draws a new success marker (and prompt): the command this
+                # start interrupts was built with the old ones, which must be back for its own run
+                saved = {k: getattr(self.become, k) for k in ("_id", "success", "prompt") if hasattr(self.become, k)}
+                cmd = self.become.build_become_command(cmd, self._shell)
+            executable = self._play_context.executable if self.allow_executable else None
+            if executable:
+                cmd = executable + " -c " + shlex.quote(cmd)
+        except BaseException:
+            for k, v in (saved or {}).items():
+                setattr(self.become, k, v)
+            if placed is not None:
+                placed[2]()
+            raise
         # The payload goes on stdin. local gives a command that expects a become password a pty
         # for stdin unless pipelining is on, and then drops in_data: the first stage would wait
         # on the terminal forever. With pipelining, the password and then the payload go down
@@ -1048,7 +1104,7 @@ class AgentConnectionMixin:
             for k, v in (saved or {}).items():
                 setattr(self.become, k, v)
             if placed is not None:
-                placed[1]()
+                placed[2]()
         return _ready_of(rc, out, err)
 
 

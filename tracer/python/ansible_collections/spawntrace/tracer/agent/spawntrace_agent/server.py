@@ -35,7 +35,7 @@ class Conn(object):
         self.close_after = False  # closed once the reply is out
         self.closed = False
         self.mask = 0  # what it is polled for
-        self.warnings = None  # for the reply to the request being served (Agent._run_before)
+        self.after_before = None  # for the reply to the request being served (Agent._run_before)
 
     def idle(self):
         """A kept connection waiting for its next request, nothing of it in yet."""
@@ -300,9 +300,9 @@ class Agent(RunnerPool):
         A frame over the limits is replaced by an error."""
         if c.closed:
             return
-        if c.warnings and "hello" not in obj and not obj.get("started"):
-            obj = dict(obj, warnings=c.warnings)
-            c.warnings = None
+        if c.after_before and "hello" not in obj and not obj.get("started"):
+            obj = dict(obj, **c.after_before)
+            c.after_before = None
         try:
             head = encode_frame(obj, blob)
         except ProtocolError as e:
@@ -383,7 +383,8 @@ class Agent(RunnerPool):
             if failed:
                 self._send(conn, {"ok": False, "before_failed": failed, "warnings": warnings, "error": failed["error"]})
                 return False
-            conn.warnings = warnings or None  # with the request's reply (_send)
+            # with the request's reply (_send), whatever it is: the client must not send them again
+            conn.after_before = {"before_done": True, "warnings": warnings}
         if op == "ping":
             self._send(
                 conn,
@@ -397,6 +398,7 @@ class Agent(RunnerPool):
                     # where a client may put a file for an agent it starts through a become
                     # that prompts on a terminal (client.place_payload)
                     "dir": os.path.dirname(self.cfg["socket"]),
+                    "uid": os.getuid(),
                 },
             )
             return False

@@ -29,7 +29,7 @@ _FIRST_STAGE = (
     "import sys\n"
     "sys.path=[p for p in sys.path if p not in('','.')]\n"
     "import zlib,hashlib\n"
-    "b=%(read)s\n"
+    "%(read)s\n"
     "if hashlib.sha256(b).hexdigest()!='%(sha)s':\n"
     ' sys.stdout.write(\'{"ok":false,"error":"spawntrace agent payload: %%d of %(n)d bytes, or corrupt"}\\n\'%%len(b));sys.exit(1)\n'
     "exec(compile(zlib.decompress(b),'<spawntrace agent %(version)s>','exec'))\n"
@@ -67,14 +67,24 @@ class Payload(object):
             self._body = zlib.compress(self.program, 9)
         return self._body
 
-    def first_stage(self, path=None):
+    def first_stage(self, placed=None):
         body = self.body
         n = len(body)
-        # from stdin, or (a become that answers a password prompt on a terminal: stdin is that
-        # terminal) from the file `path`, which the client removes once the agent is up
-        read = "sys.stdin.buffer.read(%d)" % n if path is None else "open(%r,'rb').read(%d)" % (path, n)
+        if placed is None:
+            read = "b=sys.stdin.buffer.read(%d)" % n
+        else:
+            # (a become that answers a password prompt on a terminal: stdin is that terminal)
+            # from a file (path, owner uid) in the directory of its owner, who may swap it: opened
+            # O_PATH (no device is ever opened), read only as a regular file of that owner with
+            # one link, through its descriptor; one byte more than the payload fails the check
+            read = (
+                "import os,stat\n"
+                "d=os.open(%r,os.O_PATH|os.O_NOFOLLOW|os.O_CLOEXEC);s=os.fstat(d)\n"
+                "b=open('/proc/self/fd/%%d'%%d,'rb').read(%d) if stat.S_ISREG(s.st_mode) and s.st_uid==%d and s.st_nlink==1 else b''"
+            ) % (placed[0], n + 1, placed[1])
         return _FIRST_STAGE % {"n": n, "read": read, "sha": hashlib.sha256(body).hexdigest(), "version": self.version}
 
-    def argv(self, python, config_json, path=None):
-        """The agent's command line: its stdin must be `body`, or the file `path` must hold it."""
-        return [python, "-c", self.first_stage(path), config_json]
+    def argv(self, python, config_json, placed=None):
+        """The agent's command line: its stdin must be `body`, or `placed` = (path, uid): the
+        file at path, a regular file of that uid, must hold it."""
+        return [python, "-c", self.first_stage(placed), config_json]

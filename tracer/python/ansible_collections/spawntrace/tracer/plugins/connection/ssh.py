@@ -168,7 +168,7 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
         if key is not None and key in known:
             client.display.vvv("EXEC (spawntrace agent %s, known) %s" % (ep.path, cmd), host=self.host)
             return known[key]
-        if op in client.shell_ops.DEFERRABLE and client.defer(ep, {"op": op, "args": args, "env": None}):
+        if op in client.shell_ops.DEFERRABLE and client.defer(ep, {"op": op, "args": args, "env": None}, cmd=cmd):
             client.display.vvv("EXEC (spawntrace agent %s, with the next request) %s" % (ep.path, cmd), host=self.host)
             return client.deferred_answer(op, args)
         try:

@@ -87,6 +87,7 @@ def receiver(tmp_path):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "once: what no ansible-core version changes (the callback's transport): run on the default "
-        "and the newest environment only (cargo xtask test passes -m 'not once' to the others)",
+        "once: what no ansible-core version changes (the callback's transport, how a wrong become "
+        "password fails): run on the default environment only (cargo xtask test passes -m 'not once' "
+        "to the others)",
     )

@@ -247,6 +247,7 @@ def test_ssh_become_password_prompt(tmp_path, ssh_host_with_passwords, method): 
     assert not leftovers, leftovers
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("method", ["su", "doas"])
 def test_ssh_become_wrong_password(tmp_path, ssh_host_with_passwords, method):  # noqa: F811
     """A wrong password fails the task as classic does (the same result), without waiting past
@@ -320,3 +321,29 @@ def test_deferred_housekeeping_that_fails_fails_its_task(tmp_path, ssh_host):  #
     )
     assert "Failed to create temporary directory (spawntrace agent): mkdtemp failed" in p.stdout, p.stdout[-2000:]
     assert [t["module"] for t in p.timing] == ["ping"]
+
+
+def test_housekeeping_left_for_an_agent_that_ended_is_done_all_the_same(tmp_path, ssh_host):  # noqa: F811
+    """An agent that ends between two loop items (its idle time, 1 s, is shorter than the loop's
+    pause) had the first item's clean-up and the second's mkdtemp waiting for it: nothing was
+    acted on, so they are done the classic way before a new agent starts, and the results, files
+    and the target's temporary directories are classic's."""
+    playbook = """
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: copies
+      copy: {content: "item {{ item }}\\n", dest: "{{ base }}/c-{{ item }}.txt", mode: "0600"}
+      loop: [1, 2]
+      loop_control: {pause: 3}
+"""
+    tmp = Path(pwd.getpwnam(SSH_USER).pw_dir) / ".ansible" / "tmp"
+    before = set(tmp.glob("ansible-tmp-*"))
+    p = run_both_ssh(tmp_path, ssh_host, playbook, env={"SPAWNTRACE_AGENT_IDLE": "1"}, args=["-vvv"]).persistent
+    assert p.returncode == 0, p.stdout[-3000:]
+    lines = p.stdout.splitlines()
+    gone = next(i for i, line in enumerate(lines) if "spawntrace agent unavailable" in line)
+    # item 1's clean-up and item 2's mkdtemp, deferred to the agent that ended, went over ssh
+    replayed = [line for line in lines[gone:] if "SSH: EXEC" in line and ("rm -f -r" in line or "umask 77 && mkdir" in line)]
+    assert len(replayed) >= 2, "\n".join(lines[gone:])[-3000:]
+    assert set(tmp.glob("ansible-tmp-*")) <= before

@@ -155,10 +155,13 @@ def _proc_state():
 
 # Deferred housekeeping (shell_ops.DEFERRABLE) and uploads: answered at once and sent with the
 # worker's next request to the same agent (over ssh each request is a round trip through the
-# ControlMaster; a loop item of `copy` makes six). The agent does them first, in order; one that
+# ControlMaster; a loop item of `copy` makes seven). The agent does them first, in order; one that
 # fails (but rm, which ansible only warns about) fails that request (DeferredFailed) and the
 # request itself is not run. Before anything reaches the target another way, they are sent on
 # their own (AgentConnectionMixin._st_flush).
+
+
+DEFER_BYTES = 16 << 20  # uploads waiting for one agent: the rest of a frame is the request's own
 
 
 def defer(endpoint, entry, data=b"", cmd=None):
@@ -172,9 +175,6 @@ def defer(endpoint, entry, data=b"", cmd=None):
     queue.append((entry, data, cmd))
     st["deferred_to"][endpoint.path] = endpoint
     return True
-
-
-DEFER_BYTES = 16 << 20  # uploads waiting for one agent: the rest of a frame is the request's own
 
 
 def deferred_answer(op, args):
@@ -821,7 +821,7 @@ class AgentConnectionMixin:
                 with tempfile.NamedTemporaryFile(prefix="spawntrace-put-") as f:
                     f.write(data)
                     f.flush()
-                    os.chmod(f.name, entry.get("mode", 0o600) & 0o777)
+                    os.fchmod(f.fileno(), entry.get("mode", 0o600) & 0o777)  # the local file's, as put_file sees it
                     parent.put_file(f.name, entry["path"])
                 continue
             rc, _, err = parent.exec_command(cmd, sudoable=False)
@@ -1059,9 +1059,9 @@ class AgentConnectionMixin:
     def _st_run_bootstrap_shell(self, cfg, assign, become, placed=None):
         """Starts an agent with a shell command through the parent plugin (so that become
         prompts, ssh and its ControlMaster are handled as for any command). Returns the READY
-        object. `placed`: (path, owner uid, remove) of the payload put where the first stage reads it (a
-        become that answers its password prompt on a terminal, see _st_needs_terminal),
-        removed once the command ends."""
+        object. `placed`: (path, owner uid, remove) of the payload put where the first stage
+        reads it (a become that answers its password prompt on a terminal, see
+        _st_needs_terminal), removed once the command ends."""
         saved = None
         try:
             self._st_flush()
@@ -1074,25 +1074,17 @@ class AgentConnectionMixin:
             executable = self._play_context.executable if self.allow_executable else None
             if executable:
                 cmd = executable + " -c " + shlex.quote(cmd)
-        except BaseException:
-            for k, v in (saved or {}).items():
-                setattr(self.become, k, v)
-            if placed is not None:
-                placed[2]()
-            raise
-        # The payload goes on stdin. local gives a command that expects a become password a pty
-        # for stdin unless pipelining is on, and then drops in_data: the first stage would wait
-        # on the terminal forever. With pipelining, the password and then the payload go down
-        # one pipe (sudo -S, in the default become_flags, reads its line, the rest is the
-        # agent's), as for a pipelined module. su and doas read a password only from a
-        # terminal: the command then runs as the parent plugin runs any become command that
-        # prompts (a pty locally, `ssh -tt`), with the payload in a file (`placed`).
-        pipelining = _option(self, "pipelining")
-        forced = become and placed is None and pipelining is False
-        try:
-            if forced:
-                self.set_option("pipelining", True)
+            # The payload goes on stdin. local gives a command that expects a become password a
+            # pty for stdin unless pipelining is on, and then drops in_data: the first stage
+            # would wait on the terminal forever. With pipelining, the password and then the
+            # payload go down one pipe (sudo -S, in the default become_flags, reads its line,
+            # the rest is the agent's), as for a pipelined module. su and doas read a password
+            # only from a terminal: the command then runs as the parent plugin runs any become
+            # command that prompts (a pty locally, `ssh -tt`), with the payload in a file.
+            forced = become and placed is None and _option(self, "pipelining") is False
             try:
+                if forced:
+                    self.set_option("pipelining", True)
                 if placed is not None:
                     rc, out, err = super().exec_command(cmd, in_data=None, sudoable=True)
                 else:
@@ -1105,16 +1097,11 @@ class AgentConnectionMixin:
                 setattr(self.become, k, v)
             if placed is not None:
                 placed[2]()
-        return _ready_of(rc, out, err)
-
-
-def _ready_of(rc, out, err):
-    """The READY object a bootstrap command printed (AgentUnavailable if it did not)."""
-    ready = parse_ready(out)
-    check_ready(ready)
-    if rc != 0 or not ready or not ready.get("ok"):
-        raise AgentUnavailable("agent bootstrap failed (rc=%s): %s %s" % (rc, _text(out)[-500:], _text(err)[-500:]))
-    return ready
+        ready = parse_ready(out)
+        check_ready(ready)
+        if rc != 0 or not ready or not ready.get("ok"):
+            raise AgentUnavailable("agent bootstrap failed (rc=%s): %s %s" % (rc, _text(out)[-500:], _text(err)[-500:]))
+        return ready
 
 
 def preload_in_controller():

@@ -172,8 +172,8 @@ class WarmState(object):
     def _keep_payload_zip(self, module, data, raw, names=()):
         """Writes this payload's zip once, as the AnsiballZ wrapper would (with its sitecustomize),
         at a path that lasts as long as the agent, and reads its directory now: runners of later
-        payloads carrying the same zip run from it (see _fast_ansiballz_main), with `names` (the module
-        and its packages) looked up in it already."""
+        payloads carrying the same zip run from it (see _fast_ansiballz_main), with `names` (the
+        module and its packages) looked up in it already (ansiballz.memo_module_code)."""
         import hashlib
         import zipfile
         import zipimport

@@ -192,8 +192,7 @@ class Connection(client.AgentConnectionMixin, target_recording.RecordTargetMixin
             self._connect()
         if not os.path.exists(in_path):
             raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
-        size = os.path.getsize(in_path)
-        if size > client.framing.MAX_BLOB:  # held in memory by the agent: classic
+        if os.path.getsize(in_path) > client.framing.MAX_BLOB:  # held in memory by the agent: classic
             self._st_flush()
             return super().put_file(in_path, out_path)
         with open(in_path, "rb") as f:

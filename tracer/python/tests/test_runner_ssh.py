@@ -262,18 +262,20 @@ def test_ssh_become_wrong_password(tmp_path, ssh_host_with_passwords, method):  
     assert "password" in pair.persistent.stdout, pair.persistent.stdout[-2000:]
 
 
+def copy_loop(items, extra=""):
+    """A playbook: one copy task with content over `items` (`extra`: more lines of the task)."""
+    return (
+        "- hosts: all\n  gather_facts: false\n  tasks:\n    - name: copies\n"
+        '      copy: {content: "item {{ item }}\\n", dest: "{{ base }}/c-{{ item }}.txt", mode: "0600"}\n'
+        f"      loop: {items}\n" + extra
+    )
+
+
 def test_housekeeping_goes_with_the_next_request(tmp_path, ssh_host):  # noqa: F811
     """A copy loop's remote_tmp is expanded once per worker and agent, and each item's mkdtemp,
     upload, chmod and clean-up go with its next request to the agent: two requests per item (stat,
     copy) instead of seven, with the same results and files as classic."""
-    playbook = """
-- hosts: all
-  gather_facts: false
-  tasks:
-    - name: copies
-      copy: {content: "item {{ item }}\\n", dest: "{{ base }}/c-{{ item }}.txt", mode: "0600"}
-      loop: [1, 2, 3]
-"""
+    playbook = copy_loop([1, 2, 3])
     p = run_both_ssh(tmp_path, ssh_host, playbook, args=["-vvv"]).persistent
     assert p.returncode == 0, p.stdout[-3000:]
     lines = p.stdout.splitlines()
@@ -328,15 +330,7 @@ def test_housekeeping_left_for_an_agent_that_ended_is_done_all_the_same(tmp_path
     pause) had the first item's clean-up and the second's mkdtemp waiting for it: nothing was
     acted on, so they are done the classic way before a new agent starts, and the results, files
     and the target's temporary directories are classic's."""
-    playbook = """
-- hosts: all
-  gather_facts: false
-  tasks:
-    - name: copies
-      copy: {content: "item {{ item }}\\n", dest: "{{ base }}/c-{{ item }}.txt", mode: "0600"}
-      loop: [1, 2]
-      loop_control: {pause: 3}
-"""
+    playbook = copy_loop([1, 2], "      loop_control: {pause: 3}\n")
     tmp = Path(pwd.getpwnam(SSH_USER).pw_dir) / ".ansible" / "tmp"
     before = set(tmp.glob("ansible-tmp-*"))
     p = run_both_ssh(tmp_path, ssh_host, playbook, env={"SPAWNTRACE_AGENT_IDLE": "1"}, args=["-vvv"]).persistent

@@ -510,30 +510,21 @@ def test_root_reads_a_placed_payload_only_as_a_regular_file_of_its_owner(place, 
     payload = client.PAYLOAD
     n = len(payload.body)
     path = home / "payload-test"
+
+    def first_stage():
+        argv = payload.argv(ATTACKER_PYTHON, "{}", (str(path), attacker.pw_uid))
+        return subprocess.run(argv, capture_output=True, timeout=30, cwd="/", stdin=subprocess.DEVNULL)
+
     cases = {
         "fifo": ["mkfifo", str(path)],
         "symlink": ["ln", "-s", "/etc/hostname", str(path)],
-        "hard link": ["sh", "-c", f"cat > {home}/real && ln {home}/real {path}"],
+        "hard link": ["sh", "-c", f"cat > {home}/real && ln {home}/real {path}"],  # the payload on stdin
     }
     for what, argv in cases.items():
         for f in home.iterdir():
             f.unlink()
-        if what == "hard link":
-            p = subprocess.run(
-                ["runuser", "-u", attacker.pw_name, "--", "sh", "-c", f"cat > {home}/real && ln {home}/real {path}"],
-                input=payload.body,
-                cwd="/",
-            )
-            assert p.returncode == 0
-        else:
-            as_attacker(attacker, *argv)
-        p = subprocess.run(
-            payload.argv(ATTACKER_PYTHON, "{}", (str(path), attacker.pw_uid)),
-            capture_output=True,
-            timeout=30,
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-        )
+        subprocess.run(["runuser", "-u", attacker.pw_name, "--", *argv], input=payload.body, cwd="/", check=True)
+        p = first_stage()
         assert p.returncode != 0, what
         # nothing read (O_PATH|O_NOFOLLOW gives the symlink itself: not a regular file)
         assert b"0 of %d bytes, or corrupt" % n in p.stdout, (what, p.stdout, p.stderr)
@@ -541,8 +532,8 @@ def test_root_reads_a_placed_payload_only_as_a_regular_file_of_its_owner(place, 
     for f in home.iterdir():
         f.unlink()
     path.write_bytes(payload.body)
-    p = subprocess.run(payload.argv(ATTACKER_PYTHON, "{}", (str(path), attacker.pw_uid)), capture_output=True, timeout=30, cwd="/")
+    p = first_stage()
     assert b"0 of %d bytes, or corrupt" % n in p.stdout, p.stdout
     os.chown(path, attacker.pw_uid, -1)
-    p = subprocess.run(payload.argv(ATTACKER_PYTHON, "{}", (str(path), attacker.pw_uid)), capture_output=True, timeout=30, cwd="/")
+    p = first_stage()
     assert b"or corrupt" not in p.stdout, p.stdout

@@ -495,10 +495,7 @@ class Endpoint:
             display.warning(warning)
         failed = resp.get("before_failed")
         if failed:
-            error = failed.get("error") or "deferred %s failed" % failed.get("op")
-            if failed.get("op") == "mkdtemp":  # unreachable, as ActionBase._make_tmp_path says it
-                raise AnsibleConnectionFailure("Failed to create temporary directory (spawntrace agent): %s" % error)
-            raise DeferredFailed(error)
+            raise deferred_failure(failed.get("op"), failed.get("error") or "deferred %s failed" % failed.get("op"))
         return resp, rblob
 
     def _send_request(self, req, blob, on_started):
@@ -655,6 +652,14 @@ display = Display()
 class DeferredFailed(AnsibleError):
     """Housekeeping or an upload sent with a request (see defer) failed on the target: the
     request was not run, the task fails with the target's error."""
+
+
+def deferred_failure(op, error):
+    """The exception a deferred `op` that failed with `error` raises: mkdtemp's leaves the host
+    unreachable, as ActionBase._make_tmp_path does; the others fail the task."""
+    if op == "mkdtemp":
+        return AnsibleConnectionFailure("Failed to create temporary directory (spawntrace agent): %s" % error)
+    return DeferredFailed(error)
 
 
 class UnsafeAgentDir(AnsibleError):
@@ -827,13 +832,10 @@ class AgentConnectionMixin:
             rc, _, err = parent.exec_command(cmd, sudoable=False)
             if rc == 0:
                 continue
-            error = "%s failed (rc %d): %s" % (op, rc, _text(err).strip())
-            if op == "mkdtemp":
-                raise AnsibleConnectionFailure("Failed to create temporary directory (spawntrace agent): %s" % error)
             if op == "rm":
-                display.warning("Error deleting remote temporary files (rc: %d, stderr: %s})" % (rc, _text(err)))
+                display.warning(shell_ops.rm_warning(rc, _text(err)))
                 continue
-            raise DeferredFailed(error)
+            raise deferred_failure(op, "%s failed (rc %d): %s" % (op, rc, _text(err).strip()))
 
     def close(self):
         try:

@@ -13,7 +13,7 @@ from .messages import Sender
 from .pool import RunnerPool
 from .procs import alive, drain, now, peer_uid, sigchld_wakeup
 from .runner import Baseline
-from .shell_ops import DEFERRABLE, MAX_DEFERRED, run_op
+from .shell_ops import DEFERRABLE, MAX_DEFERRED, rm_warning, run_op
 
 
 class Conn(object):
@@ -366,8 +366,7 @@ class Agent(RunnerPool):
                 return blob, {"op": op, "error": "deferred %s not supported" % (op,)}, warnings
             rc, _, err = res
             if rc != 0 and op == "rm":
-                # as ActionBase._remove_tmp_path words it
-                warnings.append("Error deleting remote temporary files (rc: %d, stderr: %s})" % (rc, err.decode("utf-8", "replace")))
+                warnings.append(rm_warning(rc, err.decode("utf-8", "replace")))
             elif rc != 0:
                 return blob, {"op": op, "error": "%s failed: %s" % (op, err.decode("utf-8", "replace").strip())}, warnings
         return bytes(view), None, warnings

@@ -171,6 +171,11 @@ DEFERRABLE = ("mkdtemp", "chmod", "rm")
 MAX_DEFERRED = 64
 
 
+def rm_warning(rc, stderr):
+    """What a deferred rm that failed warns, as ActionBase._remove_tmp_path words it."""
+    return "Error deleting remote temporary files (rc: %d, stderr: %s})" % (rc, stderr)
+
+
 def run_op(op, args, env):
     if op == "expand_user":
         return op_expand_user(args["word"], env, args.get("literal", False))
